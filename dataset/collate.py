@@ -1,0 +1,134 @@
+"""Tokenisation with placeholder expansion and label masking, and batching of model-ready samples.
+
+``encode_conversation`` turns rendered segments into ``input_ids`` / ``labels``: the ``<image>`` and
+``<depth>`` placeholders are expanded to the real number of visual tokens (transformers 5's LLaVA does
+not expand them), only answer segments carry labels, and a prompt longer than ``model_max_length`` is
+refused when cutting it would drop a ``[SEG]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dataset.prompts import DEPTH_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Token ids and counts the encoder needs (from the tokenizer and the model config)."""
+
+    bos_id: int | None
+    pad_id: int
+    image_id: int
+    depth_id: int
+    seg_id: int
+    num_image_tokens: int
+    num_depth_tokens: int
+    model_max_length: int
+
+    @classmethod
+    def from_tokenizer(
+        cls, tokenizer: PreTrainedTokenizerBase, num_visual_tokens: int, model_max_length: int
+    ) -> TokenSpec:
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, DEPTH_TOKEN, SEG_TOKEN)}
+        unk = tokenizer.unk_token_id
+        for token, tid in ids.items():
+            if tid is None or (tid == unk and token != tokenizer.unk_token):
+                raise ValueError(f"tokenizer has no {token} token; build the model with model.build first")
+        return cls(
+            bos_id=tokenizer.bos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            image_id=ids[IMAGE_TOKEN],
+            depth_id=ids[DEPTH_TOKEN],
+            seg_id=ids[SEG_TOKEN],
+            num_image_tokens=num_visual_tokens,
+            num_depth_tokens=num_visual_tokens,
+            model_max_length=model_max_length,
+        )
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str, bool]], spec: TokenSpec
+) -> tuple[list[int], list[int]]:
+    """Tokenise ``(text, is_answer)`` segments into (input_ids, labels), placeholders expanded.
+
+    Raises ``ValueError`` if the result exceeds ``spec.model_max_length`` at or before a ``[SEG]``.
+    """
+    ids: list[int] = [] if spec.bos_id is None else [spec.bos_id]
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    expand = {spec.image_id: spec.num_image_tokens, spec.depth_id: spec.num_depth_tokens}
+    for text, is_answer in segments:
+        for tid in tokenizer(text, add_special_tokens=False).input_ids:
+            n = expand.get(tid, 1)
+            ids.extend([tid] * n)
+            labels.extend([tid if is_answer and n == 1 else IGNORE_INDEX] * n)
+    if len(ids) > spec.model_max_length:
+        seg_positions = [i for i, t in enumerate(ids) if t == spec.seg_id]
+        if not seg_positions or seg_positions[-1] >= spec.model_max_length:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens exceeds model_max_length={spec.model_max_length} and would be "
+                f"truncated past [SEG] (at {seg_positions}); raise --model_max_length or shorten the expression"
+            )
+        ids, labels = ids[: spec.model_max_length], labels[: spec.model_max_length]
+    return ids, labels
+
+
+_STACKED = ("clip_center", "clip_views", "clip_disparity", "sam_center", "sam_views", "sam_disparity")
+
+
+def collate_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Batch model-ready samples (see ``dataset.refer_seg.ReferSegDataset``).
+
+    Images are stacked (B, ...), conversations of all images padded right into ``input_ids`` /
+    ``labels`` / ``attention_mask`` (N, L) with ``conv_image`` (N,) naming each one's image. Masks stay a
+    list (their sizes differ): ``gt_masks[i]`` (k_i, H_i, W_i) float, in the ``[SEG]`` order of image i.
+    """
+    batch: dict[str, Any] = {}
+    for key in _STACKED:
+        values = [s.get(key) for s in samples]
+        if all(v is not None for v in values):
+            batch[key] = torch.stack([torch.as_tensor(v) for v in values])
+        elif any(v is not None for v in values):
+            raise ValueError(f"{key} is present in some samples of the batch but not in others")
+    for key in ("clip_scale", "sam_scale"):
+        batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.float32)
+    batch["sam_resized_hw"] = torch.tensor([s["sam_resized_hw"] for s in samples], dtype=torch.long)
+    batch["original_hw"] = [tuple(s["original_hw"]) for s in samples]
+    convs = [(i, ids, lab) for i, s in enumerate(samples) for ids, lab in s["conversations"]]
+    length = max(len(ids) for _, ids, _ in convs)
+    input_ids = torch.full((len(convs), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(convs), length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(convs), length), dtype=torch.long)
+    for row, (_, ids, lab) in enumerate(convs):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention[row, : len(ids)] = 1
+    batch.update(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention,
+        conv_image=torch.tensor([i for i, _, _ in convs], dtype=torch.long),
+        gt_masks=[torch.as_tensor(s["masks"]).float() for s in samples],
+    )
+    for key in ("image_id", "ds", "sentences", "subsets", "scene_dir"):
+        batch[key] = [s[key] for s in samples]
+    return batch
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors (and lists of tensors) to ``device``; everything else as is."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            out[key] = [v.to(device, non_blocking=True) for v in value]
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,279 @@
+"""Referring-expression annotations: Ref-UrbanLF JSON refs or REFER pickles, plus COCO ``instances.json``.
+
+Layout under ``<dataset_dir>/refer_seg/<ds>/``: ``<ds>.json`` (a JSON list of refs) or, for the
+RefCOCO family, ``refs(<split_by>).p`` (a pickled list of the same dicts, read with a restricted
+unpickler that builds plain containers only), and ``instances.json`` (COCO images, annotations,
+categories). Everything is validated on load; every problem raises :class:`AnnotationError` naming the
+file and the ids involved.
+
+Split rule: a ref belongs to split ``S`` iff ``ref.split == S`` or ``S`` is one of its subset tags.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from dataset.errors import AnnotationError
+
+#: Evaluation subsets of Ref-UrbanLF, in table order (occlusion level, then depth attribute).
+SUBSET_TAGS: tuple[str, ...] = ("no-o", "o-1", "o-2", "o-3", "distance", "closest", "behind", "front", "near")
+#: Split names that are not subsets.
+SPLIT_NAMES: frozenset[str] = frozenset({"train", "val", "test", "testA", "testB"})
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One referred object with its expressions (``sent_ids[i]`` is the id of ``sentences[i]``)."""
+
+    ref_id: int
+    ann_id: int
+    image_id: int
+    category_id: int
+    split: str
+    subsets: tuple[str, ...]
+    sentences: tuple[str, ...]
+    sent_ids: tuple[int, ...] = ()
+
+    def in_split(self, split: str) -> bool:
+        """True iff this ref is selected for ``split`` (its split field or one of its subset tags)."""
+        return self.split == split or split in self.subsets
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The split followed by the subset tags, as attached to each expression."""
+        return (self.split, *self.subsets)
+
+
+class _RefusingUnpickler(pickle.Unpickler):
+    """Builds only what pickle opcodes build without imports: dict, list, tuple, str, bytes, numbers,
+    bool and None. Every opcode that needs a global (GLOBAL, STACK_GLOBAL, INST, EXT*, and through them
+    REDUCE / NEWOBJ / BUILD) goes through ``find_class``, which refuses."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="utf-8")
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise AnnotationError(
+            self._path, f"refusing to unpickle global '{module}.{name}': only plain lists/dicts are allowed"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise AnnotationError(self._path, "refusing to unpickle a persistent id")
+
+
+def load_refer_pickle(path: str | Path) -> list[dict]:
+    """Load a REFER ``refs(<split_by>).p`` file as a list of ref dicts without importing anything.
+
+    Raises ``AnnotationError`` naming the file when it is missing, corrupt, not a list of dicts, or
+    asks for any global (``module.name`` is named in the message; nothing is imported or called).
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = _RefusingUnpickler(fh, path).load()
+    except FileNotFoundError:
+        raise AnnotationError(path, "refs pickle not found") from None
+    except AnnotationError:
+        raise
+    except Exception as exc:  # pickle raises many types on corrupt input
+        raise AnnotationError(path, f"cannot unpickle refs ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise AnnotationError(path, f"expected a list of ref dicts, got {type(data).__name__}")
+    return data
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AnnotationError(path, f"{what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(path, f"cannot read {what} ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(
+            path, f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+def _parse_ref(raw: Any, index: int, path: Path) -> Ref:
+    """Validate one raw ref dict and turn it into a :class:`Ref`."""
+    if not isinstance(raw, dict):
+        raise AnnotationError(path, f"ref #{index} is a {type(raw).__name__}, expected an object")
+    missing = [k for k in ("ref_id", "ann_id", "image_id", "split", "sentences") if k not in raw]
+    if missing:
+        raise AnnotationError(path, f"ref #{index} (ref_id {raw.get('ref_id')}) lacks {', '.join(missing)}")
+    ref_id = raw["ref_id"]
+    sentences, sent_ids = [], []
+    raw_sents = raw["sentences"]
+    if not isinstance(raw_sents, list) or not raw_sents:
+        raise AnnotationError(path, f"ref_id {ref_id} has no sentences")
+    for j, sent in enumerate(raw_sents):
+        text = sent.get("sent") if isinstance(sent, dict) else None
+        sent_id = sent.get("sent_id", j) if isinstance(sent, dict) else j
+        if not isinstance(text, str) or not text.strip():
+            raise AnnotationError(path, f"ref_id {ref_id} sent_id {sent_id}: empty referring expression")
+        sentences.append(text.strip())
+        sent_ids.append(sent_id)
+    subsets = raw.get("subsets") or []
+    if isinstance(subsets, str) or not all(isinstance(s, str) for s in subsets):
+        raise AnnotationError(path, f"ref_id {ref_id}: 'subsets' must be a list of strings, got {subsets!r}")
+    try:
+        return Ref(
+            ref_id=int(ref_id),
+            ann_id=int(raw["ann_id"]),
+            image_id=int(raw["image_id"]),
+            category_id=int(raw.get("category_id", -1)),
+            split=str(raw["split"]),
+            subsets=tuple(subsets),
+            sentences=tuple(sentences),
+            sent_ids=tuple(int(s) for s in sent_ids),
+        )
+    except (TypeError, ValueError) as exc:
+        raise AnnotationError(path, f"ref_id {ref_id}: non-integer id ({exc})") from None
+
+
+def _index(items: Any, key: str, path: Path) -> dict[int, dict]:
+    if not isinstance(items, list):
+        raise AnnotationError(path, f"'{key}' must be a list")
+    table: dict[int, dict] = {}
+    for item in items:
+        if not isinstance(item, dict) or "id" not in item:
+            raise AnnotationError(path, f"an entry of '{key}' has no 'id': {str(item)[:80]}")
+        table[int(item["id"])] = item
+    return table
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO segmentation into an (H, W) uint8 {0, 1} mask.
+
+    Accepts an RLE dict (``counts`` compressed str/bytes or an uncompressed list) or a list of polygons
+    ``[[x0, y0, x1, y1, ...], ...]`` in pixels. Raises ``ValueError`` on anything else.
+    """
+    if isinstance(segmentation, dict):
+        counts, size = segmentation.get("counts"), segmentation.get("size")
+        if counts is None or size is None:
+            raise ValueError("RLE segmentation needs 'counts' and 'size'")
+        if isinstance(counts, list):
+            rle = mask_utils.frPyObjects(segmentation, int(size[0]), int(size[1]))
+        else:
+            rle = {"size": [int(size[0]), int(size[1])], "counts": counts}
+    elif isinstance(segmentation, list) and segmentation:
+        polygons = [list(map(float, p)) for p in segmentation]
+        if any(len(p) < 6 or len(p) % 2 for p in polygons):
+            raise ValueError("each polygon needs an even number ≥ 6 of coordinates")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    else:
+        raise ValueError(f"unsupported segmentation {str(segmentation)[:80]!r}")
+    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+
+
+class ReferAnnotations:
+    """Validated refs and COCO instances of one dataset ``<ds>``."""
+
+    def __init__(self, refs: list[Ref], instances: dict, refs_path: Path, instances_path: Path) -> None:
+        self.refs = refs
+        self.refs_path = refs_path
+        self.instances_path = instances_path
+        self._images = _index(instances.get("images"), "images", instances_path)
+        self._anns = _index(instances.get("annotations"), "annotations", instances_path)
+        self._categories = _index(instances.get("categories", []), "categories", instances_path)
+        self._check_links()
+
+    @classmethod
+    def load(cls, dataset_dir: str | Path, ds: str, split_by: str | None = None) -> ReferAnnotations:
+        """Read ``refer_seg/<ds>/<ds>.json`` (or ``refs(<split_by>).p`` when there is no JSON) and
+        ``refer_seg/<ds>/instances.json``; validate them (see module docstring)."""
+        root = Path(dataset_dir) / "refer_seg" / ds
+        json_path = root / f"{ds}.json"
+        if json_path.is_file() or split_by is None:
+            refs_path, raw_refs = json_path, _load_json(json_path, "refs file")
+        else:
+            refs_path = root / f"refs({split_by}).p"
+            raw_refs = load_refer_pickle(refs_path)
+        if not isinstance(raw_refs, list):
+            raise AnnotationError(refs_path, f"expected a list of refs, got {type(raw_refs).__name__}")
+        refs = [_parse_ref(raw, i, refs_path) for i, raw in enumerate(raw_refs)]
+        instances_path = root / "instances.json"
+        instances = _load_json(instances_path, "instances file")
+        if not isinstance(instances, dict):
+            raise AnnotationError(instances_path, "expected a COCO object with images/annotations")
+        return cls(refs, instances, refs_path, instances_path)
+
+    def _check_links(self) -> None:
+        seen: set[int] = set()
+        for ref in self.refs:
+            where = f"ref_id {ref.ref_id}"
+            if ref.ref_id in seen:
+                raise AnnotationError(self.refs_path, f"{where} appears twice")
+            seen.add(ref.ref_id)
+            if ref.image_id not in self._images:
+                raise AnnotationError(
+                    self.refs_path, f"{where}: image_id {ref.image_id} has no image in {self.instances_path}"
+                )
+            ann = self._anns.get(ref.ann_id)
+            if ann is None:
+                raise AnnotationError(
+                    self.refs_path, f"{where}: ann_id {ref.ann_id} has no annotation in {self.instances_path}"
+                )
+            if int(ann.get("image_id", -1)) != ref.image_id:
+                raise AnnotationError(
+                    self.refs_path,
+                    f"{where}: image_id {ref.image_id} disagrees with annotation {ref.ann_id} "
+                    f"(image_id {ann.get('image_id')}) in {self.instances_path}",
+                )
+
+    def refs_for(self, split: str) -> list[Ref]:
+        """Refs selected for ``split`` (by split field or subset tag), in file order."""
+        return [ref for ref in self.refs if ref.in_split(split)]
+
+    def image(self, image_id: int) -> dict:
+        """The COCO image record (``id, file_name, height, width``) of ``image_id``."""
+        try:
+            return self._images[int(image_id)]
+        except KeyError:
+            raise AnnotationError(self.instances_path, f"no image with id {image_id}") from None
+
+    def category_name(self, category_id: int) -> str:
+        """Name of a category (``str(category_id)`` when ``categories`` does not list it)."""
+        category = self._categories.get(int(category_id))
+        return str(category.get("name", category_id)) if category else str(category_id)
+
+    def mask(self, ann_id: int) -> np.ndarray:
+        """Decode annotation ``ann_id`` into an (H, W) uint8 {0, 1} mask at the image's resolution."""
+        ann = self._anns.get(int(ann_id))
+        if ann is None:
+            raise AnnotationError(self.instances_path, f"no annotation with id {ann_id}")
+        image = self.image(ann["image_id"])
+        height, width = int(image["height"]), int(image["width"])
+        try:
+            mask = decode_segmentation(ann.get("segmentation"), height, width)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AnnotationError(
+                self.instances_path, f"annotation {ann_id} (image {ann['image_id']}): bad segmentation: {exc}"
+            ) from None
+        if mask.shape != (height, width):
+            raise AnnotationError(
+                self.instances_path,
+                f"annotation {ann_id}: mask size {mask.shape} differs from image {ann['image_id']} "
+                f"size {(height, width)}",
+            )
+        return mask
+
+    def subsets_present(self, split: str) -> list[str]:
+        """Subset tags carried by refs of ``split`` (other than ``split`` itself and plain split names),
+        in :data:`SUBSET_TAGS` order, unknown tags after them alphabetically."""
+        found: set[str] = set()
+        for ref in self.refs_for(split):
+            found.update(tag for tag in ref.tags if tag != split and tag not in SPLIT_NAMES)
+        known = [tag for tag in SUBSET_TAGS if tag in found]
+        return known + sorted(found.difference(SUBSET_TAGS))

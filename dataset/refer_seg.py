@@ -1,0 +1,148 @@
+"""Model-ready referring-segmentation samples: encoder geometry + prompts + tokens on top of scenes.
+
+``ReferSegDataset`` wraps a :class:`dataset.scenes.SceneDataset` (raw arrays at original resolution) and
+produces what :func:`dataset.collate.collate_batch` batches: uint8 views at CLIP and SAM geometry (the
+neighbours only for the encoders CAAM feeds), disparity at both geometries, tokenised conversations and
+the GT masks at original resolution. Training and validation differ only in the prompt randomness.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+from transformers import PreTrainedTokenizerBase
+
+from dataset.collate import TokenSpec, encode_conversation
+from dataset.errors import LightFieldError
+from dataset.prompts import build_turns
+from dataset.scenes import SceneDataset
+from dataset.transforms import clip_geometry, sam_geometry
+from utils.conversation import render_segments
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What a sample must contain for a given model (derived from its config)."""
+
+    clip_size: int
+    sam_size: int
+    use_depth: bool
+    caam_clip: bool
+    caam_sam: bool
+    use_mm_start_end: bool
+    conv_type: str = "llava_v1"
+    pack_conversations: bool = False
+
+    @classmethod
+    def from_model_config(cls, config: Any, conv_type: str = "llava_v1", pack: bool = False) -> SampleSpec:
+        """Read sizes and switches from an ``LFLLMConfig``."""
+        caam = bool(config.use_caam)
+        return cls(
+            clip_size=config.vision_config.image_size,
+            sam_size=config.sam_config["img_size"],
+            use_depth=bool(config.use_depth),
+            caam_clip=caam and config.caam_target in ("clip", "both"),
+            caam_sam=caam and config.caam_target in ("sam", "both"),
+            use_mm_start_end=bool(config.use_mm_start_end),
+            conv_type=conv_type,
+            pack_conversations=pack,
+        )
+
+    @property
+    def needs_disparity(self) -> bool:
+        return self.use_depth or self.caam_clip or self.caam_sam
+
+
+def _chw(views: np.ndarray) -> torch.Tensor:
+    """(K, H, W, 3) uint8 -> (K, 3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(views.transpose(0, 3, 1, 2)))
+
+
+class ReferSegDataset(torch.utils.data.Dataset):
+    """Model-ready samples; ``train=True`` draws random question/answer templates (seeded per item)."""
+
+    def __init__(
+        self,
+        scenes: SceneDataset,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: SampleSpec,
+        tokens: TokenSpec,
+        *,
+        train: bool,
+        seed: int = 0,
+    ) -> None:
+        self.scenes, self.tokenizer, self.spec, self.tokens = scenes, tokenizer, spec, tokens
+        self.train, self.seed, self.epoch = train, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed per-item sampling for ``epoch`` (expressions and templates)."""
+        self.epoch = epoch
+        if hasattr(self.scenes, "set_epoch"):
+            self.scenes.set_epoch(epoch)
+
+    def _images(self, raw: dict[str, Any]) -> dict[str, Any]:
+        spec, disp = self.spec, raw["disparity"]
+        if spec.needs_disparity and disp is None:
+            raise LightFieldError(raw["scene_dir"], "this model needs a disparity map and the scene has none")
+        center = raw["center"][None]
+        clip_in = np.concatenate([center, raw["views"]]) if spec.caam_clip else center
+        sam_in = np.concatenate([center, raw["views"]]) if spec.caam_sam else center
+        clip_views, clip_disp, clip_scale = clip_geometry(clip_in, disp, spec.clip_size)
+        sam_views, sam_disp, sam_hw, sam_scale = sam_geometry(
+            sam_in, disp if spec.caam_sam else None, spec.sam_size
+        )
+        clip_t, sam_t = _chw(clip_views), _chw(sam_views)
+        return {
+            "clip_center": clip_t[0],
+            "clip_views": clip_t[1:] if spec.caam_clip else None,
+            "clip_disparity": None if clip_disp is None else torch.from_numpy(clip_disp),
+            "clip_scale": clip_scale,
+            "sam_center": sam_t[0],
+            "sam_views": sam_t[1:] if spec.caam_sam else None,
+            "sam_disparity": None if sam_disp is None else torch.from_numpy(sam_disp),
+            "sam_scale": sam_scale,
+            "sam_resized_hw": sam_hw,
+            "original_hw": raw["center"].shape[:2],
+        }
+
+    def conversations(
+        self, sentences: list[str], rng: random.Random | None
+    ) -> list[tuple[list[int], list[int]]]:
+        """Tokenised conversations for ``sentences`` (one [SEG] each, in sentence order)."""
+        spec = self.spec
+        convs = build_turns(
+            sentences,
+            use_depth=spec.use_depth,
+            use_mm_start_end=spec.use_mm_start_end,
+            pack=spec.pack_conversations,
+            rng=rng,
+        )
+        return [
+            encode_conversation(self.tokenizer, render_segments(spec.conv_type, c), self.tokens)
+            for c in convs
+        ]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        raw = self.scenes[index]
+        rng = random.Random(hash((self.seed, self.epoch, index))) if self.train else None
+        sample = self._images(raw)
+        try:
+            sample["conversations"] = self.conversations(raw["sentences"], rng)
+        except ValueError as exc:
+            raise ValueError(f"{raw['scene_dir']}: {exc}") from exc
+        sample.update(
+            masks=torch.from_numpy(raw["masks"]),
+            image_id=raw["image_id"],
+            ds=raw["ds"],
+            sentences=raw["sentences"],
+            subsets=raw["subsets"],
+            scene_dir=raw["scene_dir"],
+        )
+        return sample

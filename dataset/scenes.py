@@ -1,0 +1,215 @@
+"""Raw per-scene dataset: one item = one scene (image) with its views, disparity, expressions and masks.
+
+This is the layer under the training and validation datasets: it returns arrays at original resolution
+and does no model-specific preprocessing (resizing, normalisation, prompts, tokenisation).
+
+Two sources of pixels per ``<ds>``:
+
+* ``"lightfield"``: ``<dataset_dir>/lf/<ds>/Image<id>/`` read by :func:`load_light_field` (centre,
+  neighbours, disparity);
+* ``"image"``: a 2D RefCOCO-style dataset, centre from ``<dataset_dir>/refer_seg/<ds>/images/<file_name>``;
+  no neighbours (``views`` is (0, H, W, 3)) and no disparity.
+
+``source="auto"`` picks ``"lightfield"`` when ``lf/<ds>/`` exists, else ``"image"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch.utils.data
+
+from dataset.errors import AnnotationError
+from dataset.lightfield import (
+    DEFAULT_LAYOUT,
+    NEIGHBOURHOODS,
+    LightFieldLayout,
+    LightFieldSample,
+    Offset,
+    load_light_field,
+    parse_views,
+    read_rgb,
+)
+from dataset.refer import Ref, ReferAnnotations
+
+Source = Literal["auto", "lightfield", "image"]
+
+
+@dataclass(frozen=True)
+class _Scene:
+    ds_index: int
+    image_id: int
+    refs: tuple[Ref, ...]
+
+
+def split_datasets(datasets: str | Sequence[str]) -> list[str]:
+    """``"a||b"`` or ``["a", "b"]`` → ``["a", "b"]`` (the ``--refer_seg_data`` convention)."""
+    names = datasets.split("||") if isinstance(datasets, str) else list(datasets)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError(f"no dataset names in {datasets!r}")
+    return names
+
+
+class SceneDataset(torch.utils.data.Dataset):
+    """Scenes having at least one ref in ``split``, over one or more datasets.
+
+    Args:
+        dataset_dir: root holding ``refer_seg/`` and ``lf/``.
+        datasets: dataset names (``"a||b"`` or a list).
+        split: split name or subset tag (see :meth:`Ref.in_split`).
+        views: neighbour offsets ``(drow, dcol)`` or a spec for :func:`parse_views`.
+        layout: light-field file names.
+        mode: ``"train"`` samples up to ``num_classes_per_sample`` (ref, sentence) pairs from distinct
+            refs with an RNG seeded by ``(seed, epoch, index)`` (reproducible in any worker; call
+            :meth:`set_epoch`); ``"val"`` returns every (ref, sentence) pair of the scene.
+        with_disparity: load the centre disparity of light-field scenes.
+        split_by: REFER ``refs(<split_by>).p`` to read when ``<ds>.json`` is absent.
+        source: ``"auto"``, ``"lightfield"`` or ``"image"`` (see module docstring).
+        lf_root, image_root: folders relative to ``dataset_dir``; ``{ds}`` is the dataset name.
+
+    Items are dicts: ``image_id`` int, ``ds`` str, ``scene_dir`` str (the image file for 2D data),
+    ``center`` (H, W, 3) uint8, ``views`` (V, H, W, 3) uint8, ``offsets`` (V, 2) int64, ``disparity``
+    (H, W) float32 or None, ``sentences`` list[str] (N), ``masks`` (N, H, W) uint8 {0, 1},
+    ``ref_ids`` list[int] (N), ``subsets`` list[tuple[str, ...]] (N; the ref's split then its tags).
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        datasets: str | Sequence[str],
+        split: str,
+        views: Sequence[Offset] | str = NEIGHBOURHOODS["4"],
+        layout: LightFieldLayout = DEFAULT_LAYOUT,
+        mode: Literal["train", "val"] = "val",
+        num_classes_per_sample: int = 3,
+        with_disparity: bool = True,
+        split_by: str | None = None,
+        source: Source = "auto",
+        lf_root: str = "lf/{ds}",
+        image_root: str = "refer_seg/{ds}/images",
+        seed: int = 0,
+    ) -> None:
+        if mode not in ("train", "val"):
+            raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
+        if num_classes_per_sample < 1:
+            raise ValueError(f"num_classes_per_sample must be ≥ 1, got {num_classes_per_sample}")
+        self.dataset_dir = Path(dataset_dir)
+        self.names = split_datasets(datasets)
+        self.split = split
+        self.offsets: tuple[Offset, ...] = (
+            parse_views(views, layout) if isinstance(views, str) else tuple(tuple(o) for o in views)
+        )
+        self.layout = layout
+        self.mode = mode
+        self.num_classes_per_sample = num_classes_per_sample
+        self.with_disparity = with_disparity
+        self.lf_root = lf_root
+        self.image_root = image_root
+        self.seed = seed
+        self.epoch = 0
+        self.annotations = [ReferAnnotations.load(self.dataset_dir, ds, split_by) for ds in self.names]
+        self.sources = [self._resolve_source(ds, source) for ds in self.names]
+        self.scenes = self._index_scenes()
+
+    def _resolve_source(self, ds: str, source: Source) -> str:
+        if source not in ("auto", "lightfield", "image"):
+            raise ValueError(f"source must be 'auto', 'lightfield' or 'image', got {source!r}")
+        if source != "auto":
+            return source
+        return "lightfield" if (self.dataset_dir / self.lf_root.format(ds=ds)).is_dir() else "image"
+
+    def _index_scenes(self) -> list[_Scene]:
+        scenes: list[_Scene] = []
+        for ds_index, ann in enumerate(self.annotations):
+            by_image: dict[int, list[Ref]] = {}
+            for ref in ann.refs_for(self.split):
+                by_image.setdefault(ref.image_id, []).append(ref)
+            scenes.extend(
+                _Scene(ds_index, image_id, tuple(by_image[image_id])) for image_id in sorted(by_image)
+            )
+        return scenes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch that seeds training-mode sampling."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    @property
+    def num_expressions(self) -> int:
+        """Total (ref, sentence) pairs over all scenes (what ``mode="val"`` returns)."""
+        return sum(len(ref.sentences) for scene in self.scenes for ref in scene.refs)
+
+    def scene_path(self, index: int) -> Path:
+        """Scene folder (light field) or image file (2D) of item ``index``."""
+        scene = self.scenes[index]
+        ds = self.names[scene.ds_index]
+        if self.sources[scene.ds_index] == "lightfield":
+            return self.dataset_dir / self.lf_root.format(ds=ds) / self.layout.scene_name(scene.image_id)
+        file_name = self.annotations[scene.ds_index].image(scene.image_id)["file_name"]
+        return self.dataset_dir / self.image_root.format(ds=ds) / file_name
+
+    def _pick(self, index: int, refs: tuple[Ref, ...]) -> list[tuple[Ref, str]]:
+        """(ref, sentence) pairs of one item: all of them (val) or a seeded sample (train)."""
+        if self.mode == "val":
+            return [(ref, sent) for ref in refs for sent in ref.sentences]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        count = min(self.num_classes_per_sample, len(refs))
+        chosen = rng.choice(len(refs), size=count, replace=False)
+        return [(refs[i], refs[i].sentences[int(rng.integers(len(refs[i].sentences)))]) for i in chosen]
+
+    def _load_pixels(self, index: int) -> LightFieldSample:
+        path = self.scene_path(index)
+        if self.sources[self.scenes[index].ds_index] == "lightfield":
+            return load_light_field(path, self.offsets, self.layout, self.with_disparity)
+        center = read_rgb(path)
+        return LightFieldSample(
+            center=center,
+            views=np.empty((0, *center.shape), dtype=np.uint8),
+            offsets=np.empty((0, 2), dtype=np.int64),
+            disparity=None,
+            scene_dir=str(path),
+        )
+
+    def _masks(self, index: int, refs: list[Ref], hw: tuple[int, int]) -> np.ndarray:
+        """(N, H, W) uint8 masks of ``refs``, each decoded once, checked against the centre's (H, W)."""
+        ann = self.annotations[self.scenes[index].ds_index]
+        decoded: dict[int, np.ndarray] = {}
+        masks = np.empty((len(refs), *hw), dtype=np.uint8)
+        for i, ref in enumerate(refs):
+            if ref.ann_id not in decoded:
+                mask = ann.mask(ref.ann_id)
+                if mask.shape != hw:
+                    raise AnnotationError(
+                        ann.instances_path,
+                        f"image {ref.image_id}: mask of annotation {ref.ann_id} is {mask.shape}, "
+                        f"centre view of {self.scene_path(index)} is {hw}",
+                    )
+                decoded[ref.ann_id] = mask
+            masks[i] = decoded[ref.ann_id]
+        return masks
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene = self.scenes[index]
+        pairs = self._pick(index, scene.refs)
+        pixels = self._load_pixels(index)
+        refs = [ref for ref, _ in pairs]
+        return {
+            "image_id": scene.image_id,
+            "ds": self.names[scene.ds_index],
+            "scene_dir": pixels.scene_dir,
+            "center": pixels.center,
+            "views": pixels.views,
+            "offsets": pixels.offsets,
+            "disparity": pixels.disparity,
+            "sentences": [sent for _, sent in pairs],
+            "masks": self._masks(index, refs, pixels.center.shape[:2]),
+            "ref_ids": [ref.ref_id for ref in refs],
+            "subsets": [ref.tags for ref in refs],
+        }

@@ -1,0 +1,371 @@
+"""Procedural light-field referring-segmentation benchmark (Ref-UrbanLF layout, UrbanLF-Syn-like geometry).
+
+Geometry (other modules rely on it). Views are named ``<row>_<col>.png``, 1-based, on an ``A x A`` grid with
+centre index ``c = (A + 1) // 2`` (``5_5`` for 9x9); ``5_4`` is left of the centre, ``4_5`` above it. A point
+at ``(x, y)`` in the centre view appears in view ``(row, col)`` at ``(x - d*(col - c), y - d*(row - c))``,
+``d`` = disparity in pixels between adjacent views, larger ``d`` = nearer. So view pixel ``(x', y')`` shows the
+scene point whose centre-view coordinates are ``(x' + d*dcol, y' + d*drow)``. Pixel coordinates refer to pixel
+centres (pixel ``i`` covers ``[i - 0.5, i + 0.5]``); every view pixel is a point sample (no anti-aliasing), so
+``layer_ids`` says exactly which layer each pixel shows. Disparities follow UrbanLF-Syn: the background plane
+lies in ``[-0.5, 0.0]`` px, objects in ``[0.0, 1.6]`` px, independent of the image size.
+
+Scenes: a smooth-textured background plane (ground/sky or wall) and ``min_objects..max_objects``
+fronto-parallel objects of the nine Ref-UrbanLF categories, each at its own constant disparity, composited
+back to front in every view. About ``same_looking_prob`` of the scenes hold two same-looking objects (same
+category and colour) at clearly different disparities. GT disparity = disparity of the front-most layer at
+each centre pixel; masks = visible part of each object in the centre view.
+
+On disk (``write_dataset``)::
+
+    <dataset_dir>/refer_seg/<ds>/<ds>.json       refs {ref_id, ann_id, image_id, category_id, split,
+                                                 subsets, sentences[{sent_id, sent, tokens}]}
+    <dataset_dir>/refer_seg/<ds>/instances.json  COCO images / annotations (RLE) / categories
+    <dataset_dir>/lf/<ds>/Image<id>/<row>_<col>.png and <disparity_name> (float32 (H, W))
+
+Ids: scenes ``1..num_train`` are ``train``, the next ``num_val`` are ``val``; ``ann_id = image_id * 100 +
+layer_id`` (every object with a visible pixel gets an annotation); ``ref_id = ann_id`` (one ref per
+referable object); ``sent_id = ref_id * 10 + j``.
+
+Splits: every ref has ``split`` in {"train", "val"} and a ``subsets`` list of tags; a loader selects a ref for
+split ``S`` iff ``ref["split"] == S or S in ref["subsets"]``. Tags: the occlusion level by visible fraction of
+the object in the centre view (``no-o`` >= 0.95, ``o-1`` [0.7, 0.95), ``o-2`` [0.4, 0.7), ``o-3`` < 0.4), and,
+when the ref's sentences are depth-referring, their kind: ``closest``, ``distance``, ``behind``, ``front``,
+``near`` (rules in ``dataset/synthetic_expr.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from dataset.synthetic_expr import (
+    DEPTH_KINDS,
+    DEPTH_MARGIN,
+    NEAR_DISPARITY,
+    Expression,
+    SceneObject,
+    generate_expressions,
+)
+from dataset.synthetic_layout import Layer, full_area, render_view, sample_background, sample_layers
+from dataset.synthetic_shapes import CATEGORIES, PALETTE
+
+__all__ = [
+    "CATEGORIES",
+    "DEPTH_KINDS",
+    "DEPTH_MARGIN",
+    "NEAR_DISPARITY",
+    "OCCLUSION_THRESHOLDS",
+    "PALETTE",
+    "Expression",
+    "SceneObject",
+    "SyntheticConfig",
+    "SyntheticScene",
+    "occlusion_tag",
+    "render_scene",
+    "write_dataset",
+]
+
+OCCLUSION_THRESHOLDS: tuple[tuple[str, float], ...] = (
+    ("no-o", 0.95),
+    ("o-1", 0.7),
+    ("o-2", 0.4),
+    ("o-3", 0.0),
+)
+"""Occlusion tag = the first ``(tag, lower bound)`` whose bound the visible fraction reaches."""
+MIN_REF_AREA_FRACTION = 0.005
+MIN_REF_AREA_PX = 30
+
+
+@dataclass
+class SyntheticConfig:
+    """Generator settings; ``same_looking_prob`` is the share of scenes with a same-looking pair."""
+
+    height: int = 480
+    width: int = 640
+    angular: int = 9
+    num_train: int = 172
+    num_val: int = 40
+    min_objects: int = 3
+    max_objects: int = 6
+    seed: int = 0
+    ds_name: str = "ref-urbanlf-syn"
+    disparity_name: str = "5_5_disparity.npy"
+    same_looking_prob: float = 0.4
+
+    @property
+    def centre(self) -> int:
+        return (self.angular + 1) // 2
+
+    def split_of(self, image_id: int) -> str:
+        return "train" if image_id <= self.num_train else "val"
+
+
+@dataclass
+class SyntheticScene:
+    """A rendered scene. ``views`` maps 1-based ``(row, col)`` to uint8 RGB (H, W, 3); ``layer_ids`` maps the
+    same keys to int16 (H, W) (0 = background, k = ``objects[k - 1]``); ``disparity`` is float32 (H, W)."""
+
+    image_id: int
+    views: dict[tuple[int, int], np.ndarray]
+    layer_ids: dict[tuple[int, int], np.ndarray]
+    disparity: np.ndarray
+    objects: list[SceneObject]
+    expressions: list[Expression]
+    background_disparity: float
+    same_looking_pairs: list[tuple[int, int]]
+
+
+def occlusion_tag(visible_fraction: float) -> str:
+    """``no-o`` / ``o-1`` / ``o-2`` / ``o-3`` for a visible fraction in [0, 1] (see ``OCCLUSION_THRESHOLDS``)."""
+    return next(tag for tag, low in OCCLUSION_THRESHOLDS if visible_fraction >= low)
+
+
+def _scene_object(layer: Layer, ids: np.ndarray, cfg: SyntheticConfig) -> SceneObject:
+    mask = ids == layer.layer_id
+    area = int(mask.sum())
+    full = max(full_area(layer, cfg), area, 1)
+    bbox, centroid = (0, 0, 0, 0), (float("nan"), float("nan"))
+    if area:
+        rows, cols = np.nonzero(mask)
+        bbox = (
+            int(cols.min()),
+            int(rows.min()),
+            int(cols.max() - cols.min() + 1),
+            int(rows.max() - rows.min() + 1),
+        )
+        centroid = (float(cols.mean()), float(rows.mean()))
+    min_area = max(MIN_REF_AREA_PX, MIN_REF_AREA_FRACTION * cfg.height * cfg.width)
+    return SceneObject(
+        index=layer.layer_id - 1,
+        category=layer.category,
+        category_id=CATEGORIES.index(layer.category) + 1,
+        colour=layer.colour,
+        disparity=layer.disparity,
+        mask=mask,
+        visible_fraction=area / full,
+        bbox=bbox,
+        area=area,
+        full_area=full,
+        centroid=centroid,
+        referable=area >= min_area,
+    )
+
+
+def render_scene(
+    image_id: int, cfg: SyntheticConfig, views: Iterable[tuple[int, int]] | None = None
+) -> SyntheticScene:
+    """Render scene ``image_id``; deterministic per ``(cfg.seed, image_id)`` whatever ``views`` asks for.
+
+    Args:
+        image_id: scene id (>= 1).
+        cfg: generator settings (image size, grid size, object counts, seed).
+        views: 1-based ``(row, col)`` views to render; ``None`` = the full ``angular x angular`` grid.
+    Returns:
+        The scene: requested views (uint8 (H, W, 3)) and their layer ids (int16 (H, W)), the centre-view
+        GT disparity (float32 (H, W)), objects with centre-view visible masks, and expressions.
+    """
+    if cfg.max_objects >= 100 or cfg.min_objects < 1 or cfg.min_objects > cfg.max_objects:
+        raise ValueError(
+            f"need 1 <= min_objects <= max_objects < 100, got {cfg.min_objects}..{cfg.max_objects}"
+        )
+    rng = np.random.default_rng([cfg.seed, image_id])
+    bg, bg_d, horizon = sample_background(rng, cfg)
+    layers, pair = sample_layers(rng, cfg, horizon)
+    c = cfg.centre
+    wanted = (
+        [(r, q) for r in range(1, cfg.angular + 1) for q in range(1, cfg.angular + 1)]
+        if views is None
+        else list(views)
+    )
+    for r, q in wanted:
+        if not (1 <= r <= cfg.angular and 1 <= q <= cfg.angular):
+            raise ValueError(f"view {r}_{q} outside the {cfg.angular}x{cfg.angular} grid")
+    rendered = {
+        (r, q): render_view(bg, bg_d, layers, cfg, r - c, q - c) for r, q in dict.fromkeys([(c, c), *wanted])
+    }
+    centre_ids = rendered[(c, c)][1]
+    lut = np.array([bg_d] + [la.disparity for la in layers], dtype=np.float32)
+    objects = [_scene_object(la, centre_ids, cfg) for la in layers]
+    expressions = generate_expressions(objects, cfg.width, np.random.default_rng([cfg.seed, image_id, 1]))
+    pairs = [(0, 1)] if pair and objects[0].area > 0 and objects[1].area > 0 else []
+    return SyntheticScene(
+        image_id=image_id,
+        views={k: rendered[k][0] for k in wanted},
+        layer_ids={k: rendered[k][1] for k in wanted},
+        disparity=lut[centre_ids],
+        objects=objects,
+        expressions=expressions,
+        background_disparity=bg_d,
+        same_looking_pairs=pairs,
+    )
+
+
+def ann_id_of(image_id: int, layer_id: int) -> int:
+    """Annotation id of object ``layer_id`` (1-based) of scene ``image_id``; the ref id is the same."""
+    return image_id * 100 + layer_id
+
+
+def _tags(obj: SceneObject, exprs: list[Expression]) -> list[str]:
+    kinds = {e.kind for e in exprs}
+    return [occlusion_tag(obj.visible_fraction)] + [k for k in DEPTH_KINDS if k in kinds]
+
+
+def scene_records(scene: SyntheticScene, cfg: SyntheticConfig) -> tuple[dict, list[dict], list[dict]]:
+    """COCO image record, annotations (every visible object) and refs (every object with sentences)."""
+    image = {
+        "id": scene.image_id,
+        "file_name": f"Image{scene.image_id}",
+        "height": cfg.height,
+        "width": cfg.width,
+    }
+    anns, refs = [], []
+    split = cfg.split_of(scene.image_id)
+    for obj in scene.objects:
+        if obj.area == 0:
+            continue
+        rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
+        ann_id = ann_id_of(scene.image_id, obj.layer_id)
+        segmentation = {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        anns.append(
+            {
+                "id": ann_id,
+                "image_id": scene.image_id,
+                "category_id": obj.category_id,
+                "segmentation": segmentation,
+                "area": float(obj.area),
+                "bbox": [float(x) for x in obj.bbox],
+                "iscrowd": 0,
+            }
+        )
+        exprs = [e for e in scene.expressions if e.object_index == obj.index]
+        if not exprs:
+            continue
+        sentences = [
+            {"sent_id": ann_id * 10 + j, "sent": e.sentence, "tokens": e.sentence.lower().split()}
+            for j, e in enumerate(exprs)
+        ]
+        refs.append(
+            {
+                "ref_id": ann_id,
+                "ann_id": ann_id,
+                "image_id": scene.image_id,
+                "category_id": obj.category_id,
+                "split": split,
+                "subsets": _tags(obj, exprs),
+                "sentences": sentences,
+            }
+        )
+    return image, anns, refs
+
+
+def _write_scene(job: tuple[int, SyntheticConfig, str]) -> tuple[dict, list[dict], list[dict], int]:
+    """Render scene ``image_id`` and write its views and disparity under ``lf_dir``; returns its records."""
+    image_id, cfg, lf_dir = job
+    scene = render_scene(image_id, cfg)
+    out = Path(lf_dir) / f"Image{image_id}"
+    out.mkdir(parents=True)
+    for (row, col), view in scene.views.items():
+        if not cv2.imwrite(str(out / f"{row}_{col}.png"), np.ascontiguousarray(view[:, :, ::-1])):
+            raise OSError(f"{out / f'{row}_{col}.png'}: cv2.imwrite failed")
+    np.save(out / cfg.disparity_name, scene.disparity.astype(np.float32))
+    return (*scene_records(scene, cfg), len(scene.same_looking_pairs))
+
+
+def _summary(
+    cfg: SyntheticConfig, images: list[dict], anns: list[dict], refs: list[dict], pairs: int
+) -> dict:
+    tags = {
+        s: dict(sorted(Counter(t for r in refs if r["split"] == s for t in r["subsets"]).items()))
+        for s in ("train", "val")
+    }
+    return {
+        "ds_name": cfg.ds_name,
+        "scenes": {s: sum(cfg.split_of(im["id"]) == s for im in images) for s in ("train", "val")},
+        "annotations": len(anns),
+        "refs": {s: sum(r["split"] == s for r in refs) for s in ("train", "val")},
+        "sentences": {s: sum(len(r["sentences"]) for r in refs if r["split"] == s) for s in ("train", "val")},
+        "subsets": tags,
+        "scenes_with_same_looking_pair": pairs,
+        "config": asdict(cfg),
+    }
+
+
+def _install(tmp: Path, root: Path, ds: str, overwrite: bool) -> None:
+    """Move the finished ``tmp/{lf,refer_seg}/<ds>`` into ``root``; the refs JSON arrives last."""
+    targets = [root / "lf" / ds, root / "refer_seg" / ds]
+    trash = tmp / "old"
+    for target in reversed(targets):  # refs first: a half-replaced dataset never has a refs JSON
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(f"{target}: exists; pass overwrite=True (--overwrite) to replace it")
+            trash.mkdir(exist_ok=True)
+            target.rename(trash / target.parent.name)
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (tmp / target.parent.name / ds).rename(target)
+
+
+def write_dataset(
+    dataset_dir: str | Path, cfg: SyntheticConfig, workers: int = 1, overwrite: bool = False
+) -> dict:
+    """Generate ``cfg.num_train + cfg.num_val`` scenes into ``dataset_dir`` in the Ref-UrbanLF layout.
+
+    Everything is written under a temporary folder inside ``dataset_dir`` and moved into place only when
+    complete, so an interrupted run leaves no dataset behind (the refs JSON is moved last).
+
+    Args:
+        dataset_dir: root that receives ``refer_seg/<ds>/`` and ``lf/<ds>/``.
+        cfg: generator settings.
+        workers: processes rendering scenes in parallel (1 = in this process).
+        overwrite: replace an existing ``<ds>``; otherwise an existing one raises ``FileExistsError``.
+    Returns:
+        Summary: scene, annotation, ref and sentence counts per split, tag counts per split, config.
+    """
+    root = Path(dataset_dir)
+    if not overwrite and any((root / sub / cfg.ds_name).exists() for sub in ("lf", "refer_seg")):
+        raise FileExistsError(f"{root}: dataset {cfg.ds_name!r} exists; pass overwrite=True (--overwrite)")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{cfg.ds_name}-", dir=root))
+    try:
+        lf_dir, ref_dir = tmp / "lf" / cfg.ds_name, tmp / "refer_seg" / cfg.ds_name
+        lf_dir.mkdir(parents=True)
+        ref_dir.mkdir(parents=True)
+        jobs = [(i, cfg, str(lf_dir)) for i in range(1, cfg.num_train + cfg.num_val + 1)]
+        images, anns, refs, pairs = [], [], [], 0
+        if workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            results = pool.imap(_write_scene, jobs)
+        else:
+            pool, results = None, map(_write_scene, jobs)
+        try:
+            for image, scene_anns, scene_refs, n_pairs in tqdm(
+                results, total=len(jobs), desc="synthetic scenes"
+            ):
+                images.append(image)
+                anns += scene_anns
+                refs += scene_refs
+                pairs += n_pairs
+        finally:
+            if pool is not None:
+                pool.terminate()
+        categories = [{"id": i + 1, "name": name} for i, name in enumerate(CATEGORIES)]
+        instances = {"images": images, "annotations": anns, "categories": categories}
+        (ref_dir / "instances.json").write_text(json.dumps(instances))
+        (ref_dir / f"{cfg.ds_name}.json").write_text(json.dumps(refs, indent=1))
+        _install(tmp, root, cfg.ds_name, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = _summary(cfg, images, anns, refs, pairs)
+    summary["dataset_dir"] = str(root)
+    return summary

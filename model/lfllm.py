@@ -1,0 +1,308 @@
+"""LFLLM: transformers' LLaVA + a ``[SEG]`` token + SAM's mask decoder + CAAM + depth tokens.
+
+Why a subclass of ``LlavaForConditionalGeneration`` rather than a wrapper around one: the subclass
+inherits ``from_pretrained`` / ``save_pretrained`` (one HF directory holds LLaVA, SAM and the new modules,
+and loads with no extra arguments), ``generate`` with the KV cache, gradient checkpointing, and peft's
+module discovery, all unchanged. LLaVA's own ``forward`` is untouched and still serves generation; the
+segmentation path is ``forward(lf_batch=...)`` (see :meth:`LFLLMForCausalLM.forward`), so the DeepSpeed
+engine can call the module as usual.
+
+Shapes used below: B images, V neighbour views, N conversations, L tokens, M ``[SEG]`` tokens,
+S the CLIP input size, T the SAM input size, g = T / 16 the SAM embedding grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from model.caam import CAAM
+from model.depth import disparity_to_depth_image
+from model.losses import answer_cross_entropy, mask_losses
+from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, reset_sam_buffers
+
+
+@strict
+class LFLLMConfig(LlavaConfig):
+    """LLaVA config plus every LFLLM field; saved with the merged model so it reloads standalone."""
+
+    model_type = "lfllm"
+
+    seg_token_id: int | None = None
+    depth_token_id: int | None = None
+    new_token_ids: list | None = None
+    sam_config: dict | None = None
+    out_dim: int = 256
+    use_depth: bool = True
+    use_caam: bool = True
+    caam_target: str = "both"
+    caam_mode: str = "fixed"
+    caam_offsets: list | None = None
+    depth_range: list | tuple = (-1.0, 1.0)
+    depth_projector: str = "shared"
+    use_mm_start_end: bool = True
+    clip_image_mean: list | tuple = (0.48145466, 0.4578275, 0.40821073)
+    clip_image_std: list | tuple = (0.26862954, 0.26130258, 0.27577711)
+    ce_loss_weight: float = 1.0
+    bce_loss_weight: float = 2.0
+    dice_loss_weight: float = 0.5
+
+
+AutoConfig.register("lfllm", LFLLMConfig)
+
+CAAM_TARGETS = ("clip", "sam", "both")
+DEPTH_PROJECTORS = ("shared", "separate")
+
+
+def seg_predictor_positions(input_ids: torch.Tensor, seg_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the hidden state that *predicts* ``[SEG]`` sits (LISA's convention): position p with
+    ``input_ids[n, p + 1] == [SEG]``. The one place this choice is made.
+
+    ``input_ids``: (N, L) -> (rows (M,), cols (M,)), row-major order (conversation, then position).
+    """
+    hits = input_ids[:, 1:] == seg_token_id
+    rows, cols = hits.nonzero(as_tuple=True)
+    return rows, cols
+
+
+class LFLLMForCausalLM(LlavaForConditionalGeneration):
+    """LLaVA with SAM, the ``[SEG]`` projector, CAAM and the depth path (see the module docstring)."""
+
+    config_class = LFLLMConfig
+
+    def __init__(self, config: LFLLMConfig) -> None:
+        super().__init__(config)
+        if config.sam_config is None:
+            raise ValueError("LFLLMConfig.sam_config is required (see model.sam.sam_config)")
+        if config.caam_target not in CAAM_TARGETS:
+            raise ValueError(f"caam_target {config.caam_target!r} not in {CAAM_TARGETS}")
+        if config.depth_projector not in DEPTH_PROJECTORS:
+            raise ValueError(f"depth_projector {config.depth_projector!r} not in {DEPTH_PROJECTORS}")
+        hidden = config.text_config.hidden_size
+        self.sam = build_sam(config.sam_config)
+        self.seg_projector = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, config.out_dim)
+        )
+        self.caam = None
+        if config.use_caam:
+            offsets = [tuple(o) for o in (config.caam_offsets or [])]
+            with torch.device("cpu"):  # CAAM builds small index tensors; keep them off the meta device
+                self.caam = CAAM(offsets=offsets, mode=config.caam_mode)
+        self.depth_projector = None
+        if config.use_depth and config.depth_projector == "separate":
+            self.depth_projector = LlavaMultiModalProjector(config)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, then restore SAM's non-persistent buffers (the meta-device
+        construction leaves them uninitialised)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        reset_sam_buffers(model.sam)
+        return loaded
+
+    # ------------------------------------------------------------------ visual encoders
+    def caam_on(self, target: str) -> bool:
+        """Whether CAAM aggregates the views fed to ``target`` (``clip`` or ``sam``)."""
+        return self.caam is not None and self.config.caam_target in (target, "both")
+
+    def _aggregate(
+        self,
+        center: torch.Tensor,
+        views: torch.Tensor | None,
+        disparity: torch.Tensor | None,
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """Centre view (B,3,H,W) uint8 -> float [0,1], CAAM-aggregated with the views when given."""
+        x = center.float() / 255.0
+        if views is None:
+            return x
+        if disparity is None:
+            raise ValueError("CAAM needs a disparity map; the batch has none")
+        disp = disparity.float() * scale.float().view(-1, 1, 1)
+        return self.caam(x, views.float() / 255.0, disp)
+
+    def _vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP tower on (K,3,S,S) normalised pixels -> selected patch features (K, T, Dv)."""
+        tower = self.model.vision_tower
+        out = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return feats
+
+    def encode_clip(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image tokens (B, T, D) and depth tokens (B, T, D) or None; the tower runs once on 2B images."""
+        clip_views = batch.get("clip_views") if self.caam_on("clip") else None
+        x = self._aggregate(
+            batch["clip_center"], clip_views, batch.get("clip_disparity"), batch["clip_scale"]
+        )
+        mean = x.new_tensor(self.config.clip_image_mean).view(1, 3, 1, 1)
+        std = x.new_tensor(self.config.clip_image_std).view(1, 3, 1, 1)
+        pixels = [(x - mean) / std]
+        if self.config.use_depth:
+            depth = disparity_to_depth_image(batch["clip_disparity"].float(), tuple(self.config.depth_range))
+            pixels.append((depth - mean) / std)
+        trainable_input = x.requires_grad
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable_input):
+            feats = self._vision_features(torch.cat(pixels))
+        b = x.shape[0]
+        image_tokens = self.model.multi_modal_projector(feats[:b])
+        if not self.config.use_depth:
+            return image_tokens, None
+        projector = self.depth_projector or self.model.multi_modal_projector
+        return image_tokens, projector(feats[b:])
+
+    def encode_sam(self, batch: dict) -> torch.Tensor:
+        """SAM image embeddings (B, C, g, g), one encoder pass per image."""
+        sam_views = batch.get("sam_views") if self.caam_on("sam") else None
+        x = self._aggregate(batch["sam_center"], sam_views, batch.get("sam_disparity"), batch["sam_scale"])
+        mean = x.new_tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(SAM_PIXEL_STD).view(1, 3, 1, 1)
+        x = (x * 255.0 - mean) / std
+        h, w = x.shape[-2:]
+        hw = batch["sam_resized_hw"]
+        ys = torch.arange(h, device=x.device).view(1, h, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, w)
+        valid = (ys < hw[:, 0].view(-1, 1, 1)) & (xs < hw[:, 1].view(-1, 1, 1))
+        x = x * valid.unsqueeze(1)  # SAM pads after normalising: the pad is exactly 0
+        encoder = self.sam.image_encoder
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+            return encoder(x.to(encoder.patch_embed.proj.weight.dtype))
+
+    # ------------------------------------------------------------------ language model
+    def build_inputs_embeds(
+        self,
+        input_ids: torch.Tensor,
+        conv_image: torch.Tensor,
+        image_tokens: torch.Tensor,
+        depth_tokens: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Token embeddings (N, L, D) with image/depth features written at their placeholder runs.
+
+        ``conv_image`` (N,) gives each conversation's image; features are indexed, never re-encoded.
+        """
+        embeds = self.get_input_embeddings()(input_ids)
+        pairs = [(self.config.image_token_id, image_tokens)]
+        if depth_tokens is not None:
+            pairs.append((self.config.depth_token_id, depth_tokens))
+        for token_id, feats in pairs:
+            mask = input_ids == token_id
+            per_conv = feats[conv_image]
+            counts = mask.sum(1)
+            if bool((counts != per_conv.shape[1]).any()):
+                raise ValueError(
+                    f"placeholder token {token_id}: conversations hold {counts.tolist()} tokens but each "
+                    f"image has {per_conv.shape[1]} features (expand placeholders before the forward)"
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), per_conv.to(embeds.dtype))
+        return embeds
+
+    def language_hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (N, L, D) of the language model."""
+        out = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    # ------------------------------------------------------------------ masks
+    def decode_masks(
+        self,
+        seg_embeddings: torch.Tensor,
+        seg_image: torch.Tensor,
+        image_embeddings: torch.Tensor,
+        resized_hw: torch.Tensor,
+        original_hw: list[tuple[int, int]],
+    ) -> list[torch.Tensor]:
+        """SAM mask decoder prompted with projected ``[SEG]`` states.
+
+        ``seg_embeddings`` (M, C); ``seg_image`` (M,) image index of each; ``image_embeddings`` (B, C, g, g).
+        Returns, per image, mask logits (k_i, H_i, W_i) at original resolution, in ``[SEG]`` order.
+        """
+        decoder = self.sam.mask_decoder
+        dtype = image_embeddings.dtype
+        pe = self.sam.prompt_encoder.get_dense_pe().to(dtype)
+        no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).view(1, -1, 1, 1)
+        g = image_embeddings.shape[-2:]
+        out = []
+        for i in range(image_embeddings.shape[0]):
+            sel = (seg_image == i).nonzero(as_tuple=True)[0]
+            sparse = seg_embeddings[sel].to(dtype).unsqueeze(1)
+            dense = no_mask.expand(sparse.shape[0], -1, *g)
+            low_res, _ = decoder(
+                image_embeddings=image_embeddings[i : i + 1],
+                image_pe=pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            h, w = (int(v) for v in resized_hw[i])
+            masks = self.sam.postprocess_masks(low_res.float(), (h, w), tuple(original_hw[i]))
+            out.append(masks[:, 0])
+        return out
+
+    # ------------------------------------------------------------------ full step
+    def forward(self, *args, lf_batch: dict | None = None, **kwargs):
+        """``forward(lf_batch=batch)`` runs the segmentation step (see :meth:`forward_lf`); any other
+        call is LLaVA's own forward (used by ``generate``)."""
+        if lf_batch is None:
+            return super().forward(*args, **kwargs)
+        return self.forward_lf(lf_batch)
+
+    def forward_lf(self, batch: dict) -> dict:
+        """One segmentation step on a collated batch (``dataset.collate.collate_batch``).
+
+        Returns ``loss``, ``ce_loss``, ``bce_loss``, ``dice_loss`` (scalars) and ``pred_masks`` (list per
+        image of (k_i, H_i, W_i) logits at original resolution, in the order of ``batch["gt_masks"]``).
+        """
+        image_tokens, depth_tokens = self.encode_clip(batch)
+        image_embeddings = self.encode_sam(batch)
+        input_ids, conv_image = batch["input_ids"], batch["conv_image"]
+        embeds = self.build_inputs_embeds(input_ids, conv_image, image_tokens, depth_tokens)
+        hidden = self.language_hidden(embeds, batch["attention_mask"])
+        rows, cols = seg_predictor_positions(input_ids, self.config.seg_token_id)
+        seg_image = conv_image[rows]
+        expected = torch.tensor([len(m) for m in batch["gt_masks"]], device=seg_image.device)
+        found = torch.bincount(seg_image, minlength=len(expected))
+        if not torch.equal(found, expected):
+            raise ValueError(
+                f"[SEG] tokens per image {found.tolist()} != masks per image {expected.tolist()}"
+            )
+        seg_embeddings = self.seg_projector(hidden[rows, cols])
+        pred_masks = self.decode_masks(
+            seg_embeddings, seg_image, image_embeddings, batch["sam_resized_hw"], batch["original_hw"]
+        )
+        result = {"pred_masks": pred_masks}
+        labels = batch.get("labels")
+        ce = (
+            answer_cross_entropy(hidden, labels, self.lm_head) if labels is not None else hidden.new_zeros(())
+        )
+        bce, dice = mask_losses(pred_masks, batch["gt_masks"])
+        cfg = self.config
+        result.update(
+            loss=cfg.ce_loss_weight * ce + cfg.bce_loss_weight * bce + cfg.dice_loss_weight * dice,
+            ce_loss=ce.detach(),
+            bce_loss=bce.detach(),
+            dice_loss=dice.detach(),
+        )
+        return result
+
+
+def _register() -> None:
+    """Auto-class registration, and LLaVA's checkpoint key mapping for our model type (so HF LLaVA
+    directories saved in either the old or the new key layout load into LFLLM)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    AutoModelForImageTextToText.register(LFLLMConfig, LFLLMForCausalLM, exist_ok=True)
+    register_checkpoint_conversion_mapping(
+        "lfllm", get_checkpoint_conversion_mapping("llava"), overwrite=True
+    )
+
+
+_register()

@@ -1,0 +1,171 @@
+"""Model-size presets (a registry, not if-chains) and the tiny HF LLaVA base used by tests and the quickstart.
+
+``tiny`` is built from configs with random init and a tokenizer trained offline on the synthetic corpus;
+it is written to disk in exactly the layout of ``llava-hf/llava-1.5-7b-hf`` (config.json, safetensors,
+tokenizer, preprocessor_config.json) and SAM in the official state-dict format, so that it goes through
+the same loading code as the real weights. ``7b`` / ``13b`` are the full-size shapes (for benchmarks with
+random init; real runs load them from the HF directories).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+from dataset.prompts import ANSWER_TEMPLATES, QUESTION_TEMPLATES
+from model.sam import build_sam, sam_config
+from utils.conversation import SYSTEM_PROMPT
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Shapes of one model size: language model, CLIP tower, SAM variant."""
+
+    text: dict[str, Any]
+    vision: dict[str, Any]
+    sam_variant: str
+    vocab_size: int = 32000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_CLIP_L14_224 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+        ),
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            projection_dim=32,
+        ),
+        sam_variant="tiny",
+        vocab_size=1024,
+    ),
+    "7b": Preset(
+        text=dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+        ),
+        vision=_CLIP_L14_224,
+        sam_variant="vit_h",
+    ),
+    "13b": Preset(
+        text=dict(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            max_position_embeddings=4096,
+        ),
+        vision=_CLIP_L14_224,
+        sam_variant="vit_h",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset registered as ``name``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def llava_config(
+    preset: Preset, vocab_size: int, image_token_id: int, pad_token_id: int | None
+) -> LlavaConfig:
+    """An HF ``LlavaConfig`` with the preset's shapes (CLIP features from layer -2, CLS dropped)."""
+    text = LlamaConfig(**preset.text, vocab_size=vocab_size, pad_token_id=pad_token_id)
+    vision = CLIPVisionConfig(**preset.vision)
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    cfg.pad_token_id = pad_token_id
+    return cfg
+
+
+def template_corpus() -> list[str]:
+    """Every fixed text the prompts use (system prompt, questions, answers, chat scaffolding)."""
+    texts = [SYSTEM_PROMPT, *ANSWER_TEMPLATES]
+    texts += [q.format(expr="the object") for q in QUESTION_TEMPLATES]
+    texts += ["USER: ASSISTANT: </s>", "[INST] <<SYS>> <</SYS>> [/INST]"]
+    return texts
+
+
+def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A Llama-style tokenizer trained offline on ``corpus`` + the prompt templates, with ``<image>`` and
+    ``<pad>`` already added (as in ``llava-1.5-7b-hf``)."""
+    texts = list(corpus) + template_corpus() * 20
+    tok = LlamaTokenizer().train_new_from_iterator(texts, vocab_size=vocab_size)
+    tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
+    return tok
+
+
+def write_tiny_base(out_dir: str | Path, corpus: Iterable[str], seed: int = 0) -> dict[str, Path]:
+    """Write ``out_dir/llava`` (HF LLaVA directory) and ``out_dir/sam_tiny.pth`` (SAM state dict).
+
+    Returns the two paths. Deterministic for a given corpus and seed.
+    """
+    out_dir = Path(out_dir)
+    preset = get_preset("tiny")
+    tok = train_tiny_tokenizer(corpus, preset.vocab_size)
+    cfg = llava_config(
+        preset,
+        vocab_size=len(tok),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    llava = LlavaForConditionalGeneration(cfg)
+    llava_dir = out_dir / "llava"
+    llava.save_pretrained(llava_dir)
+    tok.save_pretrained(llava_dir)
+    size = preset.vision["image_size"]
+    CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    ).save_pretrained(llava_dir)
+    sam = build_sam(sam_config(preset.sam_variant))
+    sam_path = out_dir / "sam_tiny.pth"
+    torch.save(sam.state_dict(), sam_path)
+    return {"llava": llava_dir, "sam": sam_path}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create ./.venv with the pinned requirements when it is missing or the pins changed.
+# torch/torchvision come from the local disk on the CPU machines (pip's own cache/constraints).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.requirements.sha
+want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] creating .venv (first run installs torch and friends: a few minutes)"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import torch, torchvision, transformers, peft, deepspeed, segment_anything, pycocotools, cv2" \
+  || { echo "[setup] import check failed" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "[setup] .venv ready"
