@@ -116,7 +116,7 @@ def collate_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         conv_image=torch.tensor([i for i, _, _ in convs], dtype=torch.long),
         gt_masks=[torch.as_tensor(s["masks"]).float() for s in samples],
     )
-    for key in ("image_id", "ds", "sentences", "subsets", "scene_dir"):
+    for key in ("image_id", "ds", "sentences", "subsets", "scene_dir", "center_path"):
         batch[key] = [s[key] for s in samples]
     return batch
 

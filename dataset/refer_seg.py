@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,10 +74,11 @@ class ReferSegDataset(torch.utils.data.Dataset):
         tokens: TokenSpec,
         *,
         train: bool,
+        with_answers: bool = True,
         seed: int = 0,
     ) -> None:
         self.scenes, self.tokenizer, self.spec, self.tokens = scenes, tokenizer, spec, tokens
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.train, self.with_answers, self.seed, self.epoch = train, with_answers, seed, 0
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -123,6 +125,7 @@ class ReferSegDataset(torch.utils.data.Dataset):
             use_mm_start_end=spec.use_mm_start_end,
             pack=spec.pack_conversations,
             rng=rng,
+            with_answer=self.with_answers,
         )
         return [
             encode_conversation(self.tokenizer, render_segments(spec.conv_type, c), self.tokens)
@@ -144,5 +147,11 @@ class ReferSegDataset(torch.utils.data.Dataset):
             sentences=raw["sentences"],
             subsets=raw["subsets"],
             scene_dir=raw["scene_dir"],
+            center_path=self._center_path(raw["scene_dir"]),
         )
         return sample
+
+    def _center_path(self, scene_dir: str) -> str:
+        """The centre-view file of a scene (the image itself for 2D datasets)."""
+        path = Path(scene_dir)
+        return str(path / self.scenes.layout.view_name((0, 0))) if path.is_dir() else str(path)

@@ -97,7 +97,7 @@ def sample_background(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[S
             disparity,
             horizon,
         )
-    wall = np.array([185.0, 165.0, 140.0]) + rng.uniform(-25, 25, 3)
+    wall = np.array([175.0, 165.0, 150.0]) + rng.uniform(-20, 20) + rng.uniform(-8, 8, 3)
     return SmoothTexture(wall, gain, waves), disparity, 0.5 * cfg.height
 
 
@@ -162,7 +162,11 @@ def sample_layers(rng: np.random.Generator, cfg: SyntheticConfig, horizon: float
 def render_view(
     bg: SmoothTexture, bg_d: float, layers: list[Layer], cfg: SyntheticConfig, drow: int, dcol: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One view at angular offset ``(drow, dcol)`` -> (uint8 RGB (H, W, 3), int16 layer ids (H, W))."""
+    """One view at angular offset ``(drow, dcol)`` -> (uint8 RGB (H, W, 3), int16 layer ids (H, W)).
+
+    Layers are drawn back to front; each is evaluated at centre-view coordinates ``(x' + d*dcol, y' + d*drow)``
+    over its shifted bounding box only.
+    """
     h, w = cfg.height, cfg.width
     xs, ys = np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)
     img = bg.evaluate(xs + bg_d * dcol, ys + bg_d * drow)
@@ -176,9 +180,12 @@ def render_view(
             continue
         u, v = xs[px0 : px1 + 1] + sx, ys[py0 : py1 + 1] + sy
         m = layer.mask(u, v)
-        img[py0 : py1 + 1, px0 : px1 + 1][m] = layer.texture.evaluate(u, v)[m]
+        np.copyto(img[:, py0 : py1 + 1, px0 : px1 + 1], layer.texture.evaluate(u, v), where=m[None])
         ids[py0 : py1 + 1, px0 : px1 + 1][m] = layer.layer_id
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), ids
+    rgb = np.empty((h, w, 3), np.uint8)
+    for c in range(3):
+        rgb[:, :, c] = np.clip(np.rint(img[c]), 0, 255)
+    return rgb, ids
 
 
 def full_area(layer: Layer, cfg: SyntheticConfig) -> int:

@@ -228,25 +228,33 @@ class SmoothTexture:
     blend_px: float = 1.0
 
     def evaluate(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """Colours at the grid ``u`` (w,) x ``v`` (h,) of centre-view coordinates -> float32 (h, w, 3)."""
+        """Colours at the grid ``u`` (w,) x ``v`` (h,) of centre-view coordinates -> float32 (3, h, w)."""
         alpha, beta, phi, amp = self.waves.T
         au = u[:, None] * alpha[None, :]
         bv = v[:, None] * beta[None, :] + phi[None, :]
-        f = np.concatenate([np.sin(au), np.cos(au)], axis=1)
-        g = np.concatenate([np.cos(bv) * amp, np.sin(bv) * amp], axis=1)
         gu, gv, u0, v0 = self.ramp
-        lum = (g @ f.T + gu * (u - u0)[None, :] + gv * (v - v0)[:, None]).astype(np.float32)
+        ones_u, ones_v = np.ones_like(u), np.ones_like(v)
+        f = np.concatenate([np.sin(au), np.cos(au), (gu * (u - u0))[:, None], ones_u[:, None]], axis=1)
+        g = np.concatenate(
+            [np.cos(bv) * amp, np.sin(bv) * amp, ones_v[:, None], (gv * (v - v0))[:, None]], axis=1
+        )
+        # einsum without BLAS: multi-threaded BLAS is slow on busy machines and not bit-reproducible.
+        lum = np.einsum("hk,wk->hw", g.astype(np.float32), f.astype(np.float32), optimize=False)
         base = np.broadcast_to(self.base, (len(v), 3)).astype(np.float32)
         if self.lower_base is not None:
             s = 0.5 * (1.0 + np.tanh((v - self.horizon) / self.blend_px))
             base = base + (s[:, None] * (self.lower_base - self.base)).astype(np.float32)
-        return base[:, None, :] + lum[:, :, None] * self.gain.astype(np.float32)[None, None, :]
+        out = np.empty((3, len(v), len(u)), np.float32)
+        for c in range(3):  # planar: broadcasting over a trailing axis of 3 is several times slower
+            np.multiply(lum, np.float32(self.gain[c]), out=out[c])
+            out[c] += base[:, c, None]
+        return out
 
 
 def sample_waves(
     rng: np.random.Generator, k: int, min_period: float, max_period: float, amp: tuple
 ) -> np.ndarray:
-    """``k`` random plane waves (alpha, beta, phi, amp) with periods in [min_period, max_period] px."""
+    """``k`` random plane waves (alpha, beta, phi, amp) -> (k, 4), periods in [min_period, max_period] px."""
     period = rng.uniform(min_period, max_period, k)
     theta = rng.uniform(0.0, np.pi, k)
     freq = 2.0 * np.pi / period

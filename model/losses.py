@@ -16,14 +16,15 @@ def sigmoid_bce_per_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 
 def dice_per_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-mask dice loss ``1 - (2Σpt + ε) / (Σp + Σt + ε)`` with p, t scaled by 1/1000 (the reference).
+    """Per-mask dice loss ``1 - (2Σpt + ε) / (Σp + Σt + ε)``, every sum scaled by 1/1000 (the reference's
+    scaling, which sets how much ε weighs on small masks).
 
     ``logits``, ``targets``: (N, H, W) -> (N,), float32.
     """
-    p = logits.float().sigmoid().flatten(1) / DICE_SCALE
-    t = targets.float().flatten(1) / DICE_SCALE
-    num = 2 * (p * t).sum(1) + DICE_EPS
-    den = p.sum(1) + t.sum(1) + DICE_EPS
+    p = logits.float().sigmoid().flatten(1)
+    t = targets.float().flatten(1)
+    num = 2 * (p * t).sum(1) / DICE_SCALE + DICE_EPS
+    den = (p.sum(1) + t.sum(1)) / DICE_SCALE + DICE_EPS
     return 1 - num / den
 
 
