@@ -23,19 +23,23 @@ class EpochSampler(Sampler[int]):
         if n == 0:
             raise ValueError("the training split has no scenes")
         self.n, self.num_samples, self.seed, self.rank, self.epoch = n, num_samples, seed, rank, 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select ``epoch``'s order; skip its first ``start`` samples (a run resumed mid-epoch)."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start {start} outside [0, {self.num_samples}]")
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.start
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + self.rank)
         out: list[int] = []
         while len(out) < self.num_samples:
             out += torch.randperm(self.n, generator=g).tolist()
-        return iter(out[: self.num_samples])
+        return iter(out[self.start : self.num_samples])
 
 
 def layout_from_args(args: argparse.Namespace) -> LightFieldLayout:
@@ -77,20 +81,25 @@ def build_train_loader(args, config, tokenizer, rank: int) -> tuple[DataLoader, 
     return loader, sampler
 
 
-def build_val_loader(args, config, tokenizer, rank: int, world: int, generated: bool = False) -> DataLoader:
-    """Validation loader over this rank's shard of ``--val_dataset`` (``ds|splitBy|split``)."""
+def val_scenes(args: argparse.Namespace, with_disparity: bool, views=()) -> SceneDataset:
+    """The raw validation scenes of ``--val_dataset`` (``ds|splitBy|split``; split may be a subset tag)."""
     ds, split_by, split = args.val_dataset.split("|")
-    spec = SampleSpec.from_model_config(config, args.conv_type, pack=False)
-    scenes = SceneDataset(
+    return SceneDataset(
         args.dataset_dir,
         ds,
         split,
-        views=[tuple(o) for o in (config.caam_offsets or [])],
+        views=views,
         layout=layout_from_args(args),
         mode="val",
-        with_disparity=spec.needs_disparity,
+        with_disparity=with_disparity,
         split_by=split_by,
     )
+
+
+def build_val_loader(args, config, tokenizer, rank: int, world: int, generated: bool = False) -> DataLoader:
+    """Validation loader over this rank's shard of ``--val_dataset`` (``ds|splitBy|split``)."""
+    spec = SampleSpec.from_model_config(config, args.conv_type, pack=False)
+    scenes = val_scenes(args, spec.needs_disparity, [tuple(o) for o in (config.caam_offsets or [])])
     data = ReferSegDataset(
         scenes, tokenizer, spec, _tokens(tokenizer, config, args), train=False, with_answers=not generated
     )

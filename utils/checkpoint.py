@@ -38,8 +38,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str, client_state: dict[str, Any]) -> Path:
-    """Save a DeepSpeed checkpoint as ``ckpt_dir/tag`` atomically and point ``latest`` at it."""
+def save_checkpoint(
+    engine: Any, ckpt_dir: str | Path, tag: str, client_state: dict[str, Any], update_latest: bool = True
+) -> Path:
+    """Save a DeepSpeed checkpoint as ``ckpt_dir/tag`` atomically; point ``latest`` at it when asked."""
     ckpt_dir = Path(ckpt_dir)
     tmp_tag = f".tmp-{tag}"
     if _rank() == 0 and (ckpt_dir / tmp_tag).exists():
@@ -53,7 +55,8 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str, client_state: d
         if final.exists():
             os.replace(final, old)
         os.replace(ckpt_dir / tmp_tag, final)
-        atomic_write_text(ckpt_dir / "latest", tag)
+        if update_latest:
+            atomic_write_text(ckpt_dir / "latest", tag)
         if old.exists():
             shutil.rmtree(old)
     _barrier()

@@ -16,11 +16,11 @@ from model.trainable import TrainableOptions
 def add_switch(
     parser: argparse.ArgumentParser, name: str, default: bool, help: str, off: str | None = None
 ) -> None:
-    """``--name`` sets True and ``--no_name`` (or ``--<off>``) sets False."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(f"--{name}", dest=name, action="store_true", help=f"{help} (default: {default})")
+    """``--name`` sets True and ``--no_name`` (or ``--<off>``) sets False; the last one given wins, so a
+    recipe's command line can be overridden by appending a flag."""
+    parser.add_argument(f"--{name}", dest=name, action="store_true", help=f"{help} (default: {default})")
     off_flag = off or f"no_{name}"
-    group.add_argument(f"--{off_flag}", dest=name, action="store_false", help=f"turn --{name} off")
+    parser.add_argument(f"--{off_flag}", dest=name, action="store_false", help=f"turn --{name} off")
     parser.set_defaults(**{name: default})
 
 
@@ -101,6 +101,8 @@ def _lfllm_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--warmup_steps", type=int, default=100)
     o.add_argument("--max_grad_norm", type=float, default=1.0)
+    o.add_argument("--save_steps", type=int, default=0, help="also save 'last' every N optimiser steps")
+    o.add_argument("--max_steps", type=int, default=0, help="stop after N optimiser steps (0: the full run)")
     o.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2])
     add_switch(o, "pack_conversations", False, "all expressions of a scene in one multi-turn conversation")
     add_switch(o, "torch_adam", False, "plain torch AdamW (no compiled op; automatic on CPU)")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dataset.collate import move_batch
 from model.inference import generate_masks, teacher_forced_masks
 from model.lfllm import LFLLMForCausalLM
-from utils.metrics import SegMetrics, mask_iou_stats
+from utils.metrics import SegMetrics, mask_iou_stats, subset_tags
 
 OVERLAY_COLOUR = np.array([255, 64, 64], np.float32)
 
@@ -54,7 +54,8 @@ def _update(metrics: SegMetrics, batch: dict, preds: list[list[torch.Tensor | No
         inter, union = mask_iou_stats(stacked, gt > 0.5)
         union = torch.where(torch.tensor(missing, device=union.device), gt.flatten(1).sum(1).double(), union)
         ids = [(batch["ds"][i], batch["image_id"][i], k) for k in range(len(masks))]
-        metrics.update(inter, union, batch["subsets"][i], expr_ids=ids, missing=missing)
+        tags = [subset_tags(t) for t in batch["subsets"][i]]
+        metrics.update(inter, union, tags, expr_ids=ids, missing=missing)
 
 
 @torch.no_grad()

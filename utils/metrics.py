@@ -22,10 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dataset.refer import SPLIT_NAMES
+from utils.distributed import gather_objects
+
 THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 PAPER_COLUMNS: tuple[str, ...] = ("All", "o-1", "o-2", "o-3", "distance", "closest", "behind", "front")
 ALL = "All"
 _THRESHOLD_TOL = 1e-12
+
+
+def subset_tags(tags: Sequence[str]) -> tuple[str, ...]:
+    """The subset tags of an expression, without split names (``train``/``val``/``test``...)."""
+    return tuple(t for t in tags if t not in SPLIT_NAMES)
 
 
 def _precision_key(threshold: float) -> str:
@@ -78,13 +86,6 @@ def _summarise(inters: list[float], unions: list[float], missing: list[bool]) ->
         out[_precision_key(t)] = sum(1 for v in ious if v >= t - _THRESHOLD_TOL) / n
     out["n"] = n
     return out
-
-
-def _gather_objects(obj: Any, group: Any = None) -> list[Any]:
-    """``all_gather_object`` over ``group``; one entry per rank, in rank order."""
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, obj, group=group)
-    return gathered
 
 
 class SegMetrics:
@@ -157,7 +158,7 @@ class SegMetrics:
             return
         if self._reduced:
             raise RuntimeError("SegMetrics.reduce called twice: it would count every expression again")
-        parts = _gather_objects((self.inters, self.unions, self.tags, self.ids, self.missing), group)
+        parts = gather_objects((self.inters, self.unions, self.tags, self.ids, self.missing), group)
         self.inters = [v for part in parts for v in part[0]]
         self.unions = [v for part in parts for v in part[1]]
         self.tags = [v for part in parts for v in part[2]]

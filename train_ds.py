@@ -1,0 +1,154 @@
+"""Train LFLLM with DeepSpeed (LoRA + [SEG] + SAM decoder), or evaluate a model with ``--eval_only``.
+
+    deepspeed train_ds.py --version LLAVA_HF_DIR --vision_pretrained sam_vit_h_4b8939.pth \\
+        --dataset_dir ./dataset --refer_seg_data ref-urbanlf-real --val_dataset "ref-urbanlf-real|syn|val" \\
+        --exp_name lfllm-7b
+    deepspeed train_ds.py --version MERGED_DIR --eval_only --val_dataset "ref-urbanlf-real|syn|val"
+
+A run writes under ``<log_base_dir>/<exp_name>/``: ``args.json``, ``ds_config.json``, TensorBoard events,
+``train_log.jsonl``, ``ckpt_model/{last,best}`` (DeepSpeed, atomic, ``latest`` -> ``last``),
+``export/{last,best}/trainable.safetensors`` (for ``merge_lora_weights_and_save_hf_model.py``) and, after
+validation, ``eval.json``. See ``python train_ds.py --help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dataset.loaders import build_train_loader, build_val_loader, val_scenes
+from model.build import build_lfllm
+from model.trainable import make_trainable, unwrap
+from utils.baselines import baseline_metrics, summary_line
+from utils.checkpoint import atomic_write_text
+from utils.config import model_options, parse_args, trainable_options
+from utils.distributed import DistInfo, init_distributed
+from utils.ds_config import deepspeed_config
+from utils.evaluate import evaluate
+from utils.metrics import SegMetrics
+from utils.run_log import RunLogger
+from utils.trainer import Trainer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _report(
+    args: argparse.Namespace, run_dir: Path, metrics: SegMetrics, dist_info: DistInfo, logger: RunLogger
+) -> None:
+    """Print the table (paper column order) beside the expression-blind baselines; write ``eval.json``."""
+    if not dist_info.is_main:
+        return
+    baselines = baseline_metrics(val_scenes(args, with_disparity=False))
+    title = f"{args.val_dataset} ({args.eval_protocol}), model {args.version}"
+    print(metrics.table(title=title))
+    print("baselines that ignore the expression:")
+    print(summary_line("model", metrics))
+    for name, m in baselines.items():
+        print(summary_line(name, m))
+    record = {
+        "val_dataset": args.val_dataset,
+        "protocol": args.eval_protocol,
+        "version": args.version,
+        **metrics.to_json(),
+        "baselines": {name: m.to_json()["subsets"]["All"] for name, m in baselines.items()},
+    }
+    atomic_write_text(run_dir / "eval.json", json.dumps(record, indent=2))
+    logger.metrics(0, metrics.compute(), prefix="eval")
+
+
+def run_eval_only(
+    args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, logger: RunLogger
+) -> SegMetrics:
+    """Evaluate ``--version`` (a merged LFLLM dir, or a LLaVA dir + SAM) on ``--val_dataset``."""
+    torch.manual_seed(args.seed)  # a LLaVA dir gets fresh [SEG] heads: the same on every rank and run
+    model, tokenizer = build_lfllm(
+        args.version, args.vision_pretrained, model_options(args), DTYPES[args.precision]
+    )
+    model.to(dist_info.device)
+    loader = build_val_loader(
+        args, model.config, tokenizer, dist_info.rank, dist_info.world_size, args.eval_protocol == "generated"
+    )
+    vis = Path(args.vis_save_path) if args.vis_save_path else None
+    metrics = evaluate(
+        model,
+        loader,
+        dist_info.device,
+        protocol=args.eval_protocol,
+        tokenizer=tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        vis_dir=vis,
+        show_progress=dist_info.is_main,
+    )
+    _report(args, run_dir, metrics, dist_info, logger)
+    return metrics
+
+
+def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, logger: RunLogger) -> Trainer:
+    """Build the model, wrap it with peft and DeepSpeed, train, and evaluate at every epoch end."""
+    import deepspeed
+
+    torch.manual_seed(args.seed)
+    m_opts, t_opts = model_options(args), trainable_options(args)
+    model, tokenizer = build_lfllm(args.version, args.vision_pretrained, m_opts, DTYPES[args.precision])
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = make_trainable(model, t_opts)
+    ds_config = deepspeed_config(args, on_cpu=dist_info.device.type == "cpu")
+    logger.write_run_files(args, ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+    # DeepSpeed casts the whole module to bf16/fp16; SAM's prompt encoder (frozen) must stay float32.
+    unwrap(engine.module).sam.prompt_encoder.float()
+    config = unwrap(engine.module).config
+    train_loader, sampler = build_train_loader(args, config, tokenizer, dist_info.rank)
+    val_loader = None
+    if not args.no_eval:
+        val_loader = build_val_loader(
+            args, config, tokenizer, dist_info.rank, dist_info.world_size, args.eval_protocol == "generated"
+        )
+    export_meta = {
+        "version": str(args.version),
+        "vision_pretrained": str(args.vision_pretrained),
+        "precision": args.precision,
+        "conv_type": args.conv_type,
+        "model_options": dataclasses.asdict(m_opts),
+        "trainable_options": dataclasses.asdict(t_opts),
+    }
+    trainer = Trainer(
+        args, engine, train_loader, sampler, val_loader, tokenizer, dist_info, logger, run_dir, export_meta
+    )
+    trainer.maybe_resume()
+    trainer.train()
+    if trainer.last_metrics is not None:
+        _report(args, run_dir, trainer.last_metrics, dist_info, logger)
+    return trainer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    dist_info = init_distributed(args.local_rank)
+    run_dir = Path(args.log_base_dir) / args.exp_name
+    logger = RunLogger(run_dir, enabled=dist_info.is_main)
+    try:
+        if args.eval_only:
+            logger.write_run_files(args, None)
+            run_eval_only(args, dist_info, run_dir, logger)
+        else:
+            run_training(args, dist_info, run_dir, logger)
+    finally:
+        logger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The training loop of ``train_ds.py``: DeepSpeed engine steps, per-epoch validation, checkpoints.
+
+Reproducibility: the data order is a function of (seed, epoch, rank) and each micro-step reseeds torch
+with (seed, micro-step, rank), so a run resumed from a checkpoint sees the same batches and dropout masks
+as the run it continues, and its loss trajectory continues the original's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dataset.collate import move_batch
+from model.trainable import unwrap
+from utils.checkpoint import (
+    atomic_write_text,
+    export_trainable,
+    find_resume_tag,
+    load_checkpoint,
+    save_checkpoint,
+)
+from utils.distributed import DistInfo, gather_objects, mean_across_ranks
+from utils.evaluate import evaluate
+from utils.metrics import SegMetrics
+from utils.run_log import RunLogger
+
+LOSS_KEYS = ("loss", "ce_loss", "bce_loss", "dice_loss")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class TrainState:
+    """Progress saved with every checkpoint (DeepSpeed's client state)."""
+
+    global_step: int = 0
+    best_giou: float = -1.0
+    best_step: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_client(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "best_giou": self.best_giou,
+            "best_step": self.best_step,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_client(cls, client: dict[str, Any]) -> TrainState:
+        return cls(
+            global_step=int(client.get("global_step", 0)),
+            best_giou=float(client.get("best_giou", -1.0)),
+            best_step=int(client.get("best_step", -1)),
+            history=list(client.get("history", [])),
+        )
+
+
+def resume_source(args: argparse.Namespace, ckpt_dir: Path) -> tuple[Path, str] | None:
+    """(checkpoint dir, tag) to resume from: ``--resume`` (a ``ckpt_model`` dir or one of its tags), else
+    with ``--auto_resume`` this run's latest checkpoint, else None."""
+    if args.resume:
+        path = Path(args.resume)
+        if (path / "latest").is_file():
+            tag = find_resume_tag(path)
+            if tag is None:
+                raise FileNotFoundError(f"{path / 'latest'} names a checkpoint that does not exist")
+            return path, tag
+        if path.is_dir():
+            return path.parent, path.name
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint directory")
+    if args.auto_resume:
+        tag = find_resume_tag(ckpt_dir)
+        if tag is not None:
+            return ckpt_dir, tag
+    return None
+
+
+class Trainer:
+    """Runs ``epochs × steps_per_epoch`` optimiser steps of a DeepSpeed engine."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        engine: Any,
+        train_loader: Any,
+        sampler: Any,
+        val_loader: Any | None,
+        tokenizer: Any,
+        dist_info: DistInfo,
+        logger: RunLogger,
+        run_dir: Path,
+        export_meta: dict[str, Any],
+    ) -> None:
+        self.args, self.engine, self.loader, self.sampler = args, engine, train_loader, sampler
+        self.val_loader, self.tokenizer, self.dist, self.log = val_loader, tokenizer, dist_info, logger
+        self.run_dir, self.export_meta = run_dir, export_meta
+        self.ckpt_dir = run_dir / "ckpt_model"
+        self.state = TrainState()
+        self.gas = args.grad_accumulation_steps
+        self.last_metrics: SegMetrics | None = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def maybe_resume(self) -> None:
+        """Load the checkpoint chosen by ``--resume`` / ``--auto_resume``, if any."""
+        source = resume_source(self.args, self.ckpt_dir)
+        if source is None:
+            return
+        client = load_checkpoint(self.engine, *source)
+        self.state = TrainState.from_client(client)
+        if self.dist.is_main:
+            print(f"resumed from {source[0] / source[1]} at step {self.state.global_step}", flush=True)
+        self.log.truncate_log(self.state.global_step)
+
+    def save(self, tag: str, update_latest: bool) -> None:
+        self.state.global_step = int(self.engine.global_steps)
+        save_checkpoint(self.engine, self.ckpt_dir, tag, self.state.to_client(), update_latest=update_latest)
+        meta = {**self.export_meta, "global_step": self.state.global_step, "tag": tag}
+        export_trainable(self.engine.module, self.run_dir / "export" / tag, meta)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, step: int) -> SegMetrics:
+        metrics = evaluate(
+            unwrap(self.engine.module),
+            self.val_loader,
+            self.dist.device,
+            protocol=self.args.eval_protocol,
+            tokenizer=self.tokenizer,
+            max_new_tokens=self.args.max_new_tokens,
+            show_progress=self.dist.is_main,
+        )
+        results = metrics.compute()
+        self.log.metrics(step, results)
+        if self.dist.is_main:
+            print(
+                metrics.table(title=f"validation after step {step} ({self.args.eval_protocol})"), flush=True
+            )
+        return metrics
+
+    def end_of_epoch(self, epoch: int) -> None:
+        step = int(self.engine.global_steps)
+        giou = math.nan
+        if self.val_loader is not None:
+            self.last_metrics = self.validate(step)
+            giou = self.last_metrics.compute()["All"]["gIoU"]
+        self.state.history.append({"epoch": epoch, "step": step, "gIoU": giou})
+        self.save("last", update_latest=True)
+        if giou == giou and giou > self.state.best_giou:
+            self.state.best_giou, self.state.best_step = giou, step
+            self.save("best", update_latest=False)
+
+    # ------------------------------------------------------------------ training
+    def _micro_step(self, batch: dict, micro_index: int) -> torch.Tensor:
+        """Forward + backward + (at the accumulation boundary) optimiser step. Returns the detached
+        losses ``(loss, ce, bce, dice)``."""
+        args = self.args
+        torch.manual_seed(args.seed * 1_000_003 + micro_index * self.dist.world_size + self.dist.rank)
+        batch = move_batch(batch, self.dist.device)
+        out = self.engine(lf_batch=batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            step = int(self.engine.global_steps) + 1
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at optimiser step {step} (micro-step {micro_index}, "
+                f"rank {self.dist.rank}; ce {out['ce_loss'].item()}, bce {out['bce_loss'].item()}, "
+                f"dice {out['dice_loss'].item()}): stopping. Try a lower --lr or --precision fp32."
+            )
+        self.engine.backward(loss)
+        self.engine.step()
+        return torch.stack([out[k].detach().float() for k in LOSS_KEYS])
+
+    def train(self) -> None:
+        args = self.args
+        spe, total = args.steps_per_epoch, args.epochs * args.steps_per_epoch
+        stop = min(total, args.max_steps) if args.max_steps > 0 else total
+        start = int(self.engine.global_steps)
+        if start >= stop:
+            if self.dist.is_main:
+                print(f"nothing to do: the run is at step {start} of {stop}", flush=True)
+            return
+        images_per_step = args.batch_size * self.gas * self.dist.world_size
+        bar = tqdm(
+            total=stop,
+            initial=start,
+            desc="train",
+            unit="step",
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+        )
+        step = start
+        while step < stop:
+            epoch = step // spe
+            first_micro = (step % spe) * self.gas
+            self.sampler.set_epoch(epoch, start=first_micro * args.batch_size)
+            if hasattr(self.loader.dataset, "set_epoch"):
+                self.loader.dataset.set_epoch(epoch)
+            acc = torch.zeros(len(LOSS_KEYS))
+            tic = time.perf_counter()
+            for offset, batch in enumerate(self.loader):
+                micro = epoch * spe * self.gas + first_micro + offset
+                acc += self._micro_step(batch, micro).cpu()
+                if (micro + 1) % self.gas:
+                    continue
+                step = int(self.engine.global_steps)
+                losses = mean_across_ranks(acc / self.gas)
+                seconds = time.perf_counter() - tic
+                values = dict(zip(LOSS_KEYS, losses.tolist()))
+                values.update(lr=float(self.engine.get_lr()[0]), images_per_s=images_per_step / seconds)
+                if step % args.print_freq == 0 or step == stop:
+                    self.log.scalars(step, values)
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
+                acc.zero_()
+                tic = time.perf_counter()
+                if step % spe == 0:
+                    self.end_of_epoch(step // spe - 1)
+                elif step == stop or (args.save_steps and step % args.save_steps == 0):
+                    self.save("last", update_latest=True)
+                if step >= stop:
+                    break
+        bar.close()
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        """``train_summary.json``: final step, best gIoU, epoch history and one fingerprint of the
+        trainable weights per rank (data-parallel replicas must agree; a mismatch means they diverged)."""
+        prints = gather_objects(weights_fingerprint(self.engine.module))
+        if not self.dist.is_main:
+            return
+        summary = {
+            **self.state.to_client(),
+            "global_step": int(self.engine.global_steps),
+            "world_size": self.dist.world_size,
+            "rank_fingerprints": prints,
+            "replicas_identical": all(p == prints[0] for p in prints),
+        }
+        atomic_write_text(self.run_dir / "train_summary.json", json.dumps(summary, indent=2))
+        if not summary["replicas_identical"]:
+            print(f"WARNING: data-parallel replicas differ: {prints}", flush=True)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> list[float]:
+    """(sum, sum of squares, sum of |x| * position weight) over the trainable parameters, in float64:
+    equal on two replicas iff (with overwhelming probability) their weights are equal."""
+    total = torch.zeros(3, dtype=torch.float64)
+    for _, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if not p.requires_grad:
+            continue
+        x = p.detach().double().flatten().cpu()
+        pos = torch.arange(1, x.numel() + 1, dtype=torch.float64) / x.numel()
+        total += torch.stack([x.sum(), (x * x).sum(), (x.abs() * pos).sum()])
+    return total.tolist()
+
+
+def export_path(run_dir: Path, tag: str) -> Path:
+    """Where ``Trainer.save`` exported the trainable weights of checkpoint ``tag``."""
+    return run_dir / "export" / tag
