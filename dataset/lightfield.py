@@ -148,8 +148,11 @@ def read_disparity(path: str | Path, expected_hw: tuple[int, int] | None = None)
         raise LightFieldError(path, "disparity file not found") from None
     except (OSError, ValueError, EOFError) as exc:
         raise LightFieldError(path, f"cannot read disparity as a .npy array ({exc})") from None
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
-        raise LightFieldError(path, f"disparity must be a numeric array, got dtype {array.dtype}")
+    if not isinstance(array, np.ndarray):  # e.g. an .npz archive saved under a .npy name
+        getattr(array, "close", lambda: None)()
+        raise LightFieldError(path, f"disparity must be a single .npy array, got {type(array).__name__}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise LightFieldError(path, f"disparity must be a real numeric array, got dtype {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim != 2:

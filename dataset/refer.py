@@ -6,7 +6,8 @@ unpickler that builds plain containers only), and ``instances.json`` (COCO image
 categories). Everything is validated on load; every problem raises :class:`AnnotationError` naming the
 file and the ids involved.
 
-Split rule: a ref belongs to split ``S`` iff ``ref.split == S`` or ``S`` is one of its subset tags.
+Split rule: a ref belongs to split ``S`` iff ``ref.split == S`` or ``S`` is one of its subset tags. A
+selector ``"A&B"`` needs every part (``"val&closest"``: the val refs tagged ``closest``).
 """
 
 from __future__ import annotations
@@ -42,13 +43,26 @@ class Ref:
     sent_ids: tuple[int, ...] = ()
 
     def in_split(self, split: str) -> bool:
-        """True iff this ref is selected for ``split`` (its split field or one of its subset tags)."""
-        return self.split == split or split in self.subsets
+        """True iff this ref is selected for ``split``: its split field or one of its subset tags equals
+        it, or, for ``"A&B&..."``, equals every part (``"val&o-3"``: val refs tagged ``o-3``)."""
+        return all(part == self.split or part in self.subsets for part in split_parts(split))
 
     @property
     def tags(self) -> tuple[str, ...]:
         """The split followed by the subset tags, as attached to each expression."""
         return (self.split, *self.subsets)
+
+
+def split_parts(split: str) -> tuple[str, ...]:
+    """The parts of a split selector: ``"val&closest"`` -> ``("val", "closest")``, ``"val"`` -> ``("val",)``.
+
+    Raises ``ValueError`` on an empty part (``""``, ``"val&"``)."""
+    parts = tuple(part.strip() for part in split.split("&"))
+    if not all(parts):
+        raise ValueError(
+            f"bad split selector {split!r}: expected a split or tag, or 'A&B' (e.g. 'val&closest')"
+        )
+    return parts
 
 
 class _RefusingUnpickler(pickle.Unpickler):
@@ -233,7 +247,8 @@ class ReferAnnotations:
                 )
 
     def refs_for(self, split: str) -> list[Ref]:
-        """Refs selected for ``split`` (by split field or subset tag), in file order."""
+        """Refs selected for ``split`` (by split field or subset tag, or ``"A&B"``), in file order."""
+        split_parts(split)  # a bad selector raises even when there are no refs
         return [ref for ref in self.refs if ref.in_split(split)]
 
     def image(self, image_id: int) -> dict:
@@ -273,7 +288,8 @@ class ReferAnnotations:
         """Subset tags carried by refs of ``split`` (other than ``split`` itself and plain split names),
         in :data:`SUBSET_TAGS` order, unknown tags after them alphabetically."""
         found: set[str] = set()
+        parts = split_parts(split)
         for ref in self.refs_for(split):
-            found.update(tag for tag in ref.tags if tag != split and tag not in SPLIT_NAMES)
+            found.update(tag for tag in ref.tags if tag not in parts and tag not in SPLIT_NAMES)
         known = [tag for tag in SUBSET_TAGS if tag in found]
         return known + sorted(found.difference(SUBSET_TAGS))

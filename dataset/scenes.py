@@ -61,7 +61,7 @@ class SceneDataset(torch.utils.data.Dataset):
     Args:
         dataset_dir: root holding ``refer_seg/`` and ``lf/``.
         datasets: dataset names (``"a||b"`` or a list).
-        split: split name or subset tag (see :meth:`Ref.in_split`).
+        split: split name or subset tag, or ``"A&B"`` for both (``"val&closest"``; see :meth:`Ref.in_split`).
         views: neighbour offsets ``(drow, dcol)`` or a spec for :func:`parse_views`.
         layout: light-field file names.
         mode: ``"train"`` samples up to ``num_classes_per_sample`` (ref, sentence) pairs from distinct

@@ -118,9 +118,19 @@ def _sample_kinds(rng: np.random.Generator, n: int, pair: bool) -> list[tuple[st
 
 
 def _sample_disparities(rng: np.random.Generator, kinds: list[tuple[str, str]], pair: bool) -> list[float]:
-    out = [float(rng.uniform(*(BRIDGE_DISPARITY if c == "bridge" else OBJECT_DISPARITY))) for c, _ in kinds]
+    """One disparity per object; objects 0 and 1 of a pair end up at least ``PAIR_MIN_GAP`` apart.
+
+    The second pair member is redrawn until the gap holds; when no value of its range can give the gap
+    (a bridge pair: range 0.5 px wide, first member near its middle), the first member is redrawn too.
+    """
+    ranges = [BRIDGE_DISPARITY if c == "bridge" else OBJECT_DISPARITY for c, _ in kinds]
+    out = [float(rng.uniform(*r)) for r in ranges]
     while pair and abs(out[0] - out[1]) < PAIR_MIN_GAP:
-        out[1] = float(rng.uniform(*(BRIDGE_DISPARITY if kinds[1][0] == "bridge" else OBJECT_DISPARITY)))
+        lo, hi = ranges[1]
+        if out[0] - PAIR_MIN_GAP < lo and out[0] + PAIR_MIN_GAP > hi:
+            out[0] = float(rng.uniform(*ranges[0]))
+            continue
+        out[1] = float(rng.uniform(lo, hi))
     return out
 
 

@@ -206,3 +206,53 @@ def test_missing_disparity_in_scene(tmp_path: Path) -> None:
     with pytest.raises(LightFieldError, match="disparity file not found") as info:
         load_light_field(tmp_path / "Image7", ())
     assert Path(info.value.path).name == "5_5_disparity.npy"
+
+
+def test_missing_neighbour_view_is_named(tmp_path: Path) -> None:
+    _scene(tmp_path, ["5_5", "5_4", "4_5", "6_5"], np.zeros((H, W), np.float32))
+    with pytest.raises(LightFieldError, match=r"5_6\.png: view file not found") as info:
+        load_light_field(tmp_path / "Image7", NEIGHBOURHOODS["4"])
+    assert info.value.path == str(tmp_path / "Image7" / "5_6.png")
+
+
+def test_unreadable_view_is_named(tmp_path: Path) -> None:
+    _scene(tmp_path, ["5_5"], np.zeros((H, W), np.float32))
+    (tmp_path / "Image7" / "5_4.png").mkdir()  # a folder where the file should be
+    with pytest.raises(LightFieldError, match="cannot read view file") as info:
+        load_light_field(tmp_path / "Image7", ((0, -1),))
+    assert info.value.path == str(tmp_path / "Image7" / "5_4.png")
+
+
+def test_corrupt_centre_view_in_scene_is_named(tmp_path: Path) -> None:
+    _scene(tmp_path, ["5_4"], np.zeros((H, W), np.float32))
+    (tmp_path / "Image7" / "5_5.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(LightFieldError, match="cannot decode image") as info:
+        load_light_field(tmp_path / "Image7", ((0, -1),))
+    assert Path(info.value.path).name == "5_5.png"
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.zeros((H + 1, W), np.float32), r"shape \(13, 16\) does not match expected \(H, W\) \(12, 16\)"),
+        (np.full((H, W), np.nan, np.float32), f"{H * W} NaN and 0 ±inf"),
+    ],
+)
+def test_bad_disparity_in_scene_is_named(tmp_path: Path, bad: np.ndarray, message: str) -> None:
+    """The scene loader checks the disparity against the centre view's (H, W) and for finite values."""
+    _scene(tmp_path, ["5_5", "5_4"], bad)
+    with pytest.raises(LightFieldError, match=message) as info:
+        load_light_field(tmp_path / "Image7", ((0, -1),))
+    assert info.value.path == str(tmp_path / "Image7" / "5_5_disparity.npy")
+
+
+def test_disparity_npz_or_complex_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "5_5_disparity.npy"
+    with path.open("wb") as fh:  # an .npz archive under a .npy name
+        np.savez(fh, disparity=np.zeros((H, W), np.float32))
+    with pytest.raises(LightFieldError, match=r"single \.npy array, got NpzFile") as info:
+        read_disparity(path, (H, W))
+    assert info.value.path == str(path)
+    np.save(path, np.zeros((H, W), np.complex64))
+    with pytest.raises(LightFieldError, match="real numeric array, got dtype complex64"):
+        read_disparity(path, (H, W))

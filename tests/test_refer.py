@@ -103,6 +103,14 @@ def test_load_and_split_selection(tmp_path: Path) -> None:
     assert ann.subsets_present("val") == ["o-1", "closest", "behind"]
     assert ann.subsets_present("train") == []
     assert ann.subsets_present("o-1") == ["closest"]
+    # "A&B": both must hold (a subset of one split)
+    assert [r.ref_id for r in ann.refs_for("val&closest")] == [2]
+    assert [r.ref_id for r in ann.refs_for("val & behind")] == [3]
+    assert ann.refs_for("train&closest") == [] and ann.refs_for("val&o-2") == []
+    assert ann.subsets_present("val&closest") == ["o-1"]
+    for bad in ("val&", "&closest", ""):
+        with pytest.raises(ValueError, match="bad split selector"):
+            ann.refs_for(bad)
     assert ann.image(2)["file_name"] == "b.png"
     assert ann.category_name(2) == "vehicle" and ann.category_name(9) == "9"
 
@@ -235,3 +243,25 @@ def test_refcoco_pickle_loads_through_annotations(tmp_path: Path, protocol: int)
     assert ann.refs_path == folder / "refs(unc).p"
     assert [r.ref_id for r in ann.refs_for("val")] == [2, 3]
     assert ann.refs[0].sentences == ("the box", "square thing")
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_pickle_reader_refuses_non_builtin_objects(tmp_path: Path, protocol: int) -> None:
+    """Harmless-looking library objects (a numpy array in a ref) are refused too: no global is ever resolved."""
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "bbox": np.zeros(4)}], protocol=protocol))
+    with pytest.raises(AnnotationError, match=r"refusing to unpickle global 'numpy\.") as info:
+        load_refer_pickle(path)
+    assert info.value.path == str(path)
+
+
+def test_refs_pointing_at_missing_image_or_annotation_through_pickle(tmp_path: Path) -> None:
+    """The same link checks apply to REFER pickles: the error names the pickle and the ids."""
+    folder = _write(tmp_path)
+    (folder / f"{DS}.json").unlink()
+    refs = _refs()
+    refs[2]["ann_id"] = 77
+    (folder / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    with pytest.raises(AnnotationError, match="ref_id 3: ann_id 77 has no annotation") as info:
+        ReferAnnotations.load(tmp_path, DS, split_by="unc")
+    assert info.value.path == str(folder / "refs(unc).p")

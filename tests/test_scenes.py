@@ -198,3 +198,30 @@ def test_synthetic_dataset_every_val_scene_loads(tiny_dataset: Path) -> None:
         assert all(tags[0] == "val" for tags in item["subsets"])
         expressions += len(item["sentences"])
     assert expressions == data.num_expressions == sum(len(r.sentences) for r in refs)
+
+
+def test_missing_scene_folder_or_view_is_named_at_load(root: Path) -> None:
+    """A ref whose light-field folder or neighbour view is missing fails with the path named."""
+    import shutil
+
+    from dataset.errors import LightFieldError
+
+    shutil.rmtree(root / "lf" / LF / "Image3")
+    (root / "lf" / LF / "Image2" / "5_6.png").unlink()
+    data = SceneDataset(root, LF, "val")
+    with pytest.raises(LightFieldError, match=r"5_6\.png: view file not found") as info:
+        data[0]
+    assert info.value.path == str(root / "lf" / LF / "Image2" / "5_6.png")
+    with pytest.raises(LightFieldError, match="scene folder not found") as info:
+        data[1]
+    assert info.value.path == str(root / "lf" / LF / "Image3")
+
+
+def test_missing_2d_image_is_named(root: Path) -> None:
+    from dataset.errors import LightFieldError
+
+    (root / "refer_seg" / TWO_D / "images" / "COCO_4.jpg").unlink()
+    data = SceneDataset(root, TWO_D, "val", split_by="unc")
+    with pytest.raises(LightFieldError, match="view file not found") as info:
+        data[0]
+    assert info.value.path == str(root / "refer_seg" / TWO_D / "images" / "COCO_4.jpg")
