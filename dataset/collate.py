@@ -87,7 +87,8 @@ def collate_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
     Images are stacked (B, ...), conversations of all images padded right into ``input_ids`` /
     ``labels`` / ``attention_mask`` (N, L) with ``conv_image`` (N,) naming each one's image. Masks stay a
-    list (their sizes differ): ``gt_masks[i]`` (k_i, H_i, W_i) float, in the ``[SEG]`` order of image i.
+    list (their sizes differ): ``gt_masks[i]`` (k_i, H_i, W_i) float, in the ``[SEG]`` order of image i;
+    ``gt_masks`` is absent when the samples carry no masks (``masks=None``: prediction only, e.g. chat).
     """
     batch: dict[str, Any] = {}
     for key in _STACKED:
@@ -114,8 +115,12 @@ def collate_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         labels=labels,
         attention_mask=attention,
         conv_image=torch.tensor([i for i, _, _ in convs], dtype=torch.long),
-        gt_masks=[torch.as_tensor(s["masks"]).float() for s in samples],
     )
+    masks = [s.get("masks") for s in samples]
+    if all(m is not None for m in masks):
+        batch["gt_masks"] = [torch.as_tensor(m).float() for m in masks]
+    elif any(m is not None for m in masks):
+        raise ValueError("masks are present in some samples of the batch but not in others")
     for key in ("image_id", "ds", "sentences", "subsets", "scene_dir", "center_path"):
         batch[key] = [s[key] for s in samples]
     return batch

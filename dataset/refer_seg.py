@@ -140,8 +140,9 @@ class ReferSegDataset(torch.utils.data.Dataset):
             sample["conversations"] = self.conversations(raw["sentences"], rng)
         except ValueError as exc:
             raise ValueError(f"{raw['scene_dir']}: {exc}") from exc
+        masks = raw.get("masks")  # None for prediction-only scenes (chat)
         sample.update(
-            masks=torch.from_numpy(raw["masks"]),
+            masks=None if masks is None else torch.from_numpy(masks),
             image_id=raw["image_id"],
             ds=raw["ds"],
             sentences=raw["sentences"],

@@ -102,13 +102,16 @@ def _lfllm_config(
 NEW_MODULES = ("sam.", "seg_projector.", "caam.", "depth_projector.")
 
 
-def _load_llava_weights(version: str | Path, config: LFLLMConfig) -> LFLLMForCausalLM:
-    """LLaVA weights into a fresh LFLLM. Only LFLLM's own modules may be missing; nothing may be unexpected."""
+def _load_llava_weights(
+    version: str | Path, config: LFLLMConfig, dtype: torch.dtype = torch.float32
+) -> LFLLMForCausalLM:
+    """LLaVA weights into a fresh LFLLM, loaded directly in ``dtype`` (no float32 detour: one copy of the
+    model in memory). Only LFLLM's own modules may be missing; nothing may be unexpected."""
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # the expected "missing sam.*" report is noise here
     try:
         model, info = LFLLMForCausalLM.from_pretrained(
-            version, config=config, dtype=torch.float32, output_loading_info=True
+            version, config=config, dtype=dtype, output_loading_info=True
         )
     finally:
         transformers_logging.set_verbosity(verbosity)
@@ -122,9 +125,13 @@ def _load_llava_weights(version: str | Path, config: LFLLMConfig) -> LFLLMForCau
 
 
 def cast_model(model: LFLLMForCausalLM, dtype: torch.dtype) -> LFLLMForCausalLM:
-    """Cast to ``dtype`` but keep SAM's prompt encoder in float32 (its Fourier features fail in bf16)."""
+    """Cast to ``dtype`` but keep SAM's prompt encoder in float32 (its Fourier features fail in bf16),
+    with its float32 values exact: they are put back after the cast instead of being rounded through
+    ``dtype`` and up again."""
+    prompt_state = {k: v.float() for k, v in model.sam.prompt_encoder.state_dict().items()}
     model.to(dtype)
     model.sam.prompt_encoder.float()
+    model.sam.prompt_encoder.load_state_dict(prompt_state)
     return model
 
 
@@ -153,9 +160,11 @@ def build_lfllm(
     ids, added = add_special_tokens(tokenizer, options.use_mm_start_end)
     config = _lfllm_config(version, sam_cfg, options, ids)
     config.new_token_ids = sorted(added)
-    model = _load_llava_weights(version, config)
+    model = _load_llava_weights(version, config, dtype)
     # Never shrink: HF LLaVA checkpoints pad their vocabulary (32064 rows for 32002 tokens).
     rows = max(len(tokenizer), model.get_input_embeddings().weight.shape[0])
     model.resize_token_embeddings(rows, mean_resizing=False)
+    model.sam.prompt_encoder.float()  # before loading, so its float32 checkpoint values stay exact
     model.sam.load_state_dict(sam.state_dict())
+    del sam
     return cast_model(model, dtype), tokenizer

@@ -256,15 +256,22 @@ class CAAM(nn.Module):
         self.value_range = float(value_range)
         # Kept as Python floats, not a buffer: ``module.to(torch.bfloat16)`` would round 0.6 to 0.6016.
         self._fixed_weights = [float(center_weight)] + [(1.0 - center_weight) / num_views] * num_views
-        self.register_buffer("offsets", off, persistent=False)
+        # A Python tuple, not a buffer: transformers' ``from_pretrained`` refills non-persistent buffers
+        # with ``torch.empty_like`` (uninitialised memory), which would warp with garbage offsets.
+        self._offsets: tuple[tuple[int, int], ...] = tuple((int(r), int(c)) for r, c in off.tolist())
         init_logits = torch.tensor(self._fixed_weights, dtype=torch.float32).log()
         self.logits = nn.Parameter(init_logits) if mode == "learned" else None
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau))) if learn_tau else None
         self._tau = float(tau)
 
     @property
+    def offsets(self) -> Tensor:
+        """``(V, 2)`` int64 (drow, dcol) of each neighbour, on the CPU."""
+        return torch.tensor(self._offsets, dtype=torch.long).view(-1, 2)
+
+    @property
     def num_views(self) -> int:
-        return int(self.offsets.shape[0])
+        return len(self._offsets)
 
     @property
     def tau(self) -> Tensor:
@@ -307,7 +314,8 @@ class CAAM(nn.Module):
             ``(B, C, H, W)`` aggregated view in ``center.dtype``.
         """
         self._check_inputs(center, views, disparity_px)
-        warped, valid = _warp_float32(views, disparity_px, self.offsets.float(), scale_xy)
+        offsets = torch.tensor(self._offsets, dtype=torch.float32, device=views.device).view(-1, 2)
+        warped, valid = _warp_float32(views, disparity_px, offsets, scale_xy)
         center32 = center.to(torch.float32)
         weights = self.view_weights().to(center.device)
         w_center = weights[0]

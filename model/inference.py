@@ -71,6 +71,8 @@ def generate_masks(
     image_tokens, depth_tokens = model.encode_clip(batch)
     image_embeddings = model.encode_sam(batch)
     conv_image = batch["conv_image"].tolist()
+    # A visual placeholder in the answer would have no features to fill it (the forward then fails).
+    placeholders = [t for t in (model.config.image_token_id, model.config.depth_token_id) if t is not None]
     full_ids, answers = [], []
     for n in range(len(conv_image)):
         length = int(batch["attention_mask"][n].sum())
@@ -84,6 +86,7 @@ def generate_masks(
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=placeholders,
         )[0]
         if len(new) and new[-1] == tokenizer.eos_token_id:
             new = new[:-1]
