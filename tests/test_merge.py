@@ -19,7 +19,7 @@ from model.inference import teacher_forced_masks
 from model.lfllm import LFLLMConfig, LFLLMForCausalLM
 from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import model_batch
-from utils.checkpoint import TRAINABLE_FILE, export_trainable
+from utils.checkpoint import TRAINABLE_FILE, export_trainable, save_checkpoint
 
 PREFIX = "base_model.model."
 
@@ -156,15 +156,19 @@ def test_deepspeed_checkpoint_and_zero_to_fp32_inputs(trained, merged_dir, tmp_p
     params = [p for p in wrapped.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=params, config=config)
     ckpt = tmp_path / "run" / "ckpt_model"
-    engine.save_checkpoint(str(ckpt), tag="best")
-    convert_zero_checkpoint_to_fp32_state_dict(str(ckpt), str(tmp_path / "fp32"), tag="best")
+    save_checkpoint(engine, ckpt, "best", {})  # the training format: trainable parameters only
+    convert_zero_checkpoint_to_fp32_state_dict(
+        str(ckpt), str(tmp_path / "fp32"), tag="best", exclude_frozen_parameters=True
+    )
     assert (tmp_path / "fp32" / "pytorch_model.bin").is_file()
     reference = _state(LFLLMForCausalLM.from_pretrained(merged_dir))
-    (ckpt / "latest").write_text("best")
+    assert (ckpt / "latest").read_text() == "best"
     inputs = {
         "ds_dir": ckpt,  # tag from 'latest'
-        "bin": tmp_path / "fp32" / "pytorch_model.bin",  # a full state dict: frozen keys are allowed
+        "bin": tmp_path / "fp32" / "pytorch_model.bin",  # trainable parameters only
+        "full_bin": tmp_path / "full.bin",  # a full state dict: frozen keys are allowed
     }
+    torch.save(wrapped.state_dict(), inputs["full_bin"])
     # the run layout of train_ds.py: the options of ckpt_model/<tag> are in export/<tag>/trainable.json
     (tmp_path / "run" / "export" / "best").mkdir(parents=True)
     shutil.copy(trained[2] / "trainable.json", tmp_path / "run" / "export" / "best")

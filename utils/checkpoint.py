@@ -41,13 +41,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_checkpoint(
     engine: Any, ckpt_dir: str | Path, tag: str, client_state: dict[str, Any], update_latest: bool = True
 ) -> Path:
-    """Save a DeepSpeed checkpoint as ``ckpt_dir/tag`` atomically; point ``latest`` at it when asked."""
+    """Save a DeepSpeed checkpoint as ``ckpt_dir/tag`` atomically; point ``latest`` at it when asked.
+
+    Only trainable parameters (and the optimiser state) are stored: the frozen base (13.5 GB for 7B) is
+    rebuilt from ``--version`` on resume, so a checkpoint costs megabytes, not the model size."""
     ckpt_dir = Path(ckpt_dir)
     tmp_tag = f".tmp-{tag}"
     if _rank() == 0 and (ckpt_dir / tmp_tag).exists():
         shutil.rmtree(ckpt_dir / tmp_tag)
     _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(
+        str(ckpt_dir),
+        tag=tmp_tag,
+        client_state=client_state,
+        save_latest=False,
+        exclude_frozen_parameters=True,
+    )
     _barrier()
     final = ckpt_dir / tag
     if _rank() == 0:
@@ -75,7 +84,7 @@ def find_resume_tag(ckpt_dir: str | Path) -> str | None:
 
 def load_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
     """Load model, optimiser and scheduler state; returns the client state saved with it."""
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
         raise FileNotFoundError(f"{Path(ckpt_dir) / tag}: no loadable DeepSpeed checkpoint")
     return client or {}

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The whole LFLLM loop on the embedded default, on a laptop-class CPU (or a GPU when there is one):
+#   synthetic light fields -> tiny LLaVA + SAM base -> deepspeed train_ds.py -> merge -> eval -> predict.
+# Everything lands in $LFLLM_QUICKSTART (default ./quickstart). Settings below are the knobs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+
+OUT=${LFLLM_QUICKSTART:-./quickstart}
+DS=ref-urbanlf-syn
+NUM_TRAIN=${NUM_TRAIN:-64}
+NUM_VAL=${NUM_VAL:-16}
+HEIGHT=${HEIGHT:-120}
+WIDTH=${WIDTH:-160}
+EPOCHS=${EPOCHS:-2}
+STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-250}
+LR=${LR:-1e-3}
+PY=.venv/bin/python
+export TOKENIZERS_PARALLELISM=false
+
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  PRECISION=bf16
+else
+  export DS_ACCELERATOR=cpu
+  PRECISION=fp32
+fi
+start=$(date +%s)
+stamp() { echo "[quickstart +$(( $(date +%s) - start ))s] $*"; }
+
+stamp "1/5 synthetic light-field benchmark -> $OUT/dataset"
+if [ ! -f "$OUT/dataset/refer_seg/$DS/$DS.json" ]; then
+  $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name $DS \
+    --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --seed 0 --workers 2
+fi
+
+stamp "2/5 tiny LLaVA + SAM base (random init, tokenizer trained on the corpus) -> $OUT/tiny_base"
+if [ ! -f "$OUT/tiny_base/sam_tiny.pth" ]; then
+  $PY scripts/make_tiny_base.py --out "$OUT/tiny_base" --dataset_dir "$OUT/dataset" --ds $DS
+fi
+
+stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM + depth on)"
+.venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py \
+  --version "$OUT/tiny_base/llava" --vision_pretrained "$OUT/tiny_base/sam_tiny.pth" \
+  --dataset_dir "$OUT/dataset" --refer_seg_data $DS --val_dataset "$DS|syn|val" \
+  --log_base_dir "$OUT/runs" --exp_name quickstart --precision $PRECISION \
+  --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size 2 --grad_accumulation_steps 1 \
+  --lr "$LR" --warmup_steps 20 --workers 1 --no_gradient_checkpointing --no_eval
+
+stamp "4/5 merge LoRA into a Hugging Face model -> $OUT/merged, then evaluate it"
+$PY merge_lora_weights_and_save_hf_model.py --version "$OUT/tiny_base/llava" \
+  --vision_pretrained "$OUT/tiny_base/sam_tiny.pth" \
+  --weight "$OUT/runs/quickstart/export/last" --save_path "$OUT/merged"
+.venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py --eval_only \
+  --version "$OUT/merged" --dataset_dir "$OUT/dataset" --val_dataset "$DS|syn|val" \
+  --log_base_dir "$OUT/runs" --exp_name quickstart_eval --precision $PRECISION --workers 1 \
+  --vis_save_path "$OUT/vis" 2>&1 | tee "$OUT/eval_table.txt" | grep -v "^\[20" | grep -v "eval (teacher"
+
+stamp "5/5 predict one expression on a validation light field -> $OUT/predict"
+SCENE=$($PY - "$OUT/dataset" $DS <<'EOF'
+import json, sys
+root, ds = sys.argv[1], sys.argv[2]
+refs = json.load(open(f"{root}/refer_seg/{ds}/{ds}.json"))
+ref = next(r for r in refs if r["split"] == "val")
+print(f"Image{ref['image_id']}\t{ref['sentences'][0]['sent']}")
+EOF
+)
+$PY chat.py --version "$OUT/merged" --precision $PRECISION \
+  --lf_dir "$OUT/dataset/lf/$DS/${SCENE%%$'\t'*}" --prompt "${SCENE#*$'\t'}" --out "$OUT/predict"
+
+stamp "done. Table: $OUT/runs/quickstart_eval/eval.json; overlays: $OUT/vis; prediction: $OUT/predict"
