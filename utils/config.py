@@ -89,7 +89,11 @@ def _lfllm_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--caam_target", default="both", choices=["clip", "sam", "both"])
     m.add_argument("--caam_mode", default="fixed", choices=["fixed", "learned", "occlusion"])
     m.add_argument("--caam_views", default="4", help="'4', '8', 'cross2' or view names like 5_4,5_6")
-    m.add_argument("--depth_range", default="-1,1", help="disparity (px) mapped to black..white")
+    m.add_argument(
+        "--depth_range",
+        default="-1,1",
+        help="disparity (px) mapped to black..white; write --depth_range=-0.5,2 for a negative start",
+    )
     m.add_argument("--depth_projector", default="shared", choices=["shared", "separate"])
     m.add_argument("--view_pattern", default="{row}_{col}.png")
     m.add_argument("--disparity_name", default="5_5_disparity.npy", help="e.g. 5_5_disparity_OAVC.npy")
