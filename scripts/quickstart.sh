@@ -49,7 +49,7 @@ stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM +
 stamp "4/5 merge LoRA into a Hugging Face model -> $OUT/merged, then evaluate it"
 $PY merge_lora_weights_and_save_hf_model.py --version "$OUT/tiny_base/llava" \
   --vision_pretrained "$OUT/tiny_base/sam_tiny.pth" \
-  --weight "$OUT/runs/quickstart/export/last" --save_path "$OUT/merged"
+  --weight "$OUT/runs/quickstart/export/last" --save_path "$OUT/merged" --precision $PRECISION
 .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py --eval_only \
   --version "$OUT/merged" --dataset_dir "$OUT/dataset" --val_dataset "$DS|syn|val" \
   --log_base_dir "$OUT/runs" --exp_name quickstart_eval --precision $PRECISION --workers 1 \
