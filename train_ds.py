@@ -100,7 +100,8 @@ def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, l
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = make_trainable(model, t_opts)
-    ds_config = deepspeed_config(args, on_cpu=dist_info.device.type == "cpu")
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ds_config = deepspeed_config(args, on_cpu=dist_info.device.type == "cpu", trainable_numel=n_trainable)
     logger.write_run_files(args, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -109,6 +110,8 @@ def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, l
     )
     # DeepSpeed casts the whole module to bf16/fp16; SAM's prompt encoder (frozen) must stay float32.
     unwrap(engine.module).sam.prompt_encoder.float()
+    # from_pretrained returns eval mode: without this, LoRA dropout and gradient checkpointing are off.
+    engine.train()
     config = unwrap(engine.module).config
     train_loader, sampler = build_train_loader(args, config, tokenizer, dist_info.rank)
     val_loader = None

@@ -63,7 +63,7 @@ def _command(args: list[str], ranks: int) -> list[str]:
     return [*launcher, str(REPO / "train_ds.py"), *args]
 
 
-def run_train(args: list[str], ranks: int = 1, timeout: int = 300) -> str:
+def run_train(args: list[str], ranks: int = 1, timeout: int = 900) -> str:
     """Run ``train_ds.py`` to completion; returns its output (fails the test with it on error)."""
     proc = subprocess.run(
         _command(args, ranks), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
@@ -109,7 +109,7 @@ def test_two_ranks_identical_weights_and_metrics(tiny_base, tiny_dataset, tmp_pa
     assert "val" not in evals[1]["subsets"], "split names are not subsets"
 
 
-def _wait_then_kill(proc: subprocess.Popen, run: Path, timeout: float = 240) -> int:
+def _wait_then_kill(proc: subprocess.Popen, run: Path, timeout: float = 900) -> int:
     """SIGKILL ``proc`` once a checkpoint exists and at least one later step is logged; returns the
     checkpoint's step."""
     meta = run / "export" / "last" / "trainable.json"
@@ -164,16 +164,32 @@ def test_sigkill_then_resume_continues_the_run(tiny_base, tiny_dataset, tmp_path
 
 def test_explicit_resume_dir_and_missing_dir(tiny_base, tiny_dataset, tmp_path):
     runs = tmp_path / "runs"
-    base = ("--epochs", "1", "--steps_per_epoch", "2", "--no_eval")
-    run_train(_args(tiny_base, tiny_dataset, runs, "a", *base))
+    run_train(_args(tiny_base, tiny_dataset, runs, "a", "--epochs", "1", "--steps_per_epoch", "2"))
     ckpt = runs / "a" / "ckpt_model"
     # A longer schedule resumed from the first run's checkpoint continues at step 2.
     longer = ("--epochs", "2", "--steps_per_epoch", "2", "--no_eval", "--resume", str(ckpt / "last"))
     out = run_train(_args(tiny_base, tiny_dataset, runs, "b", *longer))
     assert "at step 2" in out
     assert sorted(_log(runs / "b")) == [3, 4]
+    base = ("--epochs", "1", "--steps_per_epoch", "2", "--no_eval")
     proc = subprocess.run(
         _command(_args(tiny_base, tiny_dataset, runs, "c", *base, "--resume", str(tmp_path / "nope")), 1),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode != 0 and "no such checkpoint directory" in proc.stderr
+
+    # The merged model of run "a" reproduces the validation numbers the run reported.
+    merged = tmp_path / "merged"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "merge_lora_weights_and_save_hf_model.py"), "--weight",
+         str(runs / "a" / "export" / "last"), "--save_path", str(merged), "--precision", "fp32"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(_args(tiny_base, tiny_dataset, runs, "m", "--eval_only", "--version", str(merged)))
+    trained = json.loads((runs / "a" / "eval.json").read_text())["subsets"]
+    again = json.loads((runs / "m" / "eval.json").read_text())["subsets"]
+    assert trained.keys() == again.keys()
+    for subset, metrics in trained.items():
+        for key, value in metrics.items():
+            assert again[subset][key] == pytest.approx(value, abs=1e-3), (subset, key)

@@ -47,10 +47,22 @@ def init_distributed(local_rank: int = -1) -> DistInfo:
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
+    elif os.environ.get("LFLLM_DS_SHM") != "1":
+        _skip_cpu_shm_op()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _skip_cpu_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at its first
+    ``init_distributed`` (40 s to minutes on a small machine). It speeds up tensor-parallel inference;
+    data-parallel training over gloo does not use it, and DeepSpeed falls back to ``torch.distributed``
+    when the op is absent. ``LFLLM_DS_SHM=1`` keeps it."""
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
 
 
 def barrier() -> None:
