@@ -2,6 +2,12 @@
 
 Contents:
     1. Disparity -> depth image (this section): the grey 3-channel image the vision tower encodes.
+
+Where the disparity comes from: the scene's ``5_5_disparity.npy`` (GT or a precomputed map such as
+``5_5_disparity_OAVC.npy``), or the built-in classical estimator in ``model/disparity.py``
+(``estimate_disparity`` for tensors, ``disparity_for_scene`` for a scene folder;
+``scripts/estimate_disparity.py`` writes ``5_5_disparity_est.npy`` for a whole dataset; see
+``docs/DISPARITY.md``).
 """
 
 from __future__ import annotations

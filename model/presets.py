@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -60,6 +61,10 @@ PRESETS: dict[str, Preset] = {
             num_attention_heads=4,
             num_key_value_heads=4,
             max_position_embeddings=1024,
+            # HF's 0.02 is a constant tuned for widths in the thousands (std·sqrt(width) = 1.28 at 4096).
+            # At width 64 it shrinks every projection ~6x: uniform attention, LM logits near 0, and a
+            # [SEG] projection 60x smaller than SAM's prompt embeddings. Keep the 7B's per-layer gain.
+            initializer_range=0.02 * (4096 / 64) ** 0.5,
         ),
         vision=dict(
             hidden_size=32,
@@ -135,9 +140,19 @@ def template_corpus() -> list[str]:
 
 def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
     """A Llama-style tokenizer trained offline on ``corpus`` + the prompt templates, with ``<image>`` and
-    ``<pad>`` already added (as in ``llava-1.5-7b-hf``)."""
+    ``<pad>`` already added (as in ``llava-1.5-7b-hf``).
+
+    Pieces never span a space, as in LLaMA's sentencepiece model (``split_by_whitespace``). The default
+    ``tokenizers`` Llama pre-tokenizer does not split, and on a small corpus BPE then learns whole phrases
+    ("▁the▁orange▁bike▁that▁is▁in▁front▁of…") as single tokens: an expression becomes one random, frozen
+    embedding that no other expression shares, and nothing learnt on the train split carries over to val.
+    """
     texts = list(corpus) + template_corpus() * 20
-    tok = LlamaTokenizer().train_new_from_iterator(texts, vocab_size=vocab_size)
+    base = LlamaTokenizer()
+    base.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first", split=True
+    )
+    tok = base.train_new_from_iterator(texts, vocab_size=vocab_size)
     tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
     return tok
 

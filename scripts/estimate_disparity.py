@@ -1,0 +1,156 @@
+"""Estimate the centre-view disparity of every light-field scene with the built-in estimator.
+
+For every scene folder ``Image*`` under ``--lf_root`` (e.g. ``<dataset_dir>/lf/ref-urbanlf-syn``) this
+writes ``<scene>/<out_name>`` (float32 (H, W), px between adjacent views, larger = nearer; the UrbanLF
+convention of ``5_5_disparity.npy``) with :func:`model.disparity.disparity_for_scene`. Files are written
+atomically (temporary file + ``os.replace``), and scenes that already have ``<out_name>`` are skipped unless
+``--overwrite``, so an interrupted run resumes where it stopped. See ``docs/DISPARITY.md``.
+
+    .venv/bin/python scripts/estimate_disparity.py --lf_root ./dataset_cache/lf/ref-urbanlf-syn
+
+Use the result for training or chat with ``--disparity_name 5_5_disparity_est.npy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset.errors import DataError
+from dataset.lightfield import LightFieldLayout
+from model.disparity import (
+    DEFAULT_DISPARITY_CONFIG,
+    DisparityConfig,
+    config_overrides,
+    disparity_for_scene,
+)
+
+__all__ = ["disparity_for_scene", "find_scenes", "main", "parse_args", "write_npy_atomic"]
+
+DEFAULT_OUT_NAME = "5_5_disparity_est.npy"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; estimator defaults come from :class:`DisparityConfig`."""
+    d = DEFAULT_DISPARITY_CONFIG
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lf_root", required=True, help="folder holding the scene folders (Image<id>/)")
+    parser.add_argument("--out_name", default=DEFAULT_OUT_NAME, help="file written into each scene folder")
+    parser.add_argument("--view_pattern", default="{row}_{col}.png", help="view file names, str.format")
+    parser.add_argument("--center", default="5_5", help="centre view <row>_<col> (1-based)")
+    parser.add_argument("--scene_glob", default="Image*", help="scene folder names under --lf_root")
+    parser.add_argument("--d_min", type=float, default=d.d_min, help="smallest swept disparity (px)")
+    parser.add_argument("--d_max", type=float, default=d.d_max, help="largest swept disparity (px)")
+    parser.add_argument("--num_planes", type=int, default=d.num_planes, help="planes in [d_min, d_max]")
+    parser.add_argument(
+        "--views", default=d.views, help="view set: cross | full | 4 | 8 | cross2 | '5_1,5_9,...'"
+    )
+    parser.add_argument(
+        "--set",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other DisparityConfig field, e.g. --set tau_color=0.02 (repeatable)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute scenes that have --out_name")
+    return parser.parse_args(argv)
+
+
+def _scene_key(path: Path) -> tuple[int, int | str]:
+    match = re.search(r"(\d+)$", path.name)
+    return (0, int(match.group(1))) if match else (1, path.name)
+
+
+def find_scenes(lf_root: str | Path, pattern: str = "Image*") -> list[Path]:
+    """Scene folders matching ``pattern`` under ``lf_root``, in numeric order of their trailing id.
+
+    Raises ``FileNotFoundError`` when ``lf_root`` is not a folder.
+    """
+    root = Path(lf_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: --lf_root is not a folder")
+    return sorted((p for p in root.glob(pattern) if p.is_dir()), key=_scene_key)
+
+
+def write_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` as .npy via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npy.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _parse_center(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)_(\d+)\s*", text)
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ValueError(f"--center must look like '5_5' (1-based <row>_<col>), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the estimator over every scene; returns the process exit code (0 = all scenes done)."""
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if os.sep in args.out_name or not args.out_name.endswith(".npy"):
+        print(
+            f"error: --out_name must be a plain file name ending in .npy, got {args.out_name!r}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        layout = LightFieldLayout(view_pattern=args.view_pattern, center=_parse_center(args.center))
+        config = DisparityConfig(
+            d_min=args.d_min,
+            d_max=args.d_max,
+            num_planes=args.num_planes,
+            views=args.views,
+            **config_overrides(args.options),
+        )
+        scenes = find_scenes(args.lf_root, args.scene_glob)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not scenes:
+        print(f"error: no scene folders matching {args.scene_glob!r} under {args.lf_root}", file=sys.stderr)
+        return 2
+    todo = [s for s in scenes if args.overwrite or not (s / args.out_name).exists()]
+    skipped = len(scenes) - len(todo)
+    start = time.perf_counter()
+    for scene in tqdm(todo, desc="disparity", unit="scene"):
+        try:
+            disparity = disparity_for_scene(scene, layout, config, device=args.device)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        write_npy_atomic(scene / args.out_name, disparity)
+    elapsed = time.perf_counter() - start
+    rate = f", {len(todo) / elapsed:.3f} scenes/s" if todo and elapsed > 0 else ""
+    print(f"wrote {len(todo)} {args.out_name} file(s), skipped {skipped} already done{rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
