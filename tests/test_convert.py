@@ -96,9 +96,11 @@ def clip_dir(base, tiny_base, tmp_path_factory) -> Path:
     return out
 
 
-def _logits(model: LlavaForConditionalGeneration, image_id: int) -> torch.Tensor:
+def _logits(model: LlavaForConditionalGeneration, image_id: int, text_vocab: int) -> torch.Tensor:
+    """Logits of a fixed random prompt whose text ids lie below ``text_vocab`` (the trained vocabulary,
+    without the <pad>/<image> tokens added after it, which sit in different orders in the two models)."""
     gen = torch.Generator().manual_seed(0)
-    text = torch.randint(3, 600, (2, 12), generator=gen)
+    text = torch.randint(3, text_vocab, (2, 12), generator=gen)
     image = torch.full((2, model.config.image_seq_length), image_id)
     ids = torch.cat([text[:, :4], image, text[:, 4:]], dim=1)
     pixels = torch.randn(2, 3, 56, 56, generator=gen)
@@ -128,7 +130,8 @@ def test_sharded_bin_with_separate_clip_dir(base, clip_dir, tiny_base, tmp_path)
     assert converted.config.image_token_id == base.config.image_token_id
     assert converted.config.text_config.vocab_size == vocab  # tokens present: no resize
     assert torch.equal(
-        _logits(converted, converted.config.image_token_id), _logits(base, base.config.image_token_id)
+        _logits(converted, converted.config.image_token_id, vocab - 2),
+        _logits(base, base.config.image_token_id, vocab - 2),
     )
     model, tok = build_lfllm(dst, tiny_base["sam"])  # the LFLLM builder accepts the result
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
@@ -163,8 +166,8 @@ def test_tuned_tower_in_checkpoint_and_tokens_added(base, clip_dir, tiny_base, t
     assert image_id == rows and new_tok.pad_token == "<pad>" and new_tok.pad_token_id == rows + 1
     assert converted.config.image_token_id == image_id
     assert converted.get_input_embeddings().weight.shape[0] == 64 * -(-(rows + 2) // 64)
-    got = _logits(converted, image_id)[..., :rows]
-    want = _logits(base, base.config.image_token_id)[..., :rows]
+    got = _logits(converted, image_id, rows)[..., :rows]
+    want = _logits(base, base.config.image_token_id, rows)[..., :rows]
     assert torch.equal(got, want)
 
 
