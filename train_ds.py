@@ -8,7 +8,9 @@
 A run writes under ``<log_base_dir>/<exp_name>/``: ``args.json``, ``ds_config.json``, TensorBoard events,
 ``train_log.jsonl``, ``ckpt_model/{last,best}`` (DeepSpeed, atomic, ``latest`` -> ``last``),
 ``export/{last,best}/trainable.safetensors`` (for ``merge_lora_weights_and_save_hf_model.py``) and, after
-validation, ``eval.json``. See ``python train_ds.py --help`` for every option.
+validation, ``eval.json``. ``--depth_source estimate`` replaces the disparity files by the built-in
+estimator's maps (cached per scene, see ``docs/DISPARITY.md``). See ``python train_ds.py --help`` for every
+option.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dataset.loaders import build_train_loader, build_val_loader, val_scenes
+from dataset.loaders import build_train_loader, build_val_loader, prepare_estimated_disparity, val_scenes
+from dataset.refer_seg import SampleSpec
 from model.build import build_lfllm
 from model.trainable import make_trainable, unwrap
 from utils.baselines import baseline_metrics, summary_line
@@ -62,6 +65,23 @@ def _report(
     logger.metrics(0, metrics.compute(), prefix="eval")
 
 
+def prepare_disparity(args: argparse.Namespace, config, dist_info: DistInfo, *, train: bool) -> None:
+    """``--depth_source estimate``: the estimator's maps for every scene this run reads (the training split
+    when ``train``, ``--val_dataset`` when validating), written before the datasets are built and shared
+    over the ranks; a model that reads no disparity (``--no_depth --no_caam``) needs none."""
+    if args.depth_source != "estimate" or not SampleSpec.from_model_config(config).needs_disparity:
+        return
+    prepare_estimated_disparity(
+        args,
+        train=train,
+        val=not (train and args.no_eval),
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        device=dist_info.device,
+        show_progress=dist_info.is_main,
+    )
+
+
 def run_eval_only(
     args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, logger: RunLogger
 ) -> SegMetrics:
@@ -71,6 +91,7 @@ def run_eval_only(
         args.version, args.vision_pretrained, model_options(args), DTYPES[args.precision]
     )
     model.to(dist_info.device)
+    prepare_disparity(args, model.config, dist_info, train=False)
     loader = build_val_loader(
         args, model.config, tokenizer, dist_info.rank, dist_info.world_size, args.eval_protocol == "generated"
     )
@@ -113,6 +134,7 @@ def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, l
     # from_pretrained returns eval mode: without this, LoRA dropout and gradient checkpointing are off.
     engine.train()
     config = unwrap(engine.module).config
+    prepare_disparity(args, config, dist_info, train=True)
     train_loader, sampler = build_train_loader(args, config, tokenizer, dist_info.rank)
     val_loader = None
     if not args.no_eval:

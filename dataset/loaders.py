@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from dataset.collate import TokenSpec, collate_batch
+from dataset.disparity_cache import Estimator, estimate_scenes, scenes_to_estimate
+from dataset.errors import LightFieldError
 from dataset.lightfield import LightFieldLayout
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.scenes import SceneDataset
@@ -43,8 +47,106 @@ class EpochSampler(Sampler[int]):
 
 
 def layout_from_args(args: argparse.Namespace) -> LightFieldLayout:
-    """Light-field file names chosen on the command line."""
-    return LightFieldLayout(view_pattern=args.view_pattern, disparity_name=args.disparity_name)
+    """Light-field file names chosen on the command line; the disparity file is ``--disparity_name``, or
+    ``--estimated_disparity_name`` with ``--depth_source estimate``."""
+    estimate = getattr(args, "depth_source", "file") == "estimate"
+    name = args.estimated_disparity_name if estimate else args.disparity_name
+    return LightFieldLayout(view_pattern=args.view_pattern, disparity_name=name)
+
+
+def used_scene_dirs(args: argparse.Namespace, train: bool, val: bool) -> list[Path]:
+    """Light-field scene folders of the training split (``--refer_seg_data``, split ``train``) and/or of
+    ``--val_dataset``, in dataset order without duplicates; 2D (image) datasets have none."""
+    groups: list[SceneDataset] = []
+    layout = layout_from_args(args)
+    if train:
+        groups.append(SceneDataset(args.dataset_dir, args.refer_seg_data, "train", views=(), layout=layout))
+    if val:
+        groups.append(val_scenes(args, with_disparity=False))
+    dirs: dict[Path, None] = {}
+    for scenes in groups:
+        for i, scene in enumerate(scenes.scenes):
+            if scenes.sources[scene.ds_index] == "lightfield":
+                dirs.setdefault(scenes.scene_path(i), None)
+    return list(dirs)
+
+
+def prepare_estimated_disparity(
+    args: argparse.Namespace,
+    *,
+    train: bool,
+    val: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+    estimator: Estimator | None = None,
+) -> int:
+    """With ``--depth_source estimate``: write ``--estimated_disparity_name`` into every scene folder of the
+    splits used (:func:`used_scene_dirs`) that lacks it, before the datasets are built.
+
+    Call it on every rank (it is collective when a process group exists): rank 0's list of missing scenes
+    is shared, the ranks estimate disjoint shares of it (rank ``r`` takes every ``world_size``-th scene,
+    on ``--disparity_device`` or else ``device``), files are written atomically, and every rank returns
+    once all are written, or raises the same error. Without a process group (one rank) it just runs.
+
+    Returns:
+        The number of files this rank wrote (0 with ``--depth_source file``).
+
+    Raises:
+        DataError naming the file (a missing scene folder or view, a bad view) on the rank that met it,
+        and ``RuntimeError`` with that message on the other ranks; ``LightFieldError`` when a written
+        file is not visible to a rank (nodes without a shared filesystem: run
+        ``scripts/estimate_disparity.py`` on each node first).
+    """
+    if getattr(args, "depth_source", "file") != "estimate":
+        return 0
+    from utils.config import disparity_config
+    from utils.distributed import gather_objects
+
+    if not (dist.is_available() and dist.is_initialized()):
+        rank, world_size = 0, 1
+    out_name = args.estimated_disparity_name
+    scenes = used_scene_dirs(args, train, val)
+    # a collective before anyone writes: every rank gets rank 0's list, so the shares are consistent
+    todo = gather_objects(scenes_to_estimate(scenes, out_name))[0]
+    if show_progress:
+        print(
+            f"--depth_source estimate: {len(scenes) - len(todo)} of {len(scenes)} scenes have {out_name}; "
+            f"estimating {len(todo)} on {world_size} rank(s)",
+            flush=True,
+        )
+    written, error = 0, None
+    run_on = torch.device(args.disparity_device or device)
+    try:
+        written = estimate_scenes(
+            todo[rank::world_size],
+            out_name,
+            layout_from_args(args),
+            disparity_config(args),
+            device=str(run_on),
+            estimator=estimator,
+            progress=show_progress and bool(todo),
+        )
+    except Exception as exc:  # reported to every rank below, so none waits for the others forever
+        error = exc
+    # the barrier after writing; messages, not exceptions, travel (DataError does not unpickle)
+    reports = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, message) for r, message in enumerate(reports) if message is not None]
+    if failed:
+        raise RuntimeError(f"--depth_source estimate failed on rank {failed[0][0]}: {failed[0][1]}")
+    if written and run_on.type == "cuda":
+        torch.cuda.empty_cache()  # once, before the model's step: give the estimator's blocks back
+    for scene in todo:
+        if not (scene / out_name).is_file():
+            raise LightFieldError(
+                scene / out_name,
+                f"estimated disparity not found on rank {rank} after estimation; ranks on several nodes "
+                "need a shared filesystem, or run scripts/estimate_disparity.py on every node first",
+            )
+    return written
 
 
 def _tokens(tokenizer, config, args) -> TokenSpec:

@@ -8,26 +8,32 @@ atomically (temporary file + ``os.replace``), and scenes that already have ``<ou
 
     .venv/bin/python scripts/estimate_disparity.py --lf_root ./dataset_cache/lf/ref-urbanlf-syn
 
-Use the result for training or chat with ``--disparity_name 5_5_disparity_est.npy``.
+Use the result for training or chat with ``--disparity_name 5_5_disparity_est.npy``;
+``train_ds.py --depth_source estimate`` runs the same code (``dataset/disparity_cache.py``) itself for the
+scenes of its splits and reads these files.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataset.disparity_cache import (
+    DEFAULT_ESTIMATED_NAME,
+    check_cache_name,
+    estimate_scenes,
+    find_scenes,
+    scenes_to_estimate,
+    write_npy_atomic,
+)
 from dataset.errors import DataError
 from dataset.lightfield import LightFieldLayout
 from model.disparity import (
@@ -39,7 +45,7 @@ from model.disparity import (
 
 __all__ = ["disparity_for_scene", "find_scenes", "main", "parse_args", "write_npy_atomic"]
 
-DEFAULT_OUT_NAME = "5_5_disparity_est.npy"
+DEFAULT_OUT_NAME = DEFAULT_ESTIMATED_NAME
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -73,35 +79,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _scene_key(path: Path) -> tuple[int, int | str]:
-    match = re.search(r"(\d+)$", path.name)
-    return (0, int(match.group(1))) if match else (1, path.name)
-
-
-def find_scenes(lf_root: str | Path, pattern: str = "Image*") -> list[Path]:
-    """Scene folders matching ``pattern`` under ``lf_root``, in numeric order of their trailing id.
-
-    Raises ``FileNotFoundError`` when ``lf_root`` is not a folder.
-    """
-    root = Path(lf_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: --lf_root is not a folder")
-    return sorted((p for p in root.glob(pattern) if p.is_dir()), key=_scene_key)
-
-
-def write_npy_atomic(path: str | Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` as .npy via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npy.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _parse_center(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)_(\d+)\s*", text)
     if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
@@ -114,12 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if os.sep in args.out_name or not args.out_name.endswith(".npy"):
-        print(
-            f"error: --out_name must be a plain file name ending in .npy, got {args.out_name!r}",
-            file=sys.stderr,
-        )
-        return 2
     try:
         layout = LightFieldLayout(view_pattern=args.view_pattern, center=_parse_center(args.center))
         config = DisparityConfig(
@@ -129,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             views=args.views,
             **config_overrides(args.options),
         )
+        check_cache_name(args.out_name)
         scenes = find_scenes(args.lf_root, args.scene_glob)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -136,16 +108,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not scenes:
         print(f"error: no scene folders matching {args.scene_glob!r} under {args.lf_root}", file=sys.stderr)
         return 2
-    todo = [s for s in scenes if args.overwrite or not (s / args.out_name).exists()]
+    todo = scenes_to_estimate(scenes, args.out_name, overwrite=args.overwrite)
     skipped = len(scenes) - len(todo)
     start = time.perf_counter()
-    for scene in tqdm(todo, desc="disparity", unit="scene"):
-        try:
-            disparity = disparity_for_scene(scene, layout, config, device=args.device)
-        except DataError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        write_npy_atomic(scene / args.out_name, disparity)
+    try:
+        # the module-level name, so a stand-in estimator can be patched in here
+        estimate_scenes(
+            todo,
+            args.out_name,
+            layout,
+            config,
+            device=args.device,
+            estimator=disparity_for_scene,
+            progress=True,
+        )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - start
     rate = f", {len(todo) / elapsed:.3f} scenes/s" if todo and elapsed > 0 else ""
     print(f"wrote {len(todo)} {args.out_name} file(s), skipped {skipped} already done{rate}")

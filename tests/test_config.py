@@ -61,6 +61,11 @@ def test_no_eval_has_an_inverse():
     assert parse_args(["--no_eval", "--eval"]).no_eval is False
 
 
+def test_depth_source_defaults_to_the_disparity_file():
+    assert parse_args([]).depth_source == "file"
+    assert parse_args(["--depth_source", "estimate"]).depth_source == "estimate"
+
+
 def test_lisa_baseline_switches_reach_the_model_options():
     opts = model_options(parse_args(["--no_caam", "--no_depth", "--depth_range=-0.5,2"]))
     assert (opts.use_caam, opts.use_depth, opts.depth_range) == (False, False, (-0.5, 2.0))
@@ -75,6 +80,8 @@ def test_lisa_baseline_switches_reach_the_model_options():
         (["--depth_range", "1,-1"], "lo must be < hi"),
         (["--depth_range", "abc"], "expected 'lo,hi'"),
         (["--val_dataset", "ref-urbanlf-syn|val"], "ds|splitBy|split"),
+        (["--depth_source", "oavc"], "invalid choice: 'oavc'"),
+        (["--disparity_set", "views=none"], "bad view spec"),
     ],
 )
 def test_inconsistent_options_are_refused_with_a_message(argv, message, capsys):
@@ -92,6 +99,8 @@ def test_help_lists_reference_and_light_field_flags():
         "--caam_mode",
         "--eval_protocol",
         "--resume",
+        "--depth_source",
+        "--estimated_disparity_name",
     ):
         assert flag in text
 

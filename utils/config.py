@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from dataset.disparity_cache import DEFAULT_ESTIMATED_NAME, check_cache_name
+from dataset.single_scene import DEPTH_SOURCES
 from model.build import ModelOptions
+from model.disparity import DisparityConfig, config_overrides, view_set_offsets
 from model.trainable import TrainableOptions
 
 
@@ -98,6 +101,35 @@ def _lfllm_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--view_pattern", default="{row}_{col}.png")
     m.add_argument("--disparity_name", default="5_5_disparity.npy", help="e.g. 5_5_disparity_OAVC.npy")
 
+    e = p.add_argument_group(
+        "disparity source (ours)",
+        "--depth_source estimate: before the datasets are built, the built-in estimator (model/disparity.py) "
+        "writes --estimated_disparity_name into every scene folder of the splits the run uses that lacks it "
+        "(shared over the ranks, atomic files), and the datasets read that file instead of --disparity_name",
+    )
+    e.add_argument(
+        "--depth_source",
+        default="file",
+        choices=DEPTH_SOURCES,
+        help="file: read --disparity_name; estimate: the estimator's cached maps",
+    )
+    e.add_argument(
+        "--estimated_disparity_name",
+        default=DEFAULT_ESTIMATED_NAME,
+        help="cache file of --depth_source estimate in each scene folder (scripts/estimate_disparity.py's "
+        "--out_name); existing files are reused whatever settings wrote them",
+    )
+    e.add_argument(
+        "--disparity_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="estimator setting (a DisparityConfig field, e.g. d_max=3 or views=full); repeatable",
+    )
+    e.add_argument(
+        "--disparity_device", default="", help="device of the estimator; empty: the rank's own device"
+    )
+
     o = p.add_argument_group("run control (ours)")
     o.add_argument("--eval_protocol", default="teacher_forced", choices=["teacher_forced", "generated"])
     o.add_argument("--vis_save_path", default="", help="write overlay images of validation here")
@@ -140,7 +172,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.depth_range = (lo, hi)
     if len(args.val_dataset.split("|")) != 3:
         parser.error(f"--val_dataset {args.val_dataset!r}: expected 'ds|splitBy|split'")
+    try:
+        check_cache_name(args.estimated_disparity_name)
+        view_set_offsets(disparity_config(args).views)
+    except ValueError as exc:
+        parser.error(f"--estimated_disparity_name / --disparity_set: {exc}")
     return args
+
+
+def disparity_config(args: argparse.Namespace) -> DisparityConfig:
+    """Estimator settings of ``--depth_source estimate``: the defaults + ``--disparity_set`` overrides.
+
+    Raises ``ValueError`` naming a bad field or value."""
+    return DisparityConfig(**config_overrides(args.disparity_set))
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
