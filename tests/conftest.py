@@ -51,7 +51,15 @@ def tiny_model(tiny_base):
     return build_lfllm(tiny_base["llava"], tiny_base["sam"], ModelOptions())
 
 
-def model_batch(model, tokenizer, dataset_dir: Path, split: str = "train", n: int = 2, train: bool = True):
+def model_batch(
+    model,
+    tokenizer,
+    dataset_dir: Path,
+    split: str = "train",
+    n: int = 2,
+    train: bool = True,
+    model_max_length: int = 512,
+):
     """A collated batch of the first ``n`` scenes of ``split`` for ``model`` (the training data path)."""
     from dataset.collate import TokenSpec, collate_batch
     from dataset.lightfield import parse_views
@@ -67,6 +75,6 @@ def model_batch(model, tokenizer, dataset_dir: Path, split: str = "train", n: in
         mode="train" if train else "val",
         num_classes_per_sample=3,
     )
-    tokens = TokenSpec.from_tokenizer(tokenizer, cfg.image_seq_length, 512)
+    tokens = TokenSpec.from_tokenizer(tokenizer, cfg.image_seq_length, model_max_length)
     ds = ReferSegDataset(scenes, tokenizer, SampleSpec.from_model_config(cfg), tokens, train=train)
     return collate_batch([ds[i] for i in range(n)], tokenizer.pad_token_id)
