@@ -2,8 +2,8 @@
 
 ``encode_conversation`` turns rendered segments into ``input_ids`` / ``labels``: the ``<image>`` and
 ``<depth>`` placeholders are expanded to the real number of visual tokens (transformers 5's LLaVA does
-not expand them), only answer segments carry labels, and a prompt longer than ``model_max_length`` is
-refused when cutting it would drop a ``[SEG]``.
+not expand them), only answer segments carry labels, and a prompt longer than ``model_max_length`` (placeholders counted
+once, as in the reference) is refused when cutting it would drop a ``[SEG]``.
 """
 
 from __future__ import annotations
@@ -58,24 +58,30 @@ def encode_conversation(
 ) -> tuple[list[int], list[int]]:
     """Tokenise ``(text, is_answer)`` segments into (input_ids, labels), placeholders expanded.
 
-    Raises ``ValueError`` if the result exceeds ``spec.model_max_length`` at or before a ``[SEG]``.
+    ``spec.model_max_length`` bounds the prompt as the reference's tokenizer sees it: each ``<image>`` /
+    ``<depth>`` placeholder counts as one token (the reference expands them inside the model), so the same
+    ``--model_max_length 512`` fits a llava-1.5 prompt whose expanded length is 512 + 2 x 575. A prompt
+    longer than that is cut there, and refused with ``ValueError`` if the cut would drop a ``[SEG]``.
     """
-    ids: list[int] = [] if spec.bos_id is None else [spec.bos_id]
-    labels: list[int] = [IGNORE_INDEX] * len(ids)
-    expand = {spec.image_id: spec.num_image_tokens, spec.depth_id: spec.num_depth_tokens}
+    chunks: list[tuple[int, bool]] = [] if spec.bos_id is None else [(spec.bos_id, False)]
     for text, is_answer in segments:
-        for tid in tokenizer(text, add_special_tokens=False).input_ids:
-            n = expand.get(tid, 1)
-            ids.extend([tid] * n)
-            labels.extend([tid if is_answer and n == 1 else IGNORE_INDEX] * n)
-    if len(ids) > spec.model_max_length:
-        seg_positions = [i for i, t in enumerate(ids) if t == spec.seg_id]
+        chunks += [(tid, is_answer) for tid in tokenizer(text, add_special_tokens=False).input_ids]
+    if len(chunks) > spec.model_max_length:
+        seg_positions = [i for i, (t, _) in enumerate(chunks) if t == spec.seg_id]
         if not seg_positions or seg_positions[-1] >= spec.model_max_length:
             raise ValueError(
-                f"prompt of {len(ids)} tokens exceeds model_max_length={spec.model_max_length} and would be "
-                f"truncated past [SEG] (at {seg_positions}); raise --model_max_length or shorten the expression"
+                f"prompt of {len(chunks)} tokens (placeholders counted once) exceeds "
+                f"model_max_length={spec.model_max_length} and would be truncated past [SEG] "
+                f"(at {seg_positions}); raise --model_max_length or shorten the expression"
             )
-        ids, labels = ids[: spec.model_max_length], labels[: spec.model_max_length]
+        chunks = chunks[: spec.model_max_length]
+    expand = {spec.image_id: spec.num_image_tokens, spec.depth_id: spec.num_depth_tokens}
+    ids: list[int] = []
+    labels: list[int] = []
+    for tid, is_answer in chunks:
+        n = expand.get(tid, 1)
+        ids.extend([tid] * n)
+        labels.extend([tid if is_answer and n == 1 else IGNORE_INDEX] * n)
     return ids, labels
 
 

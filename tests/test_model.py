@@ -71,12 +71,24 @@ def test_placeholders_expand_and_labels_cover_answer_only(tiny_model):
     assert supervised[-1] == tok.eos_token_id
 
 
-def test_truncation_past_seg_is_refused(tiny_model):
+def test_model_max_length_counts_placeholders_once_and_refuses_cut_past_seg(tiny_model):
+    """As in the reference, --model_max_length bounds the prompt with <image>/<depth> counted as one token
+    each: a limit equal to that length keeps everything (expanded length = limit + 2 x (16 - 1)); a limit
+    that would cut the answer's [SEG] off is refused; one that keeps it cuts the rest."""
     _, tok = tiny_model
-    spec = TokenSpec.from_tokenizer(tok, num_visual_tokens=16, model_max_length=40)
     conv = build_turns(["the red vehicle"], use_depth=True, use_mm_start_end=False, pack=False)[0]
+    segments = render_segments("llava_v1", conv)
+    full, _ = encode_conversation(tok, segments, TokenSpec.from_tokenizer(tok, 16, 100_000))
+    text_len = len(full) - 2 * 15
+    ids, labels = encode_conversation(tok, segments, TokenSpec.from_tokenizer(tok, 16, text_len))
+    assert ids == full and len(labels) == len(ids)
+    last_seg = max(i for i, t in enumerate(full) if t == tok.convert_tokens_to_ids("[SEG]")) - 2 * 15
     with pytest.raises(ValueError, match=r"truncated past \[SEG\]"):
-        encode_conversation(tok, render_segments("llava_v1", conv), spec)
+        encode_conversation(tok, segments, TokenSpec.from_tokenizer(tok, 16, last_seg))
+    # a cut after the [SEG] (dropping only the closing tokens) is allowed and keeps [SEG]'s label
+    cut, cut_labels = encode_conversation(tok, segments, TokenSpec.from_tokenizer(tok, 16, last_seg + 1))
+    assert len(cut) == last_seg + 1 + 2 * 15 and cut[-1] == full[last_seg + 2 * 15]
+    assert cut_labels[-1] == cut[-1]
 
 
 def test_encoders_run_once_per_image(tiny_model, tiny_dataset):
