@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.scenes import split_datasets
-from model.presets import write_tiny_base
+from model.presets import SamPretrainOptions, train_split_objects, write_tiny_base
 
 
 def dataset_sentences(dataset_dir: str | Path, datasets: str) -> list[str]:
@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_dir", default="./dataset", help="root holding refer_seg/<ds>/<ds>.json")
     p.add_argument("--ds", default="ref-urbanlf-syn", help="dataset name(s), '||'-separated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sam_pretrain_steps",
+        type=int,
+        default=0,
+        help="pretrain the tiny SAM on train-split point prompts for N steps (stands in for SAM's own "
+        "pretraining; 0 = random SAM)",
+    )
+    p.add_argument("--sam_pretrain_lr", type=float, default=SamPretrainOptions.lr)
     return p
 
 
@@ -59,8 +67,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     """Entry point; returns ``{"llava": dir, "sam": path}``."""
     args = build_parser().parse_args(argv)
     corpus = dataset_sentences(args.dataset_dir, args.ds)
-    paths = write_tiny_base(args.out, corpus, seed=args.seed)
+    pretrain = SamPretrainOptions(steps=args.sam_pretrain_steps, lr=args.sam_pretrain_lr)
+    objects = train_split_objects(args.dataset_dir, args.ds) if pretrain.steps > 0 else None
+    paths = write_tiny_base(args.out, corpus, seed=args.seed, sam_objects=objects, sam_pretrain=pretrain)
     print(f"tokenizer trained on {len(corpus)} sentences")
+    if objects:
+        print(f"tiny SAM pretrained {pretrain.steps} steps on {len(objects)} train images")
     print(f"--version {paths['llava']} --vision_pretrained {paths['sam']}")
     return paths
 

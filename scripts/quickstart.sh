@@ -15,6 +15,7 @@ WIDTH=${WIDTH:-160}
 EPOCHS=${EPOCHS:-2}
 STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-250}
 LR=${LR:-1e-3}
+SAM_PRETRAIN_STEPS=${SAM_PRETRAIN_STEPS:-600}
 PY=.venv/bin/python
 export TOKENIZERS_PARALLELISM=false
 
@@ -33,9 +34,10 @@ if [ ! -f "$OUT/dataset/refer_seg/$DS/$DS.json" ]; then
     --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --seed 0 --workers 2
 fi
 
-stamp "2/5 tiny LLaVA + SAM base (random init, tokenizer trained on the corpus) -> $OUT/tiny_base"
+stamp "2/5 tiny LLaVA + SAM base (tokenizer trained on the corpus; SAM pretrained on train-split point prompts) -> $OUT/tiny_base"
 if [ ! -f "$OUT/tiny_base/sam_tiny.pth" ]; then
-  $PY scripts/make_tiny_base.py --out "$OUT/tiny_base" --dataset_dir "$OUT/dataset" --ds $DS
+  $PY scripts/make_tiny_base.py --out "$OUT/tiny_base" --dataset_dir "$OUT/dataset" --ds $DS \
+    --sam_pretrain_steps "$SAM_PRETRAIN_STEPS"
 fi
 
 stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM + depth on)"
