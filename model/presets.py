@@ -9,6 +9,7 @@ random init; real runs load them from the HF directories).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -302,7 +303,8 @@ def write_tiny_base(
 
     With ``sam_pretrain.steps > 0`` the tiny SAM is pretrained on ``sam_objects`` (train-split images and
     masks, see :func:`train_split_objects`) with :func:`pretrain_tiny_sam` before it is saved, so that it
-    plays the part of the pretrained SAM of the real stack. Returns the two paths. Deterministic for a
+    plays the part of the pretrained SAM of the real stack; its first/last losses and IoUs go to
+    ``out_dir/sam_pretrain.json``. Returns the two paths. Deterministic for a
     given corpus, objects, options, seed (and thread count, when pretraining).
     """
     out_dir = Path(out_dir)
@@ -328,7 +330,9 @@ def write_tiny_base(
     if sam_pretrain is not None and sam_pretrain.steps > 0:
         if not sam_objects:
             raise ValueError("SAM pretraining needs train-split objects (see train_split_objects)")
-        pretrain_tiny_sam(sam, sam_objects, sam_pretrain, seed=seed)
+        result = pretrain_tiny_sam(sam, sam_objects, sam_pretrain, seed=seed)
+        record = {"options": vars(sam_pretrain), "images": len(sam_objects), **result}
+        (out_dir / "sam_pretrain.json").write_text(json.dumps(record, indent=2))
     sam_path = out_dir / "sam_tiny.pth"
     torch.save(sam.state_dict(), sam_path)
     return {"llava": llava_dir, "sam": sam_path}

@@ -72,7 +72,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     paths = write_tiny_base(args.out, corpus, seed=args.seed, sam_objects=objects, sam_pretrain=pretrain)
     print(f"tokenizer trained on {len(corpus)} sentences")
     if objects:
-        print(f"tiny SAM pretrained {pretrain.steps} steps on {len(objects)} train images")
+        done = json.loads((Path(args.out) / "sam_pretrain.json").read_text())
+        print(
+            f"tiny SAM pretrained {pretrain.steps} steps on {len(objects)} train images: point-prompt loss "
+            f"{done['first_loss']:.3f} -> {done['loss']:.3f}, train mask IoU {done['first_iou']:.3f} -> "
+            f"{done['iou']:.3f}"
+        )
     print(f"--version {paths['llava']} --vision_pretrained {paths['sam']}")
     return paths
 

@@ -82,6 +82,8 @@ def test_make_tiny_base_cli_pretrains_sam(tiny_dataset, tiny_base, tmp_path, cap
     ]
     paths = make.main(argv)
     assert "tiny SAM pretrained 3 steps on" in capsys.readouterr().out
+    record = json.loads((out / "sam_pretrain.json").read_text())
+    assert record["options"]["steps"] == 3 and record["images"] > 0 and record["loss"] > 0
     pretrained = torch.load(paths["sam"], weights_only=True)
     random = torch.load(tiny_base["sam"], weights_only=True)  # same seed, no pretraining
     assert pretrained.keys() == random.keys()
