@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, else fp32"
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--conv_type", default="llava_v1", choices=["llava_v1", "llava_llama_2"])
+    p.add_argument(
+        "--conv_type",
+        default=None,
+        choices=["llava_v1", "llava_llama_2"],
+        help="default: the one recorded in the merged model's merge_info.json, else llava_v1",
+    )
     p.add_argument("--model_max_length", type=int, default=512)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--view_pattern", default="{row}_{col}.png")
@@ -69,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def recorded_conv_type(version: str | Path) -> str | None:
+    """The ``conv_type`` a merged model was trained with (its ``merge_info.json``), if recorded."""
+    info = Path(version) / "merge_info.json"
+    if not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text()).get("conv_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{info}: not a JSON object ({exc})") from exc
+
+
 class Segmenter:
     """A loaded model + the training-time sample pipeline, answering (scene, expressions) queries."""
 
@@ -79,7 +95,8 @@ class Segmenter:
         self.model = model.to(device).eval()
         self.tokenizer, self.device, self.max_new_tokens = tokenizer, device, args.max_new_tokens
         config = model.config
-        self.spec = SampleSpec.from_model_config(config, args.conv_type)
+        self.conv_type = args.conv_type or recorded_conv_type(args.version) or "llava_v1"
+        self.spec = SampleSpec.from_model_config(config, self.conv_type)
         self.tokens = TokenSpec.from_tokenizer(tokenizer, config.image_seq_length, args.model_max_length)
         self.layout = LightFieldLayout(view_pattern=args.view_pattern, disparity_name=args.disparity_name)
         caam = self.spec.caam_clip or self.spec.caam_sam

@@ -179,3 +179,26 @@ def test_base_llava_dir_needs_sam(tiny_base, tiny_dataset, tmp_path, capsys):
     assert "--vision_pretrained" in capsys.readouterr().err
     assert chat.main([*argv, "--vision_pretrained", str(tiny_base["sam"]), "--name", "base"]) == 0
     _read_mask(tmp_path / "base_mask.png")
+
+
+def test_conv_type_comes_from_merge_info_unless_given(merged, segmenter, tmp_path):
+    assert json.loads((merged / "merge_info.json").read_text())["conv_type"] == "llava_v1"
+    assert segmenter.conv_type == "llava_v1"
+    info = tmp_path / "merge_info.json"
+    assert chat.recorded_conv_type(tmp_path) is None  # not a merged model: the CLI default applies
+    info.write_text(json.dumps({"conv_type": "llava_llama_2"}))
+    assert chat.recorded_conv_type(tmp_path) == "llava_llama_2"
+    info.write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"merge_info\.json: not a JSON object"):
+        chat.recorded_conv_type(tmp_path)
+    # a recorded llama_2 template is used when --conv_type is not given, and the flag still wins
+    shutil.copy(merged / "merge_info.json", tmp_path / "keep.json")
+    recorded = json.loads((merged / "merge_info.json").read_text()) | {"conv_type": "llava_llama_2"}
+    (merged / "merge_info.json").write_text(json.dumps(recorded))
+    try:
+        args = ["--version", str(merged), "--max_new_tokens", "1"]
+        assert chat.Segmenter(chat.build_parser().parse_args(args)).conv_type == "llava_llama_2"
+        flagged = chat.Segmenter(chat.build_parser().parse_args([*args, "--conv_type", "llava_v1"]))
+        assert flagged.conv_type == "llava_v1" and flagged.spec.conv_type == "llava_v1"
+    finally:
+        shutil.copy(tmp_path / "keep.json", merged / "merge_info.json")
