@@ -44,6 +44,7 @@ share the sampling grids.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -215,6 +216,38 @@ def config_overrides(items: Sequence[str]) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f"bad option {item!r}: {key} expects {kind}") from None
     return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The estimator's command-line options (``--views``, ``--d_min``, ``--d_max``, ``--num_planes`` and a
+    repeatable ``--set KEY=VALUE`` for any other field), defaults from :class:`DisparityConfig`."""
+    d = DEFAULT_DISPARITY_CONFIG
+    parser.add_argument("--d_min", type=float, default=d.d_min, help="smallest swept disparity (px)")
+    parser.add_argument("--d_max", type=float, default=d.d_max, help="largest swept disparity (px)")
+    parser.add_argument("--num_planes", type=int, default=d.num_planes, help="planes in [d_min, d_max]")
+    parser.add_argument(
+        "--views", default=d.views, help="view set: cross | full | 4 | 8 | cross2 | '5_1,5_9,...'"
+    )
+    parser.add_argument(
+        "--set",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other DisparityConfig field, e.g. --set tau_color=0.02 (repeatable)",
+    )
+
+
+def config_from_arguments(args: argparse.Namespace) -> DisparityConfig:
+    """The :class:`DisparityConfig` of options added by :func:`add_config_arguments`. Raises ``ValueError``
+    (or ``TypeError``) naming a bad field or value."""
+    return DisparityConfig(
+        d_min=args.d_min,
+        d_max=args.d_max,
+        num_planes=args.num_planes,
+        views=args.views,
+        **config_overrides(args.options),
+    )
 
 
 def plane_disparities(config: DisparityConfig, device: torch.device | str = "cpu") -> Tensor:

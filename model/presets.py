@@ -36,6 +36,7 @@ from dataset.transforms import sam_geometry
 from model.losses import mask_losses
 from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, sam_config
 from utils.conversation import SYSTEM_PROMPT
+from utils.metrics import mask_iou_stats
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ def pretrain_tiny_sam(
         opt.step()
         sched.step()
         with torch.no_grad():
-            inter, union = zip(*(mask_iou_parts(p, g) for p, g in zip(preds, gts)))
+            inter, union = zip(*(mask_iou_stats(p, g) for p, g in zip(preds, gts)))
             iou = float((torch.cat(inter) / torch.cat(union).clamp(min=1)).mean())
         log.append((loss.item(), iou))
     sam.eval()
@@ -284,12 +285,6 @@ def pretrain_tiny_sam(
         "loss": sum(v[0] for v in tail) / len(tail),
         "iou": sum(v[1] for v in tail) / len(tail),
     }
-
-
-def mask_iou_parts(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-mask foreground intersection and union of logits (> 0) against {0, 1} masks."""
-    pred, target = logits > 0, gt > 0.5
-    return (pred & target).flatten(1).sum(1).float(), (pred | target).flatten(1).sum(1).float()
 
 
 def write_tiny_base(

@@ -37,9 +37,8 @@ from dataset.disparity_cache import (
 from dataset.errors import DataError
 from dataset.lightfield import LightFieldLayout
 from model.disparity import (
-    DEFAULT_DISPARITY_CONFIG,
-    DisparityConfig,
-    config_overrides,
+    add_config_arguments,
+    config_from_arguments,
     disparity_for_scene,
 )
 
@@ -50,7 +49,6 @@ DEFAULT_OUT_NAME = DEFAULT_ESTIMATED_NAME
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; estimator defaults come from :class:`DisparityConfig`."""
-    d = DEFAULT_DISPARITY_CONFIG
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -59,20 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--view_pattern", default="{row}_{col}.png", help="view file names, str.format")
     parser.add_argument("--center", default="5_5", help="centre view <row>_<col> (1-based)")
     parser.add_argument("--scene_glob", default="Image*", help="scene folder names under --lf_root")
-    parser.add_argument("--d_min", type=float, default=d.d_min, help="smallest swept disparity (px)")
-    parser.add_argument("--d_max", type=float, default=d.d_max, help="largest swept disparity (px)")
-    parser.add_argument("--num_planes", type=int, default=d.num_planes, help="planes in [d_min, d_max]")
-    parser.add_argument(
-        "--views", default=d.views, help="view set: cross | full | 4 | 8 | cross2 | '5_1,5_9,...'"
-    )
-    parser.add_argument(
-        "--set",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other DisparityConfig field, e.g. --set tau_color=0.02 (repeatable)",
-    )
+    add_config_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--overwrite", action="store_true", help="recompute scenes that have --out_name")
@@ -93,13 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         layout = LightFieldLayout(view_pattern=args.view_pattern, center=_parse_center(args.center))
-        config = DisparityConfig(
-            d_min=args.d_min,
-            d_max=args.d_max,
-            num_planes=args.num_planes,
-            views=args.views,
-            **config_overrides(args.options),
-        )
+        config = config_from_arguments(args)
         check_cache_name(args.out_name)
         scenes = find_scenes(args.lf_root, args.scene_glob)
     except (ValueError, FileNotFoundError) as exc:

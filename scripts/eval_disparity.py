@@ -42,10 +42,10 @@ from dataset.lightfield import (
     read_disparity,
 )
 from model.disparity import (
-    DEFAULT_DISPARITY_CONFIG,
     DisparityConfig,
+    add_config_arguments,
     block_matching_baseline,
-    config_overrides,
+    config_from_arguments,
     estimate_disparity,
     view_set_offsets,
 )
@@ -55,7 +55,6 @@ __all__ = ["disparity_metrics", "evaluate", "main", "parse_args"]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    d = DEFAULT_DISPARITY_CONFIG
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -68,23 +67,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--border", type=int, default=15, help="pixels cropped on every side")
     parser.add_argument("--threshold", type=float, default=0.07, help="BadPix threshold (px)")
-    parser.add_argument(
-        "--views", default=d.views, help="our view set (cross | full | 4 | 8 | cross2 | list)"
-    )
-    parser.add_argument("--d_min", type=float, default=d.d_min)
-    parser.add_argument("--d_max", type=float, default=d.d_max)
-    parser.add_argument("--num_planes", type=int, default=d.num_planes)
+    add_config_arguments(parser)  # our estimator's --views/--d_min/--d_max/--num_planes/--set
     parser.add_argument("--bm_window", type=int, default=9, help="baseline SAD window (odd)")
     parser.add_argument("--bm_view", default="5_6", help="the baseline's second view (<row>_<col>)")
     parser.add_argument("--extra_name", action="append", default=[], help="also score this precomputed map")
-    parser.add_argument(
-        "--set",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other DisparityConfig field, e.g. --set tau_color=0.02 (repeatable)",
-    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--json", default=None, help="write per-scene and mean results here")
@@ -218,13 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.generate:
         _generate(args, root)
     try:
-        config = DisparityConfig(
-            d_min=args.d_min,
-            d_max=args.d_max,
-            num_planes=args.num_planes,
-            views=args.views,
-            **config_overrides(args.options),
-        )
+        config = config_from_arguments(args)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Run the test with one torch CPU thread (timing- and thread-count-independent results), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A small synthetic light-field dataset (9x9 views, 64x96) with train and val scenes."""

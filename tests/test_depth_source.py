@@ -27,12 +27,7 @@ FAST = ["--disparity_set", "views=4", "--disparity_set", "num_planes=16"]  # 64x
 EST = "5_5_disparity_est.npy"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

@@ -34,12 +34,7 @@ CROSS = view_set_offsets("cross")  # 16 neighbours of the 9x9 grid
 FAST = DisparityConfig(num_planes=31)  # 0.1 px planes: exercises the sub-pixel refinement
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def texture(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:

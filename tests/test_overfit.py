@@ -14,6 +14,7 @@ import torch
 from model.build import build_lfllm
 from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import model_batch
+from utils.metrics import mask_iou_stats
 
 MAX_STEPS = 300  # fp32 passes at step 150, bf16 at 160 (2 CPU threads: ~20 s and ~35 s)
 CHECK_EVERY = 10
@@ -28,10 +29,8 @@ def batch_mask_iou(model, batch: dict) -> float:
     model.train()
     ious = []
     for pred, gt in zip(preds, batch["gt_masks"]):
-        p, g = pred.float() > 0, gt > 0.5
-        inter = (p & g).flatten(1).sum(1)
-        union = (p | g).flatten(1).sum(1).clamp(min=1)
-        ious += (inter / union).tolist()
+        inter, union = mask_iou_stats(pred.float(), gt)
+        ious += (inter / union.clamp(min=1)).tolist()
     return sum(ious) / len(ious)
 
 
