@@ -151,8 +151,13 @@ def build_lfllm(
     """
     tokenizer = load_tokenizer(version)
     if AutoConfig.from_pretrained(version).model_type == "lfllm":
-        model = LFLLMForCausalLM.from_pretrained(version, dtype=torch.float32)
-        return cast_model(model, dtype), tokenizer
+        # Loaded straight in ``dtype`` (no float32 copy first); the prompt encoder stays float32 and exact
+        # through ``_keep_in_fp32_modules_strict``.
+        model = LFLLMForCausalLM.from_pretrained(version, dtype=dtype)
+        odd = {str(t.dtype) for t in model.sam.prompt_encoder.state_dict().values()} - {"torch.float32"}
+        if odd:
+            raise RuntimeError(f"{version}: SAM's prompt encoder loaded as {odd}, expected float32")
+        return model, tokenizer
     if vision_pretrained is None:
         raise ValueError(f"{version} is a LLaVA directory: pass the SAM checkpoint with --vision_pretrained")
     options = options or ModelOptions()

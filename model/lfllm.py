@@ -13,6 +13,8 @@ S the CLIP input size, T the SAM input size, g = T / 16 the SAM embedding grid.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -72,6 +74,9 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
     """LLaVA with SAM, the ``[SEG]`` projector, CAAM and the depth path (see the module docstring)."""
 
     config_class = LFLLMConfig
+    # SAM's prompt encoder stays float32 when the rest loads in bf16/fp16 (its Fourier features fail in
+    # bf16): a merged model then loads directly in its dtype, one copy in memory.
+    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["sam.prompt_encoder"]
 
     def __init__(self, config: LFLLMConfig) -> None:
         super().__init__(config)

@@ -125,6 +125,20 @@ def test_build_from_merged_keeps_trained_heads(trained, merged_dir):
     assert tokenizer.convert_tokens_to_ids("[SEG]") == model.config.seg_token_id
 
 
+def test_merged_loads_directly_in_bf16_with_exact_fp32_prompt_encoder(merged_dir):
+    full, _ = build_lfllm(merged_dir)
+    half, _ = build_lfllm(merged_dir, dtype=torch.bfloat16)
+    want, got = full.state_dict(), half.state_dict()
+    assert want.keys() == got.keys()
+    for key, value in got.items():
+        if key.startswith("sam.prompt_encoder."):
+            assert value.dtype == torch.float32 and torch.equal(value, want[key]), key
+        elif value.is_floating_point():
+            assert value.dtype == torch.bfloat16, key
+            assert torch.equal(value, want[key].to(torch.bfloat16)), key
+    assert half.sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
+
+
 @pytest.fixture()
 def single_process_group(monkeypatch):
     """torch.distributed (gloo) with one CPU rank, as the deepspeed launcher would set it up."""
