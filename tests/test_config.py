@@ -81,7 +81,13 @@ def test_lisa_baseline_switches_reach_the_model_options():
         (["--depth_range", "abc"], "expected 'lo,hi'"),
         (["--val_dataset", "ref-urbanlf-syn|val"], "ds|splitBy|split"),
         (["--depth_source", "oavc"], "invalid choice: 'oavc'"),
+        (["--estimated_disparity_name", "sub/d.npy"], "plain file name ending in .npy"),
+        (["--estimated_disparity_name", "d.png"], "plain file name ending in .npy"),
         (["--disparity_set", "views=none"], "bad view spec"),
+        (["--disparity_set", "views=7_7_7"], "bad view spec"),
+        (["--disparity_set", "no_such_field=1"], "no_such_field"),
+        (["--disparity_set", "num_planes=many"], "num_planes expects int"),
+        (["--disparity_set", "d_min=3"], "d_min < d_max"),
     ],
 )
 def test_inconsistent_options_are_refused_with_a_message(argv, message, capsys):

@@ -55,7 +55,7 @@ class Counting:
         return disparity_for_scene(scene_dir, layout, config, device=device)
 
 
-def test_depth_source_flags_parse_both_ways_and_reject_bad_values(capsys):
+def test_depth_source_flags_parse_both_ways():
     default = parse_args([])
     assert (default.depth_source, default.estimated_disparity_name) == ("file", EST)
     assert (default.disparity_set, default.disparity_device) == ([], "")
@@ -67,18 +67,6 @@ def test_depth_source_flags_parse_both_ways_and_reject_bad_values(capsys):
     named = parse_args(["--depth_source", "estimate", "--estimated_disparity_name", "d_est.npy"])
     assert layout_from_args(named).disparity_name == "d_est.npy"
     assert parse_args(["--depth_source", "estimate", "--depth_source", "file"]).depth_source == "file"
-    for argv, message in [
-        (["--depth_source", "guess"], "invalid choice: 'guess'"),
-        (["--estimated_disparity_name", "sub/d.npy"], "plain file name ending in .npy"),
-        (["--estimated_disparity_name", "d.png"], "plain file name ending in .npy"),
-        (["--disparity_set", "no_such_field=1"], "no_such_field"),
-        (["--disparity_set", "num_planes=many"], "num_planes expects int"),
-        (["--disparity_set", "views=7_7_7"], "bad view spec"),
-        (["--disparity_set", "d_min=3"], "d_min < d_max"),
-    ]:
-        with pytest.raises(SystemExit):
-            parse_args(argv)
-        assert message in capsys.readouterr().err, argv
 
 
 def test_file_source_estimates_nothing(data):
