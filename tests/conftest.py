@@ -3,14 +3,32 @@ once per session, loaded through the same code as the real weights."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 TINY_DS = "ref-urbanlf-syn"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (scripts are not a package), imported once per session.
+
+    Registered in ``sys.modules`` before it runs, because dataclasses look their module up there.
+    """
+    key = f"_lfllm_script_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,6 @@ vocabulary everywhere, new token rows vs full embedding training, gradient check
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import socket
 import sys
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from model.build import build_lfllm
 from model.losses import dice_per_mask
 from model.trainable import TrainableOptions, make_trainable
-from tests.conftest import model_batch
+from tests.conftest import load_script, model_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_IMAGE_KEYS = (
@@ -34,17 +33,7 @@ PER_IMAGE_KEYS = (
 )
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_train_step", ROOT / "scripts" / "bench_train_step.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("bench_train_step")
 
 
 @pytest.fixture()

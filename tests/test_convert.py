@@ -3,7 +3,6 @@ converts to an HF LLaVA directory with the same logits, which build_lfllm accept
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,19 +13,9 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from model.build import build_lfllm
+from tests.conftest import load_script
 
-
-def _load_script(name: str):
-    """A module of ``scripts/`` (not a package) by file path."""
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = _load_script("convert_llava_to_hf")
+convert = load_script("convert_llava_to_hf")
 
 TO_ORIGINAL = (
     ("model.language_model.", "model."),
@@ -185,7 +174,7 @@ def test_unsupported_projector_and_unknown_keys_are_named(base, clip_dir, tmp_pa
 
 
 def test_make_tiny_base_cli_from_dataset_dir(tiny_dataset, tiny_base, tmp_path, capsys):
-    make = _load_script("make_tiny_base")
+    make = load_script("make_tiny_base")
     out = tmp_path / "tiny_base"
     paths = make.main(["--out", str(out), "--dataset_dir", str(tiny_dataset), "--ds", "ref-urbanlf-syn"])
     assert paths == {"llava": out / "llava", "sam": out / "sam_tiny.pth"}
@@ -198,7 +187,7 @@ def test_make_tiny_base_cli_from_dataset_dir(tiny_dataset, tiny_base, tmp_path, 
 
 
 def test_make_tiny_base_names_missing_json(tmp_path):
-    make = _load_script("make_tiny_base")
+    make = load_script("make_tiny_base")
     with pytest.raises(
         FileNotFoundError, match=r"refer_seg/nope/nope\.json: referring-expression JSON not found"
     ):

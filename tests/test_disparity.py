@@ -6,10 +6,8 @@ centre-view point ``(x + d*dcol, y + d*drow)`` of the front-most layer. Sizes ar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import cv2
@@ -28,6 +26,7 @@ from model.disparity import (
     estimate_disparity,
     view_set_offsets,
 )
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CROSS = view_set_offsets("cross")  # 16 neighbours of the 9x9 grid
@@ -253,14 +252,6 @@ def test_file_input_errors_name_the_file(tmp_path: Path) -> None:
         disparity_for_scene(_write_scene(tmp_path / "noview", skip={"3_1.png"}), layout, cfg)
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_lfllm_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_lf(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("disp_data")
@@ -269,7 +260,7 @@ def tiny_lf(tmp_path_factory) -> Path:
 
 
 def test_estimate_script_writes_and_skips(tiny_lf: Path, monkeypatch, capsys) -> None:
-    script = _load_script("estimate_disparity")
+    script = load_script("estimate_disparity")
     lf_root = tiny_lf / "lf" / "ref-urbanlf-syn"
     common = ["--lf_root", str(lf_root), "--views", "4", "--num_planes", "16", "--threads", "1"]
     assert script.main(common) == 0
@@ -305,7 +296,7 @@ def test_estimate_script_writes_and_skips(tiny_lf: Path, monkeypatch, capsys) ->
 
 
 def test_eval_script_scores_ours_and_baseline(tiny_lf: Path, tmp_path: Path, capsys) -> None:
-    script = _load_script("eval_disparity")
+    script = load_script("eval_disparity")
     out = tmp_path / "eval.json"
     argv = ["--dataset_dir", str(tiny_lf), "--ds", "ref-urbanlf-syn", "--border", "4", "--threads", "1"]
     assert script.main([*argv, "--views", "4", "--set", "median=3", "--json", str(out)]) == 0

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib.util
 import re
-import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -47,7 +45,7 @@ from model.losses import mask_losses
 from model.presets import Preset, get_preset, llava_config
 from model.sam import build_sam, load_sam, sam_config
 from model.trainable import TrainableOptions, lora_target_regex, make_trainable
-from tests.conftest import model_batch
+from tests.conftest import load_script, model_batch
 
 pytestmark = pytest.mark.slow
 
@@ -174,16 +172,6 @@ def build_on_meta(version: Path, sam_path: Path | None = None, options: ModelOpt
 def _preset_336(name: str) -> Preset:
     base = get_preset(name)
     return replace(base, vision={**base.vision, "image_size": 336})
-
-
-def _load_bench():
-    name = "bench_train_step"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "bench_train_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +477,7 @@ def test_default_model_max_length_fits_a_full_size_prompt(cli, model_7b, tiny_da
 def test_bench_presets_build_on_meta_as_build_lfllm_would(name, total, trainable, tmp_path):
     """The benchmark's ``7b`` / ``13b`` presets (CLIP at 224 px) build on the meta device, and the config
     the benchmark makes (``random_config``) is the one build_lfllm makes from such an HF directory."""
-    bench = _load_bench()
+    bench = load_script("bench_train_step")
     preset = get_preset(name)
     assert preset.vision["image_size"] == 224 and preset.sam_variant == "vit_h"
     model, _ = build_on_meta(write_llava_dir(tmp_path / name, preset))

@@ -6,7 +6,6 @@ Sizes are tiny (64x96) so the whole file runs in seconds on 2 cores."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -14,7 +13,6 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import cv2
 import numpy as np
@@ -33,6 +31,7 @@ from dataset.synthetic import (
     scene_records,
     write_dataset,
 )
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -49,14 +48,6 @@ NEIGHBOURS: dict[tuple[int, int], tuple[int, int]] = {
 }
 OCCLUSION_TAGS = ("no-o", "o-1", "o-2", "o-3")
 DEPTH_TAGS = ("closest", "distance", "behind", "front", "near")
-
-
-def _load_script(name: str) -> ModuleType:
-    """Import ``scripts/<name>.py`` (scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -557,7 +548,7 @@ def test_write_is_deterministic_per_seed(tmp_path: Path, capsys) -> None:
     assert len(a) == 3 * (81 + 1) + 2
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
-    cli = _load_script("make_synthetic_data")
+    cli = load_script("make_synthetic_data")
     argv = ["--dataset_dir", str(tmp_path / "c"), "--height", "48", "--width", "64"]
     argv += ["--num_train", "2", "--num_val", "1", "--seed", "5"]
     summary = cli.main(argv)
@@ -573,7 +564,7 @@ def test_write_is_deterministic_per_seed(tmp_path: Path, capsys) -> None:
 
 
 def test_cli_names_overwrite_and_bad_values(tmp_path: Path) -> None:
-    cli = _load_script("make_synthetic_data")
+    cli = load_script("make_synthetic_data")
     argv = ["--dataset_dir", str(tmp_path), "--height", "48", "--width", "64", "--angular", "3"]
     argv += [
         "--num_train",
@@ -647,7 +638,7 @@ def test_same_looking_bridge_pair_terminates(time_limit: Callable[[float], objec
 
 
 def test_bench_data_runs_on_tiny_dataset(written: Path, capsys) -> None:
-    bench = _load_script("bench_data")
+    bench = load_script("bench_data")
     rows = bench.main(["--dataset_dir", str(written), "--workers", "0,1", "--samples", "3"])
     assert [r["workers"] for r in rows] == [0, 1]
     assert all(r["items_per_s"] > 0 and r["first_item_s"] >= 0 for r in rows)

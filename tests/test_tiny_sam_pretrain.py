@@ -4,6 +4,7 @@ train-split data only, a loss that falls, deterministic, and reachable from scri
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,8 +12,7 @@ import torch
 
 from model.presets import SamPretrainOptions, pretrain_tiny_sam, train_split_objects
 from model.sam import build_sam, sam_config
-from tests.conftest import TINY_DS
-from tests.test_convert import _load_script
+from tests.conftest import TINY_DS, load_script
 
 
 def _refs(root):
@@ -35,8 +35,6 @@ def test_objects_come_from_train_images_only(tiny_dataset):
 
 
 def test_no_train_image_is_an_error(tiny_dataset, tmp_path):
-    import shutil
-
     root = tmp_path / "d"
     shutil.copytree(tiny_dataset, root)
     path = root / "refer_seg" / TINY_DS / f"{TINY_DS}.json"
@@ -68,7 +66,7 @@ def test_pretraining_is_deterministic(tiny_dataset):
 
 
 def test_make_tiny_base_cli_pretrains_sam(tiny_dataset, tiny_base, tmp_path, capsys):
-    make = _load_script("make_tiny_base")
+    make = load_script("make_tiny_base")
     out = tmp_path / "b"
     argv = [
         "--out",
