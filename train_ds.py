@@ -24,21 +24,25 @@ from pathlib import Path
 
 import torch
 
-from dataset.loaders import build_train_loader, build_val_loader, prepare_estimated_disparity, val_scenes
 from dataset.refer_seg import SampleSpec
-from model.build import build_lfllm
-from model.trainable import make_trainable, unwrap
-from utils.baselines import baseline_metrics, summary_line
-from utils.checkpoint import atomic_write_text
-from utils.config import model_options, parse_args, trainable_options
+from model.build import DTYPES, build_lfllm
+from model.options import ModelOptions
+from model.trainable import unwrap
+from training.baselines import baseline_metrics, summary_line
+from training.checkpoint import atomic_write_text
+from training.config import given_fields, model_options, parse_args, trainable_options
+from training.engine import build_engine
+from training.evaluate import evaluate
+from training.loaders import build_train_loader, build_val_loader, prepare_estimated_disparity, val_scenes
+from training.run_log import RunLogger
+from training.trainer import Trainer
 from utils.distributed import DistInfo, init_distributed
-from utils.ds_config import deepspeed_config
-from utils.evaluate import evaluate
 from utils.metrics import SegMetrics
-from utils.run_log import RunLogger
-from utils.trainer import Trainer
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """The model options (and ``vision_pretrained``) set on the command line: checked against the weights."""
+    return given_fields(ModelOptions, args) | ({"vision_pretrained"} & set(args.given))
 
 
 def _report(
@@ -88,7 +92,7 @@ def run_eval_only(
     """Evaluate ``--version`` (a merged LFLLM dir, or a LLaVA dir + SAM) on ``--val_dataset``."""
     torch.manual_seed(args.seed)  # a LLaVA dir gets fresh [SEG] heads: the same on every rank and run
     model, tokenizer = build_lfllm(
-        args.version, args.vision_pretrained, model_options(args), DTYPES[args.precision]
+        args.version, args.vision_pretrained, model_options(args), DTYPES[args.precision], given=_given(args)
     )
     model.to(dist_info.device)
     prepare_disparity(args, model.config, dist_info, train=False)
@@ -112,27 +116,13 @@ def run_eval_only(
 
 def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, logger: RunLogger) -> Trainer:
     """Build the model, wrap it with peft and DeepSpeed, train, and evaluate at every epoch end."""
-    import deepspeed
-
     torch.manual_seed(args.seed)
     m_opts, t_opts = model_options(args), trainable_options(args)
-    model, tokenizer = build_lfllm(args.version, args.vision_pretrained, m_opts, DTYPES[args.precision])
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = make_trainable(model, t_opts)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ds_config = deepspeed_config(args, on_cpu=dist_info.device.type == "cpu", trainable_numel=n_trainable)
-    logger.write_run_files(args, ds_config)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
+    model, tokenizer = build_lfllm(
+        args.version, args.vision_pretrained, m_opts, DTYPES[args.precision], given=_given(args)
     )
-    # DeepSpeed casts the whole module to bf16/fp16; SAM's prompt encoder (frozen) must stay float32.
-    unwrap(engine.module).sam.prompt_encoder.float()
-    # from_pretrained returns eval mode: without this, LoRA dropout and gradient checkpointing are off.
-    engine.train()
+    engine, ds_config = build_engine(model, args, t_opts, on_cpu=dist_info.device.type == "cpu")
+    logger.write_run_files(args, ds_config)
     config = unwrap(engine.module).config
     prepare_disparity(args, config, dist_info, train=True)
     train_loader, sampler = build_train_loader(args, config, tokenizer, dist_info.rank)

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dataset.prompts import DEPTH_TOKEN, IMAGE_TOKEN, SEG_TOKEN
-
-IGNORE_INDEX = -100
+from utils.batch import META_KEYS, STACKED_KEYS, Batch
+from utils.tokens import DEPTH_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, SEG_TOKEN
 
 
 @dataclass(frozen=True)
@@ -85,19 +84,17 @@ def encode_conversation(
     return ids, labels
 
 
-_STACKED = ("clip_center", "clip_views", "clip_disparity", "sam_center", "sam_views", "sam_disparity")
-
-
-def collate_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Batch model-ready samples (see ``dataset.refer_seg.ReferSegDataset``).
+def collate_batch(samples: list[dict[str, Any]], pad_id: int) -> Batch:
+    """Batch model-ready samples (see ``dataset.refer_seg.ReferSegDataset``) into a
+    :class:`utils.batch.Batch` (its docstring has every key's shape).
 
     Images are stacked (B, ...), conversations of all images padded right into ``input_ids`` /
     ``labels`` / ``attention_mask`` (N, L) with ``conv_image`` (N,) naming each one's image. Masks stay a
     list (their sizes differ): ``gt_masks[i]`` (k_i, H_i, W_i) float, in the ``[SEG]`` order of image i;
     ``gt_masks`` is absent when the samples carry no masks (``masks=None``: prediction only, e.g. chat).
     """
-    batch: dict[str, Any] = {}
-    for key in _STACKED:
+    batch: Batch = {}
+    for key in STACKED_KEYS:
         values = [s.get(key) for s in samples]
         if all(v is not None for v in values):
             batch[key] = torch.stack([torch.as_tensor(v) for v in values])
@@ -127,14 +124,14 @@ def collate_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         batch["gt_masks"] = [torch.as_tensor(m).float() for m in masks]
     elif any(m is not None for m in masks):
         raise ValueError("masks are present in some samples of the batch but not in others")
-    for key in ("image_id", "ds", "sentences", "subsets", "scene_dir", "center_path"):
+    for key in META_KEYS:
         batch[key] = [s[key] for s in samples]
     return batch
 
 
-def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def move_batch(batch: Batch, device: torch.device) -> Batch:
     """Tensors (and lists of tensors) to ``device``; everything else as is."""
-    out: dict[str, Any] = {}
+    out: Batch = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             out[key] = value.to(device, non_blocking=True)

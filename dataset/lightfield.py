@@ -16,7 +16,6 @@ from the centre, so ``5_4`` (left of the centre) is ``(0, -1)`` and ``4_5`` (abo
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,21 +23,20 @@ import cv2
 import numpy as np
 
 from dataset.errors import LightFieldError
+from dataset.options import DEFAULT_DATA_OPTIONS
+from utils.views import NEIGHBOURHOODS, Offset, parse_views
 
-Offset = tuple[int, int]
-
-_FOUR: tuple[Offset, ...] = ((0, -1), (0, 1), (-1, 0), (1, 0))
-_DIAGONALS: tuple[Offset, ...] = ((-1, -1), (-1, 1), (1, -1), (1, 1))
-_CROSS2: tuple[Offset, ...] = (*_FOUR, (0, -2), (0, 2), (-2, 0), (2, 0))
-
-#: Named neighbour sets as ``(drow, dcol)`` offsets from the centre view, in loading order.
-NEIGHBOURHOODS: dict[str, tuple[Offset, ...]] = {
-    "4": _FOUR,
-    "8": (*_FOUR, *_DIAGONALS),
-    "cross2": _CROSS2,
-}
-
-_VIEW_NAME = re.compile(r"^\s*(\d+)_(\d+)\s*$")
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "NEIGHBOURHOODS",
+    "LightFieldLayout",
+    "LightFieldSample",
+    "Offset",
+    "load_light_field",
+    "parse_views",
+    "read_disparity",
+    "read_rgb",
+]
 
 
 @dataclass(frozen=True)
@@ -49,8 +47,8 @@ class LightFieldLayout:
     ``disparity_name`` may point at an estimated map such as ``5_5_disparity_OAVC.npy``.
     """
 
-    view_pattern: str = "{row}_{col}.png"
-    disparity_name: str = "5_5_disparity.npy"
+    view_pattern: str = DEFAULT_DATA_OPTIONS.view_pattern
+    disparity_name: str = DEFAULT_DATA_OPTIONS.disparity_name
     center: Offset = (5, 5)
     scene_pattern: str = "Image{image_id}"
 
@@ -84,39 +82,6 @@ class LightFieldSample:
     offsets: np.ndarray
     disparity: np.ndarray | None
     scene_dir: str
-
-
-def parse_views(spec: str, layout: LightFieldLayout = DEFAULT_LAYOUT) -> tuple[Offset, ...]:
-    """Turn a view spec into ``(drow, dcol)`` offsets.
-
-    ``spec`` is a name of :data:`NEIGHBOURHOODS` (``"4"``, ``"8"``, ``"cross2"``) or a comma-separated
-    list of absolute 1-based view names such as ``"5_4,5_6,4_5,6_5"`` (made relative to
-    ``layout.center``). Raises ``ValueError`` on anything else, on duplicates, and on the centre itself.
-    """
-    name = spec.strip()
-    if name in NEIGHBOURHOODS:
-        return NEIGHBOURHOODS[name]
-    known = ", ".join(repr(k) for k in NEIGHBOURHOODS)
-    if not name:
-        raise ValueError(f"empty view spec; use one of {known} or a list like '5_4,5_6,4_5,6_5'")
-    offsets: list[Offset] = []
-    for item in name.split(","):
-        match = _VIEW_NAME.match(item)
-        if match is None:
-            raise ValueError(
-                f"bad view spec {spec!r}: {item.strip()!r} is neither a neighbourhood ({known}) "
-                "nor a view name '<row>_<col>' (1-based, e.g. '5_4')"
-            )
-        row, col = int(match.group(1)), int(match.group(2))
-        if row < 1 or col < 1:
-            raise ValueError(f"bad view spec {spec!r}: view {item.strip()!r} is not 1-based")
-        offset = (row - layout.center[0], col - layout.center[1])
-        if offset == (0, 0):
-            raise ValueError(f"bad view spec {spec!r}: {item.strip()!r} is the centre view; list neighbours")
-        if offset in offsets:
-            raise ValueError(f"bad view spec {spec!r}: view {item.strip()!r} is listed twice")
-        offsets.append(offset)
-    return tuple(offsets)
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

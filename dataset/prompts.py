@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import random
 
-SEG_TOKEN = "[SEG]"
-IMAGE_TOKEN = "<image>"
-DEPTH_TOKEN = "<depth>"
-IM_START_TOKEN = "<im_start>"
-IM_END_TOKEN = "<im_end>"
+from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 
 QUESTION_TEMPLATES: tuple[str, ...] = (
     "This is a light field with its disparity map. Can you segment {expr} in this image?",

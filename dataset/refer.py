@@ -22,11 +22,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from dataset.errors import AnnotationError
-
-#: Evaluation subsets of Ref-UrbanLF, in table order (occlusion level, then depth attribute).
-SUBSET_TAGS: tuple[str, ...] = ("no-o", "o-1", "o-2", "o-3", "distance", "closest", "behind", "front", "near")
-#: Split names that are not subsets.
-SPLIT_NAMES: frozenset[str] = frozenset({"train", "val", "test", "testA", "testB"})
+from utils.splits import SPLIT_NAMES, SUBSET_TAGS
 
 
 @dataclass(frozen=True)

@@ -24,17 +24,9 @@ import numpy as np
 import torch.utils.data
 
 from dataset.errors import AnnotationError
-from dataset.lightfield import (
-    DEFAULT_LAYOUT,
-    NEIGHBOURHOODS,
-    LightFieldLayout,
-    LightFieldSample,
-    Offset,
-    load_light_field,
-    parse_views,
-    read_rgb,
-)
+from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout, LightFieldSample, load_light_field, read_rgb
 from dataset.refer import Ref, ReferAnnotations
+from utils.views import NEIGHBOURHOODS, Offset, parse_views
 
 Source = Literal["auto", "lightfield", "image"]
 

@@ -6,26 +6,24 @@ Items have the :class:`dataset.scenes.SceneDataset` format (``center`` (H, W, 3)
 turn them into model inputs exactly as in training and validation (same geometry, prompts, tokens).
 
 The disparity comes from the scene's file (``LightFieldLayout.disparity_name``) or, with
-``depth_source="estimate"``, from the estimator ``model.disparity.disparity_for_scene`` (imported only then).
+``depth_source="estimate"``, from the estimator's cache file in the scene folder (written when missing).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch.utils.data
 
+from dataset.disparity.cache import estimate_scenes, scenes_to_estimate
 from dataset.errors import LightFieldError
-from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout, Offset, load_light_field
-
-DepthSource = Literal["file", "estimate"]
-DEPTH_SOURCES: tuple[str, ...] = ("file", "estimate")
+from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout, load_light_field, read_disparity
+from dataset.options import DEFAULT_ESTIMATED_NAME, DEPTH_SOURCES, DepthSource
+from utils.views import Offset
 
 
 @dataclass(frozen=True)
@@ -36,32 +34,13 @@ class SceneQuery:
     sentences: tuple[str, ...]
 
 
-def estimate_disparity(scene_dir: str | Path, layout: LightFieldLayout) -> np.ndarray:
-    """Centre disparity (H, W) float32 from ``model.disparity.disparity_for_scene(scene_dir, layout, config)``
-    with the estimator's default config. Raises ``RuntimeError`` when that module is not installed."""
-    try:
-        estimator = importlib.import_module("model.disparity")
-    except ImportError as exc:
-        if exc.name not in ("model.disparity", None):
-            raise
-        raise RuntimeError(
-            "--depth_source estimate needs the disparity estimator model/disparity.py "
-            "(disparity_for_scene), which is not in this checkout; use --depth_source file with a "
-            "precomputed map (--disparity_name, e.g. 5_5_disparity_OAVC.npy)"
-        ) from exc
-    fn = getattr(estimator, "disparity_for_scene", None)
-    if fn is None:
-        raise RuntimeError(
-            f"--depth_source estimate: {estimator.__file__} has no disparity_for_scene(scene_dir, layout, "
-            "config) yet; use --depth_source file with a precomputed map (--disparity_name)"
-        )
-    params = inspect.signature(fn).parameters
-    if "config" in params and params["config"].default is not inspect.Parameter.empty:
-        disp = fn(scene_dir, layout)
-    else:
-        config_cls = getattr(estimator, "DisparityConfig", None)
-        disp = fn(scene_dir, layout, config_cls() if config_cls is not None else None)
-    return np.ascontiguousarray(np.asarray(disp, dtype=np.float32))
+def estimated_disparity(scene_dir: Path, layout: LightFieldLayout, out_name: str) -> np.ndarray:
+    """The estimator's centre disparity (H, W) float32 of ``scene_dir``: read from its cache file
+    ``<scene_dir>/<out_name>``, which :func:`dataset.disparity.cache.estimate_scenes` (the one route of every
+    estimated map: training, ``--eval_only``, chat, ``scripts/estimate_disparity.py``) writes first when it
+    is missing, with the default estimator settings."""
+    estimate_scenes(scenes_to_estimate([scene_dir], out_name), out_name, layout)
+    return read_disparity(scene_dir / out_name)
 
 
 def load_scene(
@@ -71,6 +50,7 @@ def load_scene(
     layout: LightFieldLayout = DEFAULT_LAYOUT,
     need_disparity: bool = True,
     depth_source: DepthSource = "file",
+    estimated_name: str = DEFAULT_ESTIMATED_NAME,
 ) -> dict[str, Any]:
     """Read one scene for prediction.
 
@@ -79,7 +59,9 @@ def load_scene(
         offsets: neighbour views to load, ``(drow, dcol)`` from the centre (those CAAM uses; may be empty).
         layout: file names of views and disparity.
         need_disparity: the model uses the disparity (depth tokens or CAAM); when False none is read.
-        depth_source: ``"file"`` reads ``layout.disparity_name``; ``"estimate"`` runs the estimator.
+        depth_source: ``"file"`` reads ``layout.disparity_name``; ``"estimate"`` reads the estimator's
+            cache file ``estimated_name`` (written first when missing, see :func:`estimated_disparity`).
+        estimated_name: that cache file's name in the scene folder.
 
     Returns:
         A raw scene dict (``SceneDataset`` item format) with ``masks=None`` and ``subsets`` all empty.
@@ -106,7 +88,7 @@ def load_scene(
     sample = load_light_field(scene, tuple(offsets), layout, with_disparity=from_file)
     disparity = sample.disparity
     if need_disparity and depth_source == "estimate":
-        disparity = estimate_disparity(scene, layout)
+        disparity = estimated_disparity(scene, layout, estimated_name)
         if disparity.shape != sample.center.shape[:2]:
             raise LightFieldError(
                 scene,
@@ -141,12 +123,14 @@ class SceneQueries(torch.utils.data.Dataset):
         layout: LightFieldLayout = DEFAULT_LAYOUT,
         need_disparity: bool = True,
         depth_source: DepthSource = "file",
+        estimated_name: str = DEFAULT_ESTIMATED_NAME,
     ) -> None:
         self.queries = list(queries)
         self.offsets = tuple(tuple(o) for o in offsets)
         self.layout = layout
         self.need_disparity = need_disparity
         self.depth_source = depth_source
+        self.estimated_name = estimated_name
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -158,4 +142,5 @@ class SceneQueries(torch.utils.data.Dataset):
             layout=self.layout,
             need_disparity=self.need_disparity,
             depth_source=self.depth_source,
+            estimated_name=self.estimated_name,
         )

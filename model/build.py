@@ -6,37 +6,21 @@ tests; the tiny preset goes through it exactly like the real weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, PreTrainedTokenizerBase
 from transformers import logging as transformers_logging
 
-from dataset.lightfield import parse_views
-from dataset.prompts import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 from model.lfllm import LFLLMConfig, LFLLMForCausalLM
+from model.options import ModelOptions, mismatched_flags, recorded_options
 from model.sam import load_sam
+from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+from utils.views import parse_views
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class ModelOptions:
-    """The LFLLM fields a user chooses on the command line (defaults: the paper's method)."""
-
-    use_depth: bool = True
-    use_caam: bool = True
-    caam_target: str = "both"
-    caam_mode: str = "fixed"
-    caam_views: str = "4"
-    depth_range: tuple[float, float] = (-1.0, 1.0)
-    depth_projector: str = "shared"
-    use_mm_start_end: bool = True
-    out_dim: int = 256
-    ce_loss_weight: float = 1.0
-    bce_loss_weight: float = 2.0
-    dice_loss_weight: float = 0.5
 
 
 def add_special_tokens(
@@ -68,6 +52,16 @@ def load_tokenizer(version: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def option_fields(options: ModelOptions, sam_cfg: dict) -> dict:
+    """The :class:`model.lfllm.LFLLMConfig` fields that ``options`` sets, for a SAM of config ``sam_cfg``."""
+    fields = recorded_options(options)
+    fields["depth_range"] = list(options.depth_range)
+    # The [SEG] projector feeds SAM's prompt slots, so its width is SAM's (256 for every official SAM).
+    fields["out_dim"] = sam_cfg["prompt_embed_dim"]
+    fields["caam_offsets"] = [list(o) for o in parse_views(options.caam_views)]
+    return fields
+
+
 def _lfllm_config(
     version: str | Path, sam_cfg: dict, options: ModelOptions, ids: dict[str, int]
 ) -> LFLLMConfig:
@@ -82,18 +76,12 @@ def _lfllm_config(
     base.pop("image_token_id", None)
     base["image_token_index"] = ids[IMAGE_TOKEN]
     processor = CLIPImageProcessor.from_pretrained(version)
-    fields = dict(vars(options))
-    fields.pop("caam_views")
-    fields["depth_range"] = list(options.depth_range)
-    # The [SEG] projector feeds SAM's prompt slots, so its width is SAM's (256 for every official SAM).
-    fields["out_dim"] = sam_cfg["prompt_embed_dim"]
     return LFLLMConfig(
         **base,
-        **fields,
+        **option_fields(options, sam_cfg),
         seg_token_id=ids[SEG_TOKEN],
         depth_token_id=ids[DEPTH_TOKEN],
         sam_config=sam_cfg,
-        caam_offsets=[list(o) for o in parse_views(options.caam_views)],
         clip_image_mean=list(processor.image_mean),
         clip_image_std=list(processor.image_std),
     )
@@ -135,33 +123,84 @@ def cast_model(model: LFLLMForCausalLM, dtype: torch.dtype) -> LFLLMForCausalLM:
     return model
 
 
+def merged_from_sam(version: str | Path) -> str | None:
+    """The SAM checkpoint a merged model was merged from (its ``merge_info.json``), if recorded."""
+    info = Path(version) / "merge_info.json"
+    try:
+        return json.loads(info.read_text()).get("vision_pretrained") if info.is_file() else None
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{info}: not a JSON object ({exc})") from exc
+
+
+def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+class OptionMismatchError(ValueError):
+    """A flag the user gave disagrees with the weights it would apply to (the message lists each one)."""
+
+
+def check_given_options(source: str, options: ModelOptions, given: Collection[str], recorded: dict) -> None:
+    """Raise :class:`OptionMismatchError` when an option in ``given`` (field names set on the command line)
+    differs from what ``source`` records; the one check of every entry point."""
+    lines = mismatched_flags(source, options, given, recorded)
+    if lines:
+        raise OptionMismatchError(
+            "options that disagree with the model:\n  "
+            + "\n  ".join(lines)
+            + "\ndrop these flags (a merged model's options are fixed when it is merged) or pass the values it has"
+        )
+
+
 def build_lfllm(
     version: str | Path,
     vision_pretrained: str | Path | None = None,
     options: ModelOptions | None = None,
     dtype: torch.dtype = torch.float32,
+    given: Collection[str] = (),
 ) -> tuple[LFLLMForCausalLM, PreTrainedTokenizerBase]:
     """Load LFLLM from ``version``.
 
     * ``version`` is an HF LLaVA directory (``llava-1.5-7b-hf`` layout): LLaVA is loaded, the new tokens are
       added and the embeddings resized, SAM is loaded from ``vision_pretrained`` (official format, variant
-      inferred), and the ``[SEG]`` projector / CAAM start fresh.
+      inferred), and the ``[SEG]`` projector / CAAM start fresh. ``options.out_dim`` yields to SAM's prompt
+      width unless it is in ``given``, where a different value is refused.
     * ``version`` is a merged LFLLM directory: everything (SAM, ``[SEG]`` projector, CAAM, options) comes
-      from it; ``vision_pretrained`` and ``options`` are ignored, nothing is re-initialised.
+      from it, nothing is re-initialised; an option in ``given`` (the :class:`ModelOptions` fields the user
+      set explicitly) that differs from the merged model's is refused with :class:`OptionMismatchError`.
+
+    Args:
+        given: names of the :class:`ModelOptions` fields (and ``"vision_pretrained"``) set explicitly on a
+            command line; the others are defaults that yield to what the weights hold.
     """
+    options = options or ModelOptions()
     tokenizer = load_tokenizer(version)
     if AutoConfig.from_pretrained(version).model_type == "lfllm":
         # Loaded straight in ``dtype`` (no float32 copy first); the prompt encoder stays float32 and exact
         # through ``_keep_in_fp32_modules_strict``.
+        if "vision_pretrained" in given and not _same_file(vision_pretrained, merged_from_sam(version)):
+            raise OptionMismatchError(
+                f"--vision_pretrained {vision_pretrained}: the merged model {version} holds its own SAM "
+                f"(merged from {merged_from_sam(version)}); drop the flag (or evaluate the base LLaVA "
+                "directory with this SAM)"
+            )
         model = LFLLMForCausalLM.from_pretrained(version, dtype=dtype)
+        recorded = recorded_options(model.config)
+        recorded["caam_views"] = model.config.caam_offsets or []
+        check_given_options(f"the merged model {version}", options, given, recorded)
         odd = {str(t.dtype) for t in model.sam.prompt_encoder.state_dict().values()} - {"torch.float32"}
         if odd:
             raise RuntimeError(f"{version}: SAM's prompt encoder loaded as {odd}, expected float32")
         return model, tokenizer
     if vision_pretrained is None:
         raise ValueError(f"{version} is a LLaVA directory: pass the SAM checkpoint with --vision_pretrained")
-    options = options or ModelOptions()
     sam, sam_cfg = load_sam(vision_pretrained)
+    check_given_options(
+        f"the SAM in {vision_pretrained} (prompt width)",
+        options,
+        {"out_dim"} & set(given),
+        {"out_dim": sam_cfg["prompt_embed_dim"]},
+    )
     ids, added = add_special_tokens(tokenizer, options.use_mm_start_end)
     config = _lfllm_config(version, sam_cfg, options, ids)
     config.new_token_ids = sorted(added)

@@ -35,10 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.options import CAAM_MODES
+from utils.views import NEIGHBOURHOODS
+
 CENTER_VIEW: tuple[int, int] = (5, 5)
 #: (drow, dcol) of the four direct neighbours, in the order 5_4, 5_6, 4_5, 6_5.
-DEFAULT_NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = ((0, -1), (0, 1), (-1, 0), (1, 0))
-CAAM_MODES: tuple[str, ...] = ("fixed", "learned", "occlusion")
+DEFAULT_NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = NEIGHBOURHOODS["4"]
 
 _VALID_TOL_PX = 1e-3
 _GRID_CACHE_MAX = 16

@@ -4,7 +4,7 @@ Contents:
     1. Disparity -> depth image (this section): the grey 3-channel image the vision tower encodes.
 
 Where the disparity comes from: the scene's ``5_5_disparity.npy`` (GT or a precomputed map such as
-``5_5_disparity_OAVC.npy``), or the built-in classical estimator in ``model/disparity.py``
+``5_5_disparity_OAVC.npy``), or the built-in classical estimator in ``dataset/disparity/``
 (``estimate_disparity`` for tensors, ``disparity_for_scene`` for a scene folder;
 ``scripts/estimate_disparity.py`` writes ``5_5_disparity_est.npy`` for a whole dataset; see
 ``docs/DISPARITY.md``).
@@ -15,13 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from model.options import DEFAULT_MODEL_OPTIONS
+
 # ---------------------------------------------------------------------------------------------------
 # 1. Disparity -> depth image
 # ---------------------------------------------------------------------------------------------------
 
-#: Disparity range (px between adjacent views) mapped to black..white, as in the reference release.
-#: UrbanLF-Syn GT spans about [-0.47, 1.55] px, so this range saturates the nearest objects.
-DEFAULT_DEPTH_RANGE: tuple[float, float] = (-1.0, 1.0)
+#: Disparity range (px between adjacent views) mapped to black..white, as in the reference release
+#: (``ModelOptions.depth_range``). UrbanLF-Syn GT spans about [-0.47, 1.55] px, so this range saturates
+#: the nearest objects.
+DEFAULT_DEPTH_RANGE: tuple[float, float] = DEFAULT_MODEL_OPTIONS.depth_range
 
 
 def disparity_to_depth_image(

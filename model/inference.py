@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from model.lfllm import LFLLMForCausalLM, seg_predictor_positions
+from utils.batch import Batch
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Generated:
 
 
 @torch.no_grad()
-def teacher_forced_masks(model: LFLLMForCausalLM, batch: dict) -> list[torch.Tensor]:
+def teacher_forced_masks(model: LFLLMForCausalLM, batch: Batch) -> list[torch.Tensor]:
     """Mask logits per image (k_i, H_i, W_i) with the reference answers in the prompt."""
     return model.forward_lf(batch)["pred_masks"]
 
@@ -37,7 +38,7 @@ def _masks_for_sequences(
     image_tokens: torch.Tensor,
     depth_tokens: torch.Tensor | None,
     image_embeddings: torch.Tensor,
-    batch: dict,
+    batch: Batch,
 ) -> list[torch.Tensor | None]:
     """First-[SEG] mask of each full sequence (prompt + generated answer), None where no [SEG]."""
     out: list[torch.Tensor | None] = [None] * len(ids)
@@ -64,7 +65,7 @@ def _masks_for_sequences(
 
 @torch.no_grad()
 def generate_masks(
-    model: LFLLMForCausalLM, batch: dict, tokenizer, max_new_tokens: int = 32
+    model: LFLLMForCausalLM, batch: Batch, tokenizer, max_new_tokens: int = 32
 ) -> list[list[Generated]]:
     """Generate an answer for every conversation of ``batch`` (prompts end at the answer prefix) and
     segment with its first ``[SEG]``. Returns, per image, one :class:`Generated` per conversation."""

@@ -24,7 +24,11 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from model.caam import CAAM
 from model.depth import disparity_to_depth_image
 from model.losses import answer_cross_entropy, mask_losses
+from model.options import CAAM_TARGETS, DEFAULT_MODEL_OPTIONS, DEPTH_PROJECTORS
 from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, reset_sam_buffers
+from utils.batch import Batch
+
+_OPTIONS = DEFAULT_MODEL_OPTIONS
 
 
 @strict
@@ -37,26 +41,24 @@ class LFLLMConfig(LlavaConfig):
     depth_token_id: int | None = None
     new_token_ids: list | None = None
     sam_config: dict | None = None
-    out_dim: int = 256
-    use_depth: bool = True
-    use_caam: bool = True
-    caam_target: str = "both"
-    caam_mode: str = "fixed"
+    # The user's options take their defaults from model.options (declared once there).
+    out_dim: int = _OPTIONS.out_dim
+    use_depth: bool = _OPTIONS.use_depth
+    use_caam: bool = _OPTIONS.use_caam
+    caam_target: str = _OPTIONS.caam_target
+    caam_mode: str = _OPTIONS.caam_mode
     caam_offsets: list | None = None
-    depth_range: list | tuple = (-1.0, 1.0)
-    depth_projector: str = "shared"
-    use_mm_start_end: bool = True
+    depth_range: list | tuple = _OPTIONS.depth_range
+    depth_projector: str = _OPTIONS.depth_projector
+    use_mm_start_end: bool = _OPTIONS.use_mm_start_end
     clip_image_mean: list | tuple = (0.48145466, 0.4578275, 0.40821073)
     clip_image_std: list | tuple = (0.26862954, 0.26130258, 0.27577711)
-    ce_loss_weight: float = 1.0
-    bce_loss_weight: float = 2.0
-    dice_loss_weight: float = 0.5
+    ce_loss_weight: float = _OPTIONS.ce_loss_weight
+    bce_loss_weight: float = _OPTIONS.bce_loss_weight
+    dice_loss_weight: float = _OPTIONS.dice_loss_weight
 
 
 AutoConfig.register("lfllm", LFLLMConfig)
-
-CAAM_TARGETS = ("clip", "sam", "both")
-DEPTH_PROJECTORS = ("shared", "separate")
 
 
 def seg_predictor_positions(input_ids: torch.Tensor, seg_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +142,7 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
             feats = feats[:, 1:]
         return feats
 
-    def encode_clip(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_clip(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image tokens (B, T, D) and depth tokens (B, T, D) or None; the tower runs once on 2B images."""
         clip_views = batch.get("clip_views") if self.caam_on("clip") else None
         x = self._aggregate(
@@ -162,7 +164,7 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         projector = self.depth_projector or self.model.multi_modal_projector
         return image_tokens, projector(feats[b:])
 
-    def encode_sam(self, batch: dict) -> torch.Tensor:
+    def encode_sam(self, batch: Batch) -> torch.Tensor:
         """SAM image embeddings (B, C, g, g), one encoder pass per image."""
         sam_views = batch.get("sam_views") if self.caam_on("sam") else None
         x = self._aggregate(batch["sam_center"], sam_views, batch.get("sam_disparity"), batch["sam_scale"])
@@ -249,14 +251,14 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         return out
 
     # ------------------------------------------------------------------ full step
-    def forward(self, *args, lf_batch: dict | None = None, **kwargs):
+    def forward(self, *args, lf_batch: Batch | None = None, **kwargs):
         """``forward(lf_batch=batch)`` runs the segmentation step (see :meth:`forward_lf`); any other
         call is LLaVA's own forward (used by ``generate``)."""
         if lf_batch is None:
             return super().forward(*args, **kwargs)
         return self.forward_lf(lf_batch)
 
-    def forward_lf(self, batch: dict) -> dict:
+    def forward_lf(self, batch: Batch) -> dict:
         """One segmentation step on a collated batch (``dataset.collate.collate_batch``).
 
         Returns ``loss``, ``ce_loss``, ``bce_loss``, ``dice_loss`` (scalars) and ``pred_masks`` (list per

@@ -8,25 +8,35 @@ prompt encoders. peft does the LoRA and the token-row training (``trainable_toke
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from torch import nn
 
 from model.lfllm import LFLLMForCausalLM
+from utils.options import option
 
 ALWAYS_TRAINED = ("seg_projector.", "caam.", "depth_projector.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainableOptions:
-    """LoRA and head switches (CLI defaults of the reference)."""
+    """LoRA and head switches (the reference's flags and defaults, declared once here)."""
 
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "q_proj,v_proj"
-    train_mask_decoder: bool = True
+    lora_r: int = option(8, "LoRA rank on the language model (0 disables LoRA)")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target_modules: str = option("q_proj,v_proj", "comma-separated language-model layers given LoRA")
+    train_mask_decoder: bool = option(True, "train SAM's mask decoder")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> TrainableOptions:
+        """The options recorded in ``values`` (e.g. ``trainable.json``); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (values or {}).items() if k in names})
 
 
 def lora_target_regex(modules: str) -> str:

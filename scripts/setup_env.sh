@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -14,7 +14,9 @@ echo "[setup] creating .venv (first run installs torch and friends: a few minute
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import torch, torchvision, transformers, peft, deepspeed, segment_anything, pycocotools, cv2" \
+# the project itself, editable: its packages import from any working directory, no sys.path edits
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -I -c "import training, torch, torchvision, transformers, peft, deepspeed, segment_anything, pycocotools, cv2" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] .venv ready"

@@ -3,32 +3,14 @@ once per session, loaded through the same code as the real weights."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 TINY_DS = "ref-urbanlf-syn"
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` as a module (scripts are not a package), imported once per session.
-
-    Registered in ``sys.modules`` before it runs, because dataclasses look their module up there.
-    """
-    key = f"_lfllm_script_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,7 +44,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, tiny_dataset) -> dict[str, Path]:
     """Tiny LLaVA directory + tiny SAM checkpoint, tokenizer trained on the dataset's expressions."""
-    from model.presets import write_tiny_base
+    from training.tiny_base import write_tiny_base
 
     refs = json.loads((tiny_dataset / "refer_seg" / TINY_DS / f"{TINY_DS}.json").read_text())
     corpus = [s["sent"] for r in refs for s in r["sentences"]]
@@ -72,7 +54,8 @@ def tiny_base(tmp_path_factory, tiny_dataset) -> dict[str, Path]:
 @pytest.fixture()
 def tiny_model(tiny_base):
     """A freshly loaded fp32 tiny LFLLM and its tokenizer (seeded)."""
-    from model.build import ModelOptions, build_lfllm
+    from model.build import build_lfllm
+    from model.options import ModelOptions
 
     torch.manual_seed(0)
     return build_lfllm(tiny_base["llava"], tiny_base["sam"], ModelOptions())
@@ -89,9 +72,9 @@ def model_batch(
 ):
     """A collated batch of the first ``n`` scenes of ``split`` for ``model`` (the training data path)."""
     from dataset.collate import TokenSpec, collate_batch
-    from dataset.lightfield import parse_views
     from dataset.refer_seg import ReferSegDataset, SampleSpec
     from dataset.scenes import SceneDataset
+    from utils.views import parse_views
 
     cfg = model.config
     scenes = SceneDataset(

@@ -5,6 +5,7 @@ vocabulary everywhere, new token rows vs full embedding training, gradient check
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import socket
 import sys
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 
 from model.build import build_lfllm
 from model.losses import dice_per_mask
+from model.options import ModelOptions
 from model.trainable import TrainableOptions, make_trainable
-from tests.conftest import load_script, model_batch
+from tests.conftest import model_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_IMAGE_KEYS = (
@@ -33,7 +35,8 @@ PER_IMAGE_KEYS = (
 )
 
 
-bench = load_script("bench_train_step")
+bench = importlib.import_module("training.bench_step")
+bench_inputs = importlib.import_module("training.bench_inputs")
 
 
 @pytest.fixture()
@@ -101,17 +104,17 @@ def test_bench_needs_a_gpu_for_full_size():
 
 def test_full_size_inputs_have_the_real_shapes():
     """What the GPU run will feed the 7b model, checked without building it."""
-    config, ids = bench.random_config("7b", bench.ModelOptions())
+    config, ids = bench_inputs.random_config("7b", ModelOptions())
     assert config.image_seq_length == 256 and config.text_config.vocab_size == 32064
     assert config.sam_config["img_size"] == 1024 and len(config.caam_offsets) == 4
     assert (ids.image, ids.pad, ids.seg) == (32000, 32001, 32002)
-    plain = bench.synthetic_batch(config, ids, images=2, expressions=3)
-    packed = bench.synthetic_batch(config, ids, images=2, expressions=3, pack=True)
+    plain = bench_inputs.synthetic_batch(config, ids, images=2, expressions=3)
+    packed = bench_inputs.synthetic_batch(config, ids, images=2, expressions=3, pack=True)
     assert plain["input_ids"].shape == (6, 80 + 2 * 256)
-    assert packed["input_ids"].shape == (2, 80 + 2 * 256 + 2 * bench.TURN_TOKENS)
+    assert packed["input_ids"].shape == (2, 80 + 2 * 256 + 2 * bench_inputs.TURN_TOKENS)
     for batch in (plain, packed):
         assert int((batch["input_ids"] == ids.seg).sum()) == 6
-        assert int((batch["labels"] != -100).sum()) == 6 * bench.ANSWER_TOKENS
+        assert int((batch["labels"] != -100).sum()) == 6 * bench_inputs.ANSWER_TOKENS
         assert int((batch["input_ids"] == ids.image).sum(1)[0]) == 256
         assert batch["sam_views"].shape == (2, 4, 3, 1024, 1024) and batch["clip_views"].shape[-1] == 224
         assert batch["sam_resized_hw"].tolist() == [[768, 1024]] * 2

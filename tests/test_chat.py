@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import cv2
@@ -15,11 +13,13 @@ import torch
 
 import chat
 import merge_lora_weights_and_save_hf_model as merge_script
+from dataset.disparity import cache as disparity_cache
 from dataset.prompts import VAL_ANSWER
 from model.inference import teacher_forced_masks
 from model.lfllm import LFLLMForCausalLM
 from tests.conftest import TINY_DS, model_batch
 from tests.test_merge import make_trained_export
+from training import predict
 
 H, W = 64, 96  # the tiny dataset's view size
 
@@ -32,8 +32,10 @@ def merged(tiny_base, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def segmenter(merged) -> chat.Segmenter:
-    return chat.Segmenter(chat.build_parser().parse_args(["--version", str(merged), "--max_new_tokens", "3"]))
+def segmenter(merged) -> predict.Segmenter:
+    return predict.Segmenter(
+        chat.build_parser().parse_args(["--version", str(merged), "--max_new_tokens", "3"])
+    )
 
 
 def _scene(tiny_dataset: Path, image_id: int = 7) -> Path:
@@ -66,7 +68,7 @@ def test_generated_seg_mask_matches_teacher_forced(segmenter, tiny_dataset, tmp_
     batch = model_batch(model, tok, tiny_dataset, split="val", n=1, train=False)
     want = teacher_forced_masks(model, batch)[0][0]
     sentence = batch["sentences"][0][0]
-    result = chat.run_one(segmenter, Path(batch["scene_dir"][0]), sentence, tmp_path, "forced")
+    result = predict.run_one(segmenter, Path(batch["scene_dir"][0]), sentence, tmp_path, "forced")
     assert "[SEG]" in result.text and result.mask_logits is not None
     assert torch.allclose(result.mask_logits, want, atol=1e-4)
     mask = _read_mask(tmp_path / "forced_mask.png")
@@ -86,12 +88,12 @@ def test_batch_mode_one_mask_per_expression(segmenter, tiny_dataset, tmp_path, m
     spec = tmp_path / "expr.json"
     spec.write_text(json.dumps(expressions))
     calls = []
-    original = chat.Segmenter.answer
+    original = predict.Segmenter.answer
     monkeypatch.setattr(
-        chat.Segmenter, "answer", lambda self, s: calls.append(s["image_id"]) or original(self, s)
+        predict.Segmenter, "answer", lambda self, s: calls.append(s["image_id"]) or original(self, s)
     )
     out = tmp_path / "out"
-    results = chat.run_batch(segmenter, tiny_dataset / "lf" / TINY_DS, spec, out)
+    results = predict.run_batch(segmenter, tiny_dataset / "lf" / TINY_DS, spec, out)
     assert sorted(calls) == ["Image7", "Image8"]  # each scene encoded once
     names = ["person_left", "Image8_0001", "Image7_0002"]
     assert sorted(r["id"] for r in results) == sorted(names)
@@ -107,12 +109,12 @@ def test_batch_file_errors_name_the_file(tmp_path):
     spec = tmp_path / "expr.json"
     spec.write_text(json.dumps([{"scene": "Image7"}]))
     with pytest.raises(ValueError, match=r"expr\.json: entry 0 needs non-empty 'scene' and 'sentence'"):
-        chat.read_expressions(spec)
+        predict.read_expressions(spec)
     spec.write_text(
         json.dumps([{"scene": "a", "sentence": "x", "id": "k"}, {"scene": "b", "sentence": "y", "id": "k"}])
     )
     with pytest.raises(ValueError, match="used twice"):
-        chat.read_expressions(spec)
+        predict.read_expressions(spec)
 
 
 def test_interactive_loop(segmenter, tiny_dataset, tmp_path, capsys):
@@ -145,22 +147,16 @@ def test_missing_disparity_and_estimator(segmenter, merged, tiny_dataset, tmp_pa
         and "5_5_disparity.npy: disparity file not found" in err
         and "--depth_source estimate" in err
     )
-    # estimator requested but its module is not importable: say so
+    # with the estimator: its map (the one route, dataset.disparity.cache) is used, no file needed
     monkeypatch.setattr(segmenter, "depth_source", "estimate")
-    monkeypatch.setitem(sys.modules, "model.disparity", None)
-    with pytest.raises(RuntimeError, match=r"needs the disparity estimator model/disparity\.py"):
-        chat.run_one(segmenter, scene, "the car", tmp_path / "o", "est")
-    # with an estimator (lazily imported): its map is used and the scene needs no file
     seen = {}
 
-    def disparity_for_scene(scene_dir, layout, config=None):
+    def disparity_for_scene(scene_dir, layout, config=None, device="cpu"):
         seen["args"] = (Path(scene_dir), layout.disparity_name)
         return np.zeros((H, W), np.float32)
 
-    fake = types.ModuleType("model.disparity")
-    fake.disparity_for_scene = disparity_for_scene
-    monkeypatch.setitem(sys.modules, "model.disparity", fake)
-    chat.run_one(segmenter, scene, "the car", tmp_path / "o", "est")
+    monkeypatch.setattr(disparity_cache, "disparity_for_scene", disparity_for_scene)
+    predict.run_one(segmenter, scene, "the car", tmp_path / "o", "est")
     assert seen["args"] == (scene, "5_5_disparity.npy")
     _read_mask(tmp_path / "o" / "est_mask.png")
 
@@ -185,20 +181,20 @@ def test_conv_type_comes_from_merge_info_unless_given(merged, segmenter, tmp_pat
     assert json.loads((merged / "merge_info.json").read_text())["conv_type"] == "llava_v1"
     assert segmenter.conv_type == "llava_v1"
     info = tmp_path / "merge_info.json"
-    assert chat.recorded_conv_type(tmp_path) is None  # not a merged model: the CLI default applies
+    assert predict.recorded_conv_type(tmp_path) is None  # not a merged model: the CLI default applies
     info.write_text(json.dumps({"conv_type": "llava_llama_2"}))
-    assert chat.recorded_conv_type(tmp_path) == "llava_llama_2"
+    assert predict.recorded_conv_type(tmp_path) == "llava_llama_2"
     info.write_text("[1, 2")
     with pytest.raises(ValueError, match=r"merge_info\.json: not a JSON object"):
-        chat.recorded_conv_type(tmp_path)
+        predict.recorded_conv_type(tmp_path)
     # a recorded llama_2 template is used when --conv_type is not given, and the flag still wins
     shutil.copy(merged / "merge_info.json", tmp_path / "keep.json")
     recorded = json.loads((merged / "merge_info.json").read_text()) | {"conv_type": "llava_llama_2"}
     (merged / "merge_info.json").write_text(json.dumps(recorded))
     try:
         args = ["--version", str(merged), "--max_new_tokens", "1"]
-        assert chat.Segmenter(chat.build_parser().parse_args(args)).conv_type == "llava_llama_2"
-        flagged = chat.Segmenter(chat.build_parser().parse_args([*args, "--conv_type", "llava_v1"]))
+        assert predict.Segmenter(chat.build_parser().parse_args(args)).conv_type == "llava_llama_2"
+        flagged = predict.Segmenter(chat.build_parser().parse_args([*args, "--conv_type", "llava_v1"]))
         assert flagged.conv_type == "llava_v1" and flagged.spec.conv_type == "llava_v1"
     finally:
         shutil.copy(tmp_path / "keep.json", merged / "merge_info.json")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from utils.config import build_parser, model_options, parse_args, trainable_options
-from utils.ds_config import deepspeed_config
+from training.config import build_parser, model_options, parse_args, trainable_options
+from training.ds_config import deepspeed_config
 
 # A LISA/LFLLM user's command line (flags of the published train_ds.py).
 REFERENCE_COMMAND = [

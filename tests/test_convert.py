@@ -3,6 +3,7 @@ converts to an HF LLaVA directory with the same logits, which build_lfllm accept
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +14,8 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from model.build import build_lfllm
-from tests.conftest import load_script
 
-convert = load_script("convert_llava_to_hf")
+convert = importlib.import_module("training.convert_llava")
 
 TO_ORIGINAL = (
     ("model.language_model.", "model."),
@@ -174,7 +174,7 @@ def test_unsupported_projector_and_unknown_keys_are_named(base, clip_dir, tmp_pa
 
 
 def test_make_tiny_base_cli_from_dataset_dir(tiny_dataset, tiny_base, tmp_path, capsys):
-    make = load_script("make_tiny_base")
+    make = importlib.import_module("training.tiny_base")
     out = tmp_path / "tiny_base"
     paths = make.main(["--out", str(out), "--dataset_dir", str(tiny_dataset), "--ds", "ref-urbanlf-syn"])
     assert paths == {"llava": out / "llava", "sam": out / "sam_tiny.pth"}
@@ -187,7 +187,7 @@ def test_make_tiny_base_cli_from_dataset_dir(tiny_dataset, tiny_base, tmp_path, 
 
 
 def test_make_tiny_base_names_missing_json(tmp_path):
-    make = load_script("make_tiny_base")
+    make = importlib.import_module("training.tiny_base")
     with pytest.raises(
         FileNotFoundError, match=r"refer_seg/nope/nope\.json: referring-expression JSON not found"
     ):

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from dataset.disparity.config import DisparityConfig
+from dataset.disparity.estimator import disparity_for_scene
 from dataset.errors import LightFieldError
-from dataset.loaders import layout_from_args, prepare_estimated_disparity, used_scene_dirs, val_scenes
-from model.disparity import DisparityConfig, disparity_for_scene
 from tests.conftest import TINY_DS
-from utils.config import disparity_config, parse_args
+from training.config import disparity_config, parse_args
+from training.loaders import layout_from_args, prepare_estimated_disparity, used_scene_dirs, val_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--disparity_set", "views=4", "--disparity_set", "num_planes=16"]  # 64x96 scenes: ~0.1 s each
@@ -124,7 +125,7 @@ def test_missing_view_is_an_error_naming_the_file(data):
 
 def test_ranks_share_the_work_and_all_see_an_error(data, monkeypatch):
     """Two ranks as threads with an in-memory all-gather: disjoint shares of one list, errors reach both."""
-    import dataset.loaders
+    import training.loaders
     import utils.distributed
 
     world = 2
@@ -141,7 +142,7 @@ def test_ranks_share_the_work_and_all_see_an_error(data, monkeypatch):
         return out
 
     monkeypatch.setattr(utils.distributed, "gather_objects", gather_objects)
-    monkeypatch.setattr(dataset.loaders.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(training.loaders.dist, "is_initialized", lambda: True)
     args = _args(data, "--depth_source", "estimate", *FAST)
     calls: dict[int, list[str]] = {0: [], 1: []}
     fail_on_rank_1 = True
@@ -203,8 +204,8 @@ def test_two_gloo_ranks_estimate_once(data, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import sys, torch, torch.distributed as dist\n"
-        "from dataset.loaders import prepare_estimated_disparity\n"
-        "from utils.config import parse_args\n"
+        "from training.loaders import prepare_estimated_disparity\n"
+        "from training.config import parse_args\n"
         "torch.set_num_threads(1)\n"
         "dist.init_process_group('gloo')\n"
         "args = parse_args(sys.argv[1:])\n"
@@ -242,8 +243,8 @@ def test_two_gloo_ranks_estimate_once(data, tmp_path):
 def test_eval_only_runs_on_estimated_maps_without_disparity_files(tiny_base, data, tmp_path):
     """train_ds.py --eval_only --depth_source estimate in-process (one rank, no process group)."""
     import train_ds
+    from training.run_log import RunLogger
     from utils.distributed import DistInfo
-    from utils.run_log import RunLogger
 
     args = _args(
         data,

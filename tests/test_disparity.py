@@ -6,6 +6,7 @@ centre-view point ``(x + d*dcol, y + d*drow)`` of the front-most layer. Sizes ar
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -15,18 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from dataset.disparity.config import DisparityConfig
+from dataset.disparity.cost_volume import direction_groups
+from dataset.disparity.estimator import block_matching_baseline, disparity_for_scene, estimate_disparity
 from dataset.errors import LightFieldError
 from dataset.lightfield import LightFieldLayout
 from dataset.synthetic import SyntheticConfig, render_scene, write_dataset
-from model.disparity import (
-    DisparityConfig,
-    block_matching_baseline,
-    direction_groups,
-    disparity_for_scene,
-    estimate_disparity,
-    view_set_offsets,
-)
-from tests.conftest import load_script
+from utils.views import view_set_offsets
 
 ROOT = Path(__file__).resolve().parents[1]
 CROSS = view_set_offsets("cross")  # 16 neighbours of the 9x9 grid
@@ -111,7 +107,8 @@ def test_view_sets_and_groups() -> None:
 
 
 def test_sweep_samples_neighbour_at_x_minus_d_dcol() -> None:
-    from model.disparity import _sample_grid, _warp_planes
+    from dataset.disparity.cost_volume import sample_grid as _sample_grid
+    from dataset.disparity.cost_volume import warp_planes as _warp_planes
 
     img = torch.rand(1, 1, 3, 10, 12)  # (B, V, C, H, W): one neighbour at (drow, dcol) = (1, 2)
     grid, valid = _sample_grid(torch.tensor([[1.0, 2.0]]), torch.tensor([1.0, 0.5]), 10, 12)
@@ -260,7 +257,7 @@ def tiny_lf(tmp_path_factory) -> Path:
 
 
 def test_estimate_script_writes_and_skips(tiny_lf: Path, monkeypatch, capsys) -> None:
-    script = load_script("estimate_disparity")
+    script = importlib.import_module("dataset.disparity.cli")
     lf_root = tiny_lf / "lf" / "ref-urbanlf-syn"
     common = ["--lf_root", str(lf_root), "--views", "4", "--num_planes", "16", "--threads", "1"]
     assert script.main(common) == 0
@@ -296,7 +293,7 @@ def test_estimate_script_writes_and_skips(tiny_lf: Path, monkeypatch, capsys) ->
 
 
 def test_eval_script_scores_ours_and_baseline(tiny_lf: Path, tmp_path: Path, capsys) -> None:
-    script = load_script("eval_disparity")
+    script = importlib.import_module("dataset.disparity.evaluate")
     out = tmp_path / "eval.json"
     argv = ["--dataset_dir", str(tiny_lf), "--ds", "ref-urbanlf-syn", "--border", "4", "--threads", "1"]
     assert script.main([*argv, "--views", "4", "--set", "median=3", "--json", str(out)]) == 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib
 import re
 import warnings
 from dataclasses import replace
@@ -37,15 +38,16 @@ from segment_anything import sam_model_registry
 from transformers import CLIPImageProcessor, LlamaTokenizer
 
 from dataset.collate import move_batch
-from dataset.prompts import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 from model import build as build_module
-from model.build import ModelOptions, build_lfllm
+from model.build import build_lfllm
 from model.lfllm import LFLLMForCausalLM, seg_predictor_positions
 from model.losses import mask_losses
+from model.options import ModelOptions
 from model.presets import Preset, get_preset, llava_config
 from model.sam import build_sam, load_sam, sam_config
 from model.trainable import TrainableOptions, lora_target_regex, make_trainable
-from tests.conftest import load_script, model_batch
+from tests.conftest import model_batch
+from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 pytestmark = pytest.mark.slow
 
@@ -450,7 +452,7 @@ def test_default_model_max_length_fits_a_full_size_prompt(cli, model_7b, tiny_da
 
         parser = chat.build_parser()
     else:
-        from utils.config import build_parser
+        from training.config import build_parser
 
         parser = build_parser()
     """The reference's default (512, <image>/<depth> counted once) takes a llava-1.5 prompt whole: the
@@ -477,11 +479,11 @@ def test_default_model_max_length_fits_a_full_size_prompt(cli, model_7b, tiny_da
 def test_bench_presets_build_on_meta_as_build_lfllm_would(name, total, trainable, tmp_path):
     """The benchmark's ``7b`` / ``13b`` presets (CLIP at 224 px) build on the meta device, and the config
     the benchmark makes (``random_config``) is the one build_lfllm makes from such an HF directory."""
-    bench = load_script("bench_train_step")
+    bench_inputs = importlib.import_module("training.bench_inputs")
     preset = get_preset(name)
     assert preset.vision["image_size"] == 224 and preset.sam_variant == "vit_h"
     model, _ = build_on_meta(write_llava_dir(tmp_path / name, preset))
-    config, ids = bench.random_config(name, ModelOptions())
+    config, ids = bench_inputs.random_config(name, ModelOptions())
     ours, theirs = model.config.to_dict(), config.to_dict()
     ours.pop("_name_or_path", None)
     theirs.pop("_name_or_path", None)
@@ -489,7 +491,7 @@ def test_bench_presets_build_on_meta_as_build_lfllm_would(name, total, trainable
     assert (ids.image, ids.pad, ids.seg, ids.depth) == (32000, 32001, 32002, 32003)
     assert config.image_seq_length == 256
     assert count(model) == total
-    direct = bench.build_direct(config, torch.bfloat16, META)
+    direct = bench_inputs.build_direct(config, torch.bfloat16, META)
     assert count(direct) == total
     del direct
     wrapped = make_trainable(model, TrainableOptions())

@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 
 from dataset.errors import LightFieldError
-from dataset.lightfield import (
-    NEIGHBOURHOODS,
-    LightFieldLayout,
-    load_light_field,
-    parse_views,
-    read_disparity,
-    read_rgb,
-)
+from dataset.lightfield import LightFieldLayout, load_light_field, read_disparity, read_rgb
+from utils.views import NEIGHBOURHOODS, parse_views
 
 H, W = 12, 16
 

@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merge_lora_weights_and_save_hf_model as merge_script
-from model.build import ModelOptions, build_lfllm, load_tokenizer
+from model.build import build_lfllm, load_tokenizer
 from model.inference import teacher_forced_masks
 from model.lfllm import LFLLMConfig, LFLLMForCausalLM
+from model.options import ModelOptions
 from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import model_batch
-from utils.checkpoint import TRAINABLE_FILE, export_trainable, save_checkpoint
+from training.checkpoint import TRAINABLE_FILE, export_trainable, save_checkpoint
+from training.weights import WeightSource, open_weights, select_trainable
 
 PREFIX = "base_model.model."
 
@@ -197,7 +199,7 @@ def test_deepspeed_checkpoint_and_zero_to_fp32_inputs(trained, merged_dir, tmp_p
         assert not diff, (name, diff[:3])
     # the other spellings of the same inputs resolve to the same tensors
     for same, other in ((ckpt, ckpt / "best"), (inputs["bin"], tmp_path / "fp32")):
-        a, b = merge_script.open_weights(same), merge_script.open_weights(other)
+        a, b = open_weights(same), open_weights(other)
         assert a.kind == b.kind and a.names() == b.names()
         assert all(torch.equal(a.tensor(k), b.tensor(k)) for k in a.names())
     assert json.loads((tmp_path / "m_ds_dir" / "merge_info.json").read_text())["source_kind"] == "deepspeed"
@@ -247,14 +249,14 @@ def test_unexpected_and_frozen_keys_in_export_are_named(trained, tmp_path):
     # an export holds exactly the trainable set: a frozen parameter in it means other training options
     wrapped = trained[0]
     frozen = PREFIX + "sam.image_encoder.patch_embed.proj.weight"
-    source = merge_script.WeightSource(Path("w.safetensors"), "export")
+    source = WeightSource(Path("w.safetensors"), "export")
     source.getters = {n: (lambda p=p: p.detach()) for n, p in wrapped.named_parameters() if p.requires_grad}
     source.getters[frozen] = lambda: torch.zeros(1)
     with pytest.raises(KeyError, match=r"unexpected key .*patch_embed.*a frozen parameter"):
-        list(merge_script.select_trainable(source, wrapped))
+        list(select_trainable(source, wrapped))
     # a full state dict may hold frozen names (values unused), but only the base's names
     source.kind = "state_dict"
-    assert len(list(merge_script.select_trainable(source, wrapped))) == len(source.getters) - 1
+    assert len(list(select_trainable(source, wrapped))) == len(source.getters) - 1
 
 
 def test_non_finite_trained_tensor_is_named(trained, tmp_path):
@@ -273,13 +275,13 @@ def test_other_lora_rank_fails_with_shape_named(trained, tmp_path):
 
 def test_weight_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="--weight not found"):
-        merge_script.open_weights(tmp_path / "nope")
+        open_weights(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=r"no trainable\.safetensors, no DeepSpeed checkpoint"):
-        merge_script.open_weights(tmp_path)
+        open_weights(tmp_path)
     (tmp_path / "latest").write_text("gone")
     with pytest.raises(FileNotFoundError, match="names tag 'gone'"):
-        merge_script.open_weights(tmp_path)
+        open_weights(tmp_path)
     bad = tmp_path / "x.bin"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"x.bin: cannot read as a PyTorch state dict"):
-        merge_script.open_weights(bad)
+        open_weights(bad)

@@ -7,12 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from dataset.collate import TokenSpec, encode_conversation
-from dataset.prompts import DEPTH_TOKEN, IMAGE_TOKEN, SEG_TOKEN, build_turns
+from dataset.prompts import build_turns
 from model.build import build_lfllm
 from model.lfllm import seg_predictor_positions
 from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import model_batch
 from utils.conversation import render_segments
+from utils.tokens import DEPTH_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 
 def test_loads_llava_dir_and_sam_checkpoint_exactly(tiny_base, tiny_model):

@@ -6,6 +6,7 @@ Sizes are tiny (64x96) so the whole file runs in seconds on 2 cores."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from dataset.lightfield import LightFieldLayout, load_light_field, parse_views
+from dataset.lightfield import LightFieldLayout, load_light_field
 from dataset.refer import ReferAnnotations
 from dataset.scenes import SceneDataset
 from dataset.synthetic import (
@@ -28,10 +29,10 @@ from dataset.synthetic import (
     SyntheticConfig,
     SyntheticScene,
     render_scene,
-    scene_records,
     write_dataset,
 )
-from tests.conftest import load_script
+from dataset.synthetic.generator import scene_records
+from utils.views import parse_views
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -548,7 +549,7 @@ def test_write_is_deterministic_per_seed(tmp_path: Path, capsys) -> None:
     assert len(a) == 3 * (81 + 1) + 2
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
-    cli = load_script("make_synthetic_data")
+    cli = importlib.import_module("dataset.synthetic.cli")
     argv = ["--dataset_dir", str(tmp_path / "c"), "--height", "48", "--width", "64"]
     argv += ["--num_train", "2", "--num_val", "1", "--seed", "5"]
     summary = cli.main(argv)
@@ -564,7 +565,7 @@ def test_write_is_deterministic_per_seed(tmp_path: Path, capsys) -> None:
 
 
 def test_cli_names_overwrite_and_bad_values(tmp_path: Path) -> None:
-    cli = load_script("make_synthetic_data")
+    cli = importlib.import_module("dataset.synthetic.cli")
     argv = ["--dataset_dir", str(tmp_path), "--height", "48", "--width", "64", "--angular", "3"]
     argv += [
         "--num_train",
@@ -638,7 +639,7 @@ def test_same_looking_bridge_pair_terminates(time_limit: Callable[[float], objec
 
 
 def test_bench_data_runs_on_tiny_dataset(written: Path, capsys) -> None:
-    bench = load_script("bench_data")
+    bench = importlib.import_module("dataset.bench")
     rows = bench.main(["--dataset_dir", str(written), "--workers", "0,1", "--samples", "3"])
     assert [r["workers"] for r in rows] == [0, 1]
     assert all(r["items_per_s"] > 0 and r["first_item_s"] >= 0 for r in rows)

@@ -3,6 +3,7 @@ train-split data only, a loss that falls, deterministic, and reachable from scri
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.presets import SamPretrainOptions, pretrain_tiny_sam, train_split_objects
 from model.sam import build_sam, sam_config
-from tests.conftest import TINY_DS, load_script
+from tests.conftest import TINY_DS
+from training.tiny_base import SamPretrainOptions, pretrain_tiny_sam, train_split_objects
 
 
 def _refs(root):
@@ -66,7 +67,7 @@ def test_pretraining_is_deterministic(tiny_dataset):
 
 
 def test_make_tiny_base_cli_pretrains_sam(tiny_dataset, tiny_base, tmp_path, capsys):
-    make = load_script("make_tiny_base")
+    make = importlib.import_module("training.tiny_base")
     out = tmp_path / "b"
     argv = [
         "--out",

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset.loaders import EpochSampler
-from utils.checkpoint import find_resume_tag, save_checkpoint
+from training.checkpoint import find_resume_tag, save_checkpoint
+from training.loaders import EpochSampler
+from training.trainer import NonFiniteLossError, Trainer, resume_source, weights_fingerprint
 from utils.distributed import DistInfo
-from utils.trainer import NonFiniteLossError, Trainer, resume_source, weights_fingerprint
 
 
 class _FakeEngine:
@@ -42,13 +42,13 @@ def _trainer(engine) -> Trainer:
 def test_non_finite_loss_stops_naming_the_step(bad):
     engine = _FakeEngine(bad, global_steps=6)
     with pytest.raises(NonFiniteLossError, match=r"optimiser step 7 \(micro-step 13, rank 0"):
-        _trainer(engine)._micro_step({"x": torch.zeros(1)}, 13)
+        _trainer(engine).train_step({"x": torch.zeros(1)}, 13)
     assert engine.calls == [], "no backward/step on a non-finite loss"
 
 
 def test_finite_loss_steps_and_returns_the_parts():
     engine = _FakeEngine(1.5)
-    parts = _trainer(engine)._micro_step({"x": torch.zeros(1)}, 0)
+    parts = _trainer(engine).train_step({"x": torch.zeros(1)}, 0)
     assert parts.tolist() == [1.5, 1.5, 0.5, 0.25]
     assert engine.calls == ["backward", "step"]
 

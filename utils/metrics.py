@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dataset.refer import SPLIT_NAMES
 from utils.distributed import gather_objects
+from utils.splits import SPLIT_NAMES
 
 THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 PAPER_COLUMNS: tuple[str, ...] = ("All", "o-1", "o-2", "o-3", "distance", "closest", "behind", "front")

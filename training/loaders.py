@@ -13,11 +13,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from dataset.collate import TokenSpec, collate_batch
-from dataset.disparity_cache import Estimator, estimate_scenes, scenes_to_estimate
+from dataset.disparity.cache import Estimator, estimate_scenes, scenes_to_estimate
 from dataset.errors import LightFieldError
 from dataset.lightfield import LightFieldLayout
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.scenes import SceneDataset
+from training.config import data_options, disparity_config
+from utils import distributed
 
 
 class EpochSampler(Sampler[int]):
@@ -49,9 +51,8 @@ class EpochSampler(Sampler[int]):
 def layout_from_args(args: argparse.Namespace) -> LightFieldLayout:
     """Light-field file names chosen on the command line; the disparity file is ``--disparity_name``, or
     ``--estimated_disparity_name`` with ``--depth_source estimate``."""
-    estimate = getattr(args, "depth_source", "file") == "estimate"
-    name = args.estimated_disparity_name if estimate else args.disparity_name
-    return LightFieldLayout(view_pattern=args.view_pattern, disparity_name=name)
+    opts = data_options(args)
+    return LightFieldLayout(view_pattern=opts.view_pattern, disparity_name=opts.read_disparity_name)
 
 
 def used_scene_dirs(args: argparse.Namespace, train: bool, val: bool) -> list[Path]:
@@ -101,15 +102,12 @@ def prepare_estimated_disparity(
     """
     if getattr(args, "depth_source", "file") != "estimate":
         return 0
-    from utils.config import disparity_config
-    from utils.distributed import gather_objects
-
     if not (dist.is_available() and dist.is_initialized()):
         rank, world_size = 0, 1
     out_name = args.estimated_disparity_name
     scenes = used_scene_dirs(args, train, val)
     # a collective before anyone writes: every rank gets rank 0's list, so the shares are consistent
-    todo = gather_objects(scenes_to_estimate(scenes, out_name))[0]
+    todo = distributed.gather_objects(scenes_to_estimate(scenes, out_name))[0]
     if show_progress:
         print(
             f"--depth_source estimate: {len(scenes) - len(todo)} of {len(scenes)} scenes have {out_name}; "
@@ -131,7 +129,7 @@ def prepare_estimated_disparity(
     except Exception as exc:  # reported to every rank below, so none waits for the others forever
         error = exc
     # the barrier after writing; messages, not exceptions, travel (DataError does not unpickle)
-    reports = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    reports = distributed.gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     failed = [(r, message) for r, message in enumerate(reports) if message is not None]

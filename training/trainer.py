@@ -20,17 +20,18 @@ from tqdm import tqdm
 
 from dataset.collate import move_batch
 from model.trainable import unwrap
-from utils.checkpoint import (
+from training.checkpoint import (
     atomic_write_text,
     export_trainable,
     find_resume_tag,
     load_checkpoint,
     save_checkpoint,
 )
+from training.evaluate import evaluate
+from training.run_log import RunLogger
+from utils.batch import Batch
 from utils.distributed import DistInfo, gather_objects, mean_across_ranks
-from utils.evaluate import evaluate
 from utils.metrics import SegMetrics
-from utils.run_log import RunLogger
 
 LOSS_KEYS = ("loss", "ce_loss", "bce_loss", "dice_loss")
 
@@ -84,6 +85,35 @@ def resume_source(args: argparse.Namespace, ckpt_dir: Path) -> tuple[Path, str] 
         if tag is not None:
             return ckpt_dir, tag
     return None
+
+
+def train_micro_step(
+    engine: Any, batch: Batch, micro_index: int, seed: int, dist_info: DistInfo
+) -> torch.Tensor:
+    """One micro-step of training: forward + backward + (at the accumulation boundary, which DeepSpeed
+    tracks) the optimiser step. Torch is reseeded with (seed, micro-step, rank) first, so a resumed run
+    draws the same dropout masks. The step :class:`Trainer` runs and the benchmark times.
+
+    Returns:
+        ``(4,)`` the detached float losses ``(loss, ce, bce, dice)``.
+
+    Raises:
+        NonFiniteLossError naming the step when the loss is NaN or infinite.
+    """
+    torch.manual_seed(seed * 1_000_003 + micro_index * dist_info.world_size + dist_info.rank)
+    batch = move_batch(batch, dist_info.device)
+    out = engine(lf_batch=batch)
+    loss = out["loss"]
+    if not torch.isfinite(loss):
+        step = int(engine.global_steps) + 1
+        raise NonFiniteLossError(
+            f"non-finite loss {loss.item()} at optimiser step {step} (micro-step {micro_index}, "
+            f"rank {dist_info.rank}; ce {out['ce_loss'].item()}, bce {out['bce_loss'].item()}, "
+            f"dice {out['dice_loss'].item()}): stopping. Try a lower --lr or --precision fp32."
+        )
+    engine.backward(loss)
+    engine.step()
+    return torch.stack([out[k].detach().float() for k in LOSS_KEYS])
 
 
 class Trainer:
@@ -160,24 +190,9 @@ class Trainer:
             self.save("best", update_latest=False)
 
     # ------------------------------------------------------------------ training
-    def _micro_step(self, batch: dict, micro_index: int) -> torch.Tensor:
-        """Forward + backward + (at the accumulation boundary) optimiser step. Returns the detached
-        losses ``(loss, ce, bce, dice)``."""
-        args = self.args
-        torch.manual_seed(args.seed * 1_000_003 + micro_index * self.dist.world_size + self.dist.rank)
-        batch = move_batch(batch, self.dist.device)
-        out = self.engine(lf_batch=batch)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            step = int(self.engine.global_steps) + 1
-            raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at optimiser step {step} (micro-step {micro_index}, "
-                f"rank {self.dist.rank}; ce {out['ce_loss'].item()}, bce {out['bce_loss'].item()}, "
-                f"dice {out['dice_loss'].item()}): stopping. Try a lower --lr or --precision fp32."
-            )
-        self.engine.backward(loss)
-        self.engine.step()
-        return torch.stack([out[k].detach().float() for k in LOSS_KEYS])
+    def train_step(self, batch: Batch, micro_index: int) -> torch.Tensor:
+        """:func:`train_micro_step` on this trainer's engine (losses ``(loss, ce, bce, dice)``)."""
+        return train_micro_step(self.engine, batch, micro_index, self.args.seed, self.dist)
 
     def train(self) -> None:
         args = self.args
@@ -208,7 +223,7 @@ class Trainer:
             tic = time.perf_counter()
             for offset, batch in enumerate(self.loader):
                 micro = epoch * spe * self.gas + first_micro + offset
-                acc += self._micro_step(batch, micro).cpu()
+                acc += self.train_step(batch, micro).cpu()
                 if (micro + 1) % self.gas:
                     continue
                 step = int(self.engine.global_steps)

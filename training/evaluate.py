@@ -17,6 +17,7 @@ from tqdm import tqdm
 from dataset.collate import move_batch
 from model.inference import generate_masks, teacher_forced_masks
 from model.lfllm import LFLLMForCausalLM
+from utils.batch import Batch
 from utils.metrics import SegMetrics, mask_iou_stats, subset_tags
 
 OVERLAY_COLOUR = np.array([255, 64, 64], np.float32)
@@ -30,7 +31,7 @@ def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.n
     return out.clip(0, 255).astype(np.uint8)
 
 
-def _save_overlays(vis_dir: Path, batch: dict, preds: list[list[torch.Tensor | None]]) -> None:
+def _save_overlays(vis_dir: Path, batch: Batch, preds: list[list[torch.Tensor | None]]) -> None:
     for i, masks in enumerate(preds):
         center = cv2.imread(batch["center_path"][i], cv2.IMREAD_COLOR)
         if center is None:
@@ -46,7 +47,7 @@ def _save_overlays(vis_dir: Path, batch: dict, preds: list[list[torch.Tensor | N
             cv2.imwrite(str(vis_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
 
 
-def _update(metrics: SegMetrics, batch: dict, preds: list[list[torch.Tensor | None]]) -> None:
+def _update(metrics: SegMetrics, batch: Batch, preds: list[list[torch.Tensor | None]]) -> None:
     for i, masks in enumerate(preds):
         gt = batch["gt_masks"][i]
         missing = [m is None for m in masks]

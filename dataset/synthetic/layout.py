@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dataset.synthetic_shapes import (
+from dataset.synthetic.config import SyntheticConfig
+from dataset.synthetic.shapes import (
     CATEGORIES,
     CATEGORY_COLOURS,
     HEIGHT_FRACTION,
@@ -24,9 +24,6 @@ from dataset.synthetic_shapes import (
     sample_shape_params,
     sample_waves,
 )
-
-if TYPE_CHECKING:
-    from dataset.synthetic import SyntheticConfig
 
 BACKGROUND_DISPARITY = (-0.5, 0.0)
 OBJECT_DISPARITY = (0.0, 1.6)

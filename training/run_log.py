@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint import atomic_write_text
+from training.checkpoint import atomic_write_text
 
 
 def git_revision() -> str:

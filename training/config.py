@@ -7,13 +7,18 @@ boolean switches work both ways (``--x`` / ``--no_x``). Our own options follow t
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from dataset.disparity_cache import DEFAULT_ESTIMATED_NAME, check_cache_name
-from dataset.single_scene import DEPTH_SOURCES
-from model.build import ModelOptions
-from model.disparity import DisparityConfig, config_overrides, view_set_offsets
+from dataset.disparity.config import DisparityConfig, config_overrides
+from dataset.options import DataOptions
+from model.options import ModelOptions
 from model.trainable import TrainableOptions
+from utils.options import flag_name, is_option
+from utils.views import view_set_offsets
+
+OptionClass = type[ModelOptions] | type[TrainableOptions] | type[DataOptions]
 
 
 def add_switch(
@@ -25,6 +30,99 @@ def add_switch(
     off_flag = off or f"no_{name}"
     parser.add_argument(f"--{off_flag}", dest=name, action="store_false", help=f"turn --{name} off")
     parser.set_defaults(**{name: default})
+
+
+def _arg_type(parse: Callable[[str], Any], flag: str) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ``ValueError`` becomes the flag's error message."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = flag
+    return convert
+
+
+def _unset_switch(parser: argparse._ActionsContainer, name: str, help: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=help)
+    group.add_argument(
+        f"--no_{name}", dest=name, action="store_false", default=None, help=f"turn --{name} off"
+    )
+
+
+def add_option_flags(
+    parser: argparse._ActionsContainer, cls: OptionClass, *, unset: bool = False, skip: Sequence[str] = ()
+) -> None:
+    """One flag per option field of ``cls`` (``utils.options.option``): its name, type or parser, choices,
+    help and default come from the field. ``unset=True``: every default is None (the caller fills the
+    options it was not given from a record, e.g. the merge script from ``trainable.json``)."""
+    for f in dataclasses.fields(cls):
+        if not is_option(f) or f.name in skip:
+            continue
+        name, help = flag_name(f), f.metadata["help"]
+        if isinstance(f.default, bool):
+            if unset:
+                _unset_switch(parser, name, f"{help} (default: recorded, else {f.default})")
+            else:
+                add_switch(parser, name, f.default, help)
+            continue
+        parse = f.metadata.get("parse") or type(f.default)
+        parser.add_argument(
+            f"--{name}",
+            dest=name,
+            type=_arg_type(parse, name),
+            default=None if unset else f.default,
+            choices=f.metadata.get("choices"),
+            help=help,
+        )
+
+
+def options_from_args(cls: OptionClass, args: argparse.Namespace, base: Any = None) -> Any:
+    """``cls`` from the option flags in ``args``; flags that are None keep ``base``'s value (default:
+    ``cls()``'s)."""
+    base = base if base is not None else cls()
+    values = {}
+    for f in dataclasses.fields(cls):
+        if is_option(f) and getattr(args, flag_name(f), None) is not None:
+            values[f.name] = getattr(args, flag_name(f))
+    return dataclasses.replace(base, **values)
+
+
+def given_fields(cls: OptionClass, args: argparse.Namespace) -> set[str]:
+    """Names of the option fields of ``cls`` whose flags were given on the command line (``args.given``,
+    set by :func:`explicit_dests`)."""
+    given = set(getattr(args, "given", ()))
+    return {f.name for f in dataclasses.fields(cls) if is_option(f) and flag_name(f) in given}
+
+
+_UNSET = object()
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str]:
+    """The destinations the command line ``argv`` sets explicitly (argparse fills a default only for
+    attributes that the namespace lacks, so a namespace pre-filled with a sentinel shows what was given)."""
+    plain = [a for a in parser._actions if a.dest != "help" and not isinstance(a, argparse._AppendAction)]
+    probe = argparse.Namespace(**{a.dest: _UNSET for a in plain})
+    parsed, _ = parser.parse_known_args(argv, namespace=probe)
+    given = {k for k, v in vars(parsed).items() if v is not _UNSET}
+    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    return sorted((given - appended) | {d for d in appended if getattr(parsed, d)})
+
+
+_MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelOptions)]
+#: The ModelOptions of the LFLLM paper (grouped apart in --help); the others are LISA's reference flags.
+_LFLLM_MODEL_FIELDS = (
+    "use_depth",
+    "use_caam",
+    "caam_target",
+    "caam_mode",
+    "caam_views",
+    "depth_range",
+    "depth_projector",
+)
 
 
 def _reference_flags(p: argparse.ArgumentParser) -> None:
@@ -52,10 +150,9 @@ def _reference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     g.add_argument("--image_size", type=int, default=1024, help="SAM input size (must match the SAM variant)")
     g.add_argument("--model_max_length", type=int, default=512)
-    g.add_argument("--out_dim", type=int, default=256, help="[SEG] projection width (SAM's prompt width)")
     g.add_argument("--conv_type", default="llava_v1", choices=["llava_v1", "llava_llama_2"])
-    add_switch(g, "use_mm_start_end", True, "wrap visual placeholders in <im_start>/<im_end>")
-    add_switch(g, "train_mask_decoder", True, "train SAM's mask decoder")
+
+    add_option_flags(g, ModelOptions, skip=_LFLLM_MODEL_FIELDS)
 
     t = p.add_argument_group("optimisation (reference flags)")
     t.add_argument("--epochs", type=int, default=10)
@@ -67,13 +164,7 @@ def _reference_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--beta1", type=float, default=0.9)
     t.add_argument("--beta2", type=float, default=0.95)
-    t.add_argument("--ce_loss_weight", type=float, default=1.0)
-    t.add_argument("--bce_loss_weight", type=float, default=2.0)
-    t.add_argument("--dice_loss_weight", type=float, default=0.5)
-    t.add_argument("--lora_r", type=int, default=8, help="0 disables LoRA")
-    t.add_argument("--lora_alpha", type=int, default=16)
-    t.add_argument("--lora_dropout", type=float, default=0.05)
-    t.add_argument("--lora_target_modules", default="q_proj,v_proj")
+    add_option_flags(t, TrainableOptions)
     t.add_argument("--num_classes_per_sample", type=int, default=3, help="expressions per scene per step")
     add_switch(t, "gradient_checkpointing", True, "recompute LM activations in backward")
     add_switch(t, "no_eval", False, "skip validation after each epoch", off="eval")
@@ -87,37 +178,14 @@ def _reference_flags(p: argparse.ArgumentParser) -> None:
 
 def _lfllm_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("light-field modules (LFLLM)")
-    add_switch(m, "caam", True, "Center Angular Aggregation Module (--no_caam: LISA baseline)")
-    add_switch(m, "depth", True, "<DEPTH> tokens from the disparity map (--no_depth: LISA baseline)")
-    m.add_argument("--caam_target", default="both", choices=["clip", "sam", "both"])
-    m.add_argument("--caam_mode", default="fixed", choices=["fixed", "learned", "occlusion"])
-    m.add_argument("--caam_views", default="4", help="'4', '8', 'cross2' or view names like 5_4,5_6")
-    m.add_argument(
-        "--depth_range",
-        default="-1,1",
-        help="disparity (px) mapped to black..white; write --depth_range=-0.5,2 for a negative start",
-    )
-    m.add_argument("--depth_projector", default="shared", choices=["shared", "separate"])
-    m.add_argument("--view_pattern", default="{row}_{col}.png")
-    m.add_argument("--disparity_name", default="5_5_disparity.npy", help="e.g. 5_5_disparity_OAVC.npy")
+    add_option_flags(m, ModelOptions, skip=[f for f in _MODEL_FIELDS if f not in _LFLLM_MODEL_FIELDS])
+    add_option_flags(m, DataOptions)
 
     e = p.add_argument_group(
         "disparity source (ours)",
-        "--depth_source estimate: before the datasets are built, the built-in estimator (model/disparity.py) "
+        "--depth_source estimate: before the datasets are built, the built-in estimator (dataset/disparity/) "
         "writes --estimated_disparity_name into every scene folder of the splits the run uses that lacks it "
         "(shared over the ranks, atomic files), and the datasets read that file instead of --disparity_name",
-    )
-    e.add_argument(
-        "--depth_source",
-        default="file",
-        choices=DEPTH_SOURCES,
-        help="file: read --disparity_name; estimate: the estimator's cached maps",
-    )
-    e.add_argument(
-        "--estimated_disparity_name",
-        default=DEFAULT_ESTIMATED_NAME,
-        help="cache file of --depth_source estimate in each scene folder (scripts/estimate_disparity.py's "
-        "--out_name); existing files are reused whatever settings wrote them",
     )
     e.add_argument(
         "--disparity_set",
@@ -163,20 +231,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--dataset {args.dataset!r}: only 'refer_seg' (Ref-UrbanLF / RefCOCO layout) is supported"
         )
-    try:
-        lo, hi = (float(v) for v in args.depth_range.split(","))
-    except ValueError:
-        parser.error(f"--depth_range {args.depth_range!r}: expected 'lo,hi'")
-    if lo >= hi:
-        parser.error(f"--depth_range {args.depth_range!r}: lo must be < hi")
-    args.depth_range = (lo, hi)
     if len(args.val_dataset.split("|")) != 3:
         parser.error(f"--val_dataset {args.val_dataset!r}: expected 'ds|splitBy|split'")
     try:
-        check_cache_name(args.estimated_disparity_name)
         view_set_offsets(disparity_config(args).views)
     except ValueError as exc:
-        parser.error(f"--estimated_disparity_name / --disparity_set: {exc}")
+        parser.error(f"--disparity_set: {exc}")
+    args.given = explicit_dests(parser, argv)
     return args
 
 
@@ -189,28 +250,14 @@ def disparity_config(args: argparse.Namespace) -> DisparityConfig:
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
     """The model fields chosen on the command line."""
-    return ModelOptions(
-        use_depth=args.depth,
-        use_caam=args.caam,
-        caam_target=args.caam_target,
-        caam_mode=args.caam_mode,
-        caam_views=args.caam_views,
-        depth_range=args.depth_range,
-        depth_projector=args.depth_projector,
-        use_mm_start_end=args.use_mm_start_end,
-        out_dim=args.out_dim,
-        ce_loss_weight=args.ce_loss_weight,
-        bce_loss_weight=args.bce_loss_weight,
-        dice_loss_weight=args.dice_loss_weight,
-    )
+    return options_from_args(ModelOptions, args)
 
 
 def trainable_options(args: argparse.Namespace) -> TrainableOptions:
     """LoRA / head switches chosen on the command line."""
-    return TrainableOptions(
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_target_modules=args.lora_target_modules,
-        train_mask_decoder=args.train_mask_decoder,
-    )
+    return options_from_args(TrainableOptions, args)
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    """Scene file names and disparity source chosen on the command line."""
+    return options_from_args(DataOptions, args)

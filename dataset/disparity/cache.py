@@ -1,7 +1,7 @@
 """Estimated-disparity cache: the built-in estimator's map, written once into every scene folder.
 
 ``scripts/estimate_disparity.py`` (any folder of scenes) and ``train_ds.py --depth_source estimate`` (the
-scenes of the splits a run uses, see :func:`dataset.loaders.prepare_estimated_disparity`) share this code.
+scenes of the splits a run uses, see :func:`training.loaders.prepare_estimated_disparity`) share this code.
 Each scene ``<scene>/`` gets ``<scene>/<out_name>`` (default :data:`DEFAULT_ESTIMATED_NAME`,
 ``5_5_disparity_est.npy``): float32 ``(H, W)``, px between adjacent views, larger = nearer, the convention
 of ``5_5_disparity.npy``, so the datasets read it like any disparity file. Files are written atomically
@@ -16,15 +16,15 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
+from dataset.disparity.config import DisparityConfig
+from dataset.disparity.estimator import disparity_for_scene
 from dataset.errors import LightFieldError
 from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout
-
-if TYPE_CHECKING:
-    from model.disparity import DisparityConfig
+from dataset.options import DEFAULT_ESTIMATED_NAME, check_cache_name
 
 __all__ = [
     "DEFAULT_ESTIMATED_NAME",
@@ -35,22 +35,9 @@ __all__ = [
     "write_npy_atomic",
 ]
 
-#: File name of the estimated map in each scene folder (script ``--out_name``, training
-#: ``--estimated_disparity_name``).
-DEFAULT_ESTIMATED_NAME = "5_5_disparity_est.npy"
-
 #: ``estimator(scene_dir, layout, config, device=...) -> (H, W) float32``, like
-#: :func:`model.disparity.disparity_for_scene`.
+#: :func:`dataset.disparity.estimator.disparity_for_scene`.
 Estimator = Callable[..., np.ndarray]
-
-
-def check_cache_name(name: str) -> str:
-    """``name`` when it is a plain ``.npy`` file name; ``ValueError`` otherwise."""
-    if not name or "/" in name or os.sep in name or name in (".npy", "..") or not name.endswith(".npy"):
-        raise ValueError(
-            f"the estimated-disparity file must be a plain file name ending in .npy, got {name!r}"
-        )
-    return name
 
 
 def _scene_key(path: Path) -> tuple[int, int | str]:
@@ -119,7 +106,7 @@ def estimate_scenes(
         layout: view file names and centre (its ``disparity_name`` is not used).
         config: estimator settings (default ``DisparityConfig()``).
         device: where the estimator runs (``"cpu"``, ``"cuda:0"``, ...).
-        estimator: defaults to :func:`model.disparity.disparity_for_scene` (tests pass a stand-in).
+        estimator: defaults to :func:`dataset.disparity.estimator.disparity_for_scene` (tests pass a stand-in).
         progress: show a tqdm bar.
 
     Returns:
@@ -130,12 +117,9 @@ def estimate_scenes(
         unreadable or of another size than the centre view, or the estimate is not a finite (H, W) map.
     """
     check_cache_name(out_name)
-    if estimator is None:
-        from model.disparity import disparity_for_scene as estimator
+    estimator = estimator or disparity_for_scene
     scenes = [Path(s) for s in scene_dirs]
     if progress:
-        from tqdm import tqdm
-
         scenes = tqdm(scenes, desc=f"disparity -> {out_name}", unit="scene")
     written = 0
     for scene in scenes:

@@ -1,0 +1,109 @@
+"""The LFLLM options a user chooses: one dataclass, each option's only default (the paper's method).
+
+``train_ds.py``, the merge script, ``chat.py`` and the benchmark derive their flags from these fields
+(``training.config``); the model config (``model.lfllm.LFLLMConfig``) takes its defaults from here, and a
+merged model records the values it was built with, so :func:`model.build.build_lfllm` can refuse a flag
+that disagrees with it (:func:`mismatched_flags`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from utils.options import flag_name, option, parse_range, show_range, show_value
+from utils.views import parse_views
+
+CAAM_TARGETS: tuple[str, ...] = ("clip", "sam", "both")
+CAAM_MODES: tuple[str, ...] = ("fixed", "learned", "occlusion")
+DEPTH_PROJECTORS: tuple[str, ...] = ("shared", "separate")
+
+
+def _views(text: str) -> str:
+    parse_views(text)  # a ValueError names what is wrong with the spec
+    return text
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The LFLLM fields a user chooses (defaults: the paper's method; flags: the reference's names)."""
+
+    use_depth: bool = option(
+        True, "<DEPTH> tokens from the disparity map (--no_depth: LISA baseline)", flag="depth"
+    )
+    use_caam: bool = option(True, "Center Angular Aggregation Module (--no_caam: LISA baseline)", flag="caam")
+    caam_target: str = option("both", "which encoders see the CAAM-aggregated view", choices=CAAM_TARGETS)
+    caam_mode: str = option(
+        "fixed", "CAAM aggregation: fixed weights, learned, occlusion-aware", choices=CAAM_MODES
+    )
+    caam_views: str = option("4", "'4', '8', 'cross2' or view names like 5_4,5_6", parse=_views)
+    depth_range: tuple[float, float] = option(
+        (-1.0, 1.0),
+        "disparity (px) mapped to black..white; write --depth_range=-0.5,2 for a negative start",
+        parse=parse_range,
+        show=show_range,
+    )
+    depth_projector: str = option("shared", "projector of the <DEPTH> tokens", choices=DEPTH_PROJECTORS)
+    use_mm_start_end: bool = option(True, "wrap visual placeholders in <im_start>/<im_end>")
+    out_dim: int = option(
+        256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)"
+    )
+    ce_loss_weight: float = option(1.0, "weight of the answer's cross-entropy")
+    bce_loss_weight: float = option(2.0, "weight of the mask BCE")
+    dice_loss_weight: float = option(0.5, "weight of the mask dice loss")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depth_range", parse_range(show_range(self.depth_range)))
+        for name, allowed in (
+            ("caam_target", CAAM_TARGETS),
+            ("caam_mode", CAAM_MODES),
+            ("depth_projector", DEPTH_PROJECTORS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {allowed}")
+        _views(self.caam_views)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ModelOptions:
+        """The options recorded in ``values`` (e.g. ``trainable.json``); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (values or {}).items() if k in names})
+
+
+#: The defaults, for code that only reads them.
+DEFAULT_MODEL_OPTIONS = ModelOptions()
+
+
+def recorded_options(config: Any) -> dict[str, Any]:
+    """The :class:`ModelOptions` values a built model's config records (``caam_views`` as its offsets)."""
+    out = {}
+    for f in dataclasses.fields(ModelOptions):
+        if f.name == "caam_views":
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = tuple(float(v) for v in value) if f.name == "depth_range" else value
+    return out
+
+
+def mismatched_flags(
+    source: str, options: ModelOptions, given: Collection[str], recorded: Mapping[str, Any]
+) -> list[str]:
+    """One line per option in ``given`` (field names the user set) whose value differs from ``recorded``
+    (what ``source`` was built with), naming the flag, both values and the source."""
+    lines = []
+    fields = {f.name: f for f in dataclasses.fields(ModelOptions)}
+    for name in sorted(given):
+        if name not in recorded or name not in fields:
+            continue
+        mine, theirs = getattr(options, name), recorded[name]
+        if name == "caam_views":
+            mine, theirs = parse_views(mine), tuple(tuple(o) for o in theirs)
+        if mine != theirs:
+            field = fields[name]
+            lines.append(
+                f"--{flag_name(field)}: {show_value(field, getattr(options, name))} given, but {source} has "
+                f"{show_value(field, recorded[name]) if name != 'caam_views' else theirs}"
+            )
+    return lines

@@ -1,0 +1,322 @@
+"""Inputs of the step benchmark: the model at a size preset (random init, no download) and synthetic batches
+of the real shapes, through ``dataset.collate.collate_batch``. ``training/bench_step.py`` times them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dataset.collate import collate_batch
+from dataset.refer_seg import SampleSpec
+from dataset.transforms import longest_side_shape
+from model.build import build_lfllm, cast_model, option_fields
+from model.lfllm import LFLLMConfig, LFLLMForCausalLM
+from model.options import ModelOptions
+from model.presets import PRESETS, get_preset, llava_config
+from model.sam import reset_sam_buffers, sam_config
+from training.config import add_option_flags, options_from_args
+from training.tiny_base import write_tiny_base
+from utils.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN
+
+GiB = 2**30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="as train_ds.py's switch")
+    p.add_argument("--pack_conversations", action="store_true", help="one multi-turn conversation per scene")
+    p.add_argument(
+        "--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU"
+    )
+    p.add_argument("--eval", action="store_true", help="add the teacher-forced validation row")
+    p.add_argument("--chat", action="store_true", help="add the chat latency row")
+    p.add_argument("--no_train", action="store_true", help="skip the training rows (with --eval/--chat)")
+    p.add_argument("--no_flops", action="store_true", help="skip the FLOP-counted step")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--images", type=int, default=2, help="scenes per training micro-batch")
+    p.add_argument("--expressions", type=int, default=3, help="expressions per scene")
+    p.add_argument("--text_tokens", type=int, default=80, help="text tokens of a one-expression conversation")
+    p.add_argument("--original_hw", default="480,640", help="original image size H,W (UrbanLF: 480,640)")
+    p.add_argument("--max_new_tokens", type=int, default=16, help="chat: tokens generated per query")
+    p.add_argument("--chat_queries", type=int, default=5, help="chat: timed queries (after --warmup)")
+    p.add_argument(
+        "--torch_adam", action="store_true", help="plain torch AdamW on a GPU (no FusedAdam build)"
+    )
+    p.add_argument(
+        "--build",
+        default="auto",
+        choices=["auto", "files", "direct"],
+        help="files: write/load through build_lfllm; direct: random init in memory (auto: files for tiny)",
+    )
+    p.add_argument("--version", default=None, help="load this LLaVA dir (with --vision_pretrained) instead")
+    p.add_argument("--vision_pretrained", default=None, help="SAM checkpoint for --version")
+    p.add_argument("--seed", type=int, default=0)
+    add_option_flags(p.add_argument_group("model options (train_ds.py's)"), ModelOptions)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.no_train and not (args.eval or args.chat):
+        p.error("--no_train leaves nothing to measure: add --eval and/or --chat")
+    try:
+        args.original_hw = tuple(int(v) for v in args.original_hw.split(","))
+        assert len(args.original_hw) == 2
+    except (ValueError, AssertionError):
+        p.error(f"--original_hw {args.original_hw!r}: expected H,W")
+    if args.build == "auto":
+        args.build = "files" if (args.preset == "tiny" or args.version) else "direct"
+    if args.build == "direct" and args.version:
+        p.error("--version loads files: it cannot be combined with --build direct")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class TokenIds:
+    """Token ids the synthetic conversations use; plain text is drawn from ``[text_low, text_high)``."""
+
+    bos: int
+    eos: int
+    pad: int
+    image: int
+    depth: int
+    seg: int
+    im_start: int
+    im_end: int
+    text_low: int
+    text_high: int
+
+
+def random_config(preset_name: str, options: ModelOptions) -> tuple[LFLLMConfig, TokenIds]:
+    """The LFLLM config ``build_lfllm`` would make from a ``llava-1.5-*-hf`` directory of this preset:
+    ``<image>`` and ``<pad>`` right after the base vocabulary, then ``[SEG]``, ``<depth>``, ``<im_start>``,
+    ``<im_end>``, rows padded to a multiple of 64."""
+    preset = get_preset(preset_name)
+    v = preset.vocab_size
+    ids = TokenIds(
+        bos=1,
+        eos=2,
+        image=v,
+        pad=v + 1,
+        seg=v + 2,
+        depth=v + 3,
+        im_start=v + 4,
+        im_end=v + 5,
+        text_low=3,
+        text_high=v,
+    )
+    rows = -(-(v + 6) // 64) * 64
+    base = llava_config(preset, vocab_size=rows, image_token_id=ids.image, pad_token_id=ids.pad).to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "image_token_id"):
+        base.pop(key, None)
+    base["image_token_index"] = ids.image
+    sam_cfg = sam_config(preset.sam_variant)
+    config = LFLLMConfig(
+        **base,
+        **option_fields(options, sam_cfg),
+        seg_token_id=ids.seg,
+        depth_token_id=ids.depth,
+        new_token_ids=[ids.seg, ids.depth, ids.im_start, ids.im_end],
+        sam_config=sam_cfg,
+    )
+    config._attn_implementation = "sdpa"
+    return config, ids
+
+
+def build_direct(config: LFLLMConfig, dtype: torch.dtype, device: torch.device) -> LFLLMForCausalLM:
+    """Random-init LFLLM built in place on ``device`` in ``dtype`` (no float32 copy, no files)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LFLLMForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to(device)  # CAAM keeps small tensors on the CPU by construction
+    reset_sam_buffers(model.sam)
+    return cast_model(model, dtype)
+
+
+def token_ids_from_tokenizer(tokenizer: Any, config: LFLLMConfig) -> TokenIds:
+    im_start, im_end = tokenizer.convert_tokens_to_ids([IM_START_TOKEN, IM_END_TOKEN])
+    special = [config.image_token_id, config.depth_token_id, config.seg_token_id, tokenizer.pad_token_id]
+    special += list(config.new_token_ids or [])
+    return TokenIds(
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+        image=config.image_token_id,
+        depth=config.depth_token_id,
+        seg=config.seg_token_id,
+        im_start=im_start,
+        im_end=im_end,
+        text_low=3,
+        text_high=min(special),
+    )
+
+
+TINY_CORPUS = (
+    "the red car parked on the left",
+    "a person walking next to the tall tree",
+    "the blue bicycle in front of the building",
+    "the nearest street lamp",
+)
+
+
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(model on ``device`` in eval mode, tokenizer or None, token ids, seconds)."""
+    tic = time.perf_counter()
+    torch.manual_seed(args.seed)
+    tokenizer = None
+    options = options_from_args(ModelOptions, args)
+    if args.build == "direct":
+        config, ids = random_config(args.preset, options)
+        model = build_direct(config, dtype, device)
+    else:
+        if args.version:
+            model, tokenizer = build_lfllm(args.version, args.vision_pretrained, options, dtype)
+        else:
+            if args.preset != "tiny":
+                raise SystemExit(f"--preset {args.preset}: --build files writes only the tiny base")
+            with tempfile.TemporaryDirectory(prefix="lfllm_bench_") as tmp:
+                paths = write_tiny_base(tmp, TINY_CORPUS, seed=args.seed)
+                model, tokenizer = build_lfllm(paths["llava"], paths["sam"], options, dtype)
+        model.to(device)
+        ids = token_ids_from_tokenizer(tokenizer, model.config)
+    return model.eval(), tokenizer, ids, time.perf_counter() - tic
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+ANSWER_TOKENS = 8  # "Sure, it is [SEG].</s>"
+TURN_TOKENS = 40  # "USER:" question "ASSISTANT:" + the answer (the first turn's "USER:" is in the head)
+
+
+def conversation(
+    config: LFLLMConfig, ids: TokenIds, gen: torch.Generator, turns: int, text_tokens: int, with_answer: bool
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one synthetic conversation with ``turns`` question/answer turns.
+
+    ``text_tokens`` counts everything but the expanded visual runs for one turn; each extra turn adds
+    ``TURN_TOKENS``. Without answers the prompt ends after the first question (a chat query)."""
+
+    def text(n: int) -> list[int]:
+        return torch.randint(ids.text_low, ids.text_high, (n,), generator=gen).tolist()
+
+    newline = ids.text_low
+    visual: list[int] = []
+    runs = ([ids.depth] if config.use_depth else []) + [ids.image]
+    for tok in runs:
+        run = [tok] * config.image_seq_length
+        visual += ([ids.im_start, *run, ids.im_end] if config.use_mm_start_end else run) + [newline]
+    head = text_tokens - (len(visual) - len(runs) * config.image_seq_length) - TURN_TOKENS
+    if head < 1:
+        raise ValueError(f"--text_tokens {text_tokens} is too short for the prompt layout")
+    input_ids = [ids.bos, *text(head - 1), *visual]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for _ in range(turns):
+        question = text(TURN_TOKENS - ANSWER_TOKENS)
+        input_ids += question
+        labels += [IGNORE_INDEX] * len(question)
+        if not with_answer:
+            break
+        answer = [*text(ANSWER_TOKENS - 3), ids.seg, *text(1), ids.eos]
+        input_ids += answer
+        labels += answer
+    return input_ids, labels
+
+
+def synthetic_sample(
+    config: LFLLMConfig,
+    ids: TokenIds,
+    gen: torch.Generator,
+    expressions: int,
+    text_tokens: int,
+    original_hw: tuple[int, int],
+    pack: bool,
+    with_answer: bool = True,
+) -> dict[str, Any]:
+    """One scene in the format of ``dataset.refer_seg.ReferSegDataset`` items (uint8 views at CLIP and SAM
+    geometry, disparity, conversations, masks at the original size)."""
+    spec = SampleSpec.from_model_config(config)
+    s, t = spec.clip_size, spec.sam_size
+    h, w = original_hw
+    views = len(config.caam_offsets or [])
+
+    def pixels(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+
+    def disparity(size: int) -> torch.Tensor:
+        return torch.rand(size, size, generator=gen) * 2 - 1
+
+    nh, nw = longest_side_shape(h, w, t)
+    sam_center, sam_views = pixels(3, t, t), pixels(views, 3, t, t) if spec.caam_sam else None
+    for x in (sam_center, sam_views):
+        if x is not None:  # SAM's input is padded with zeros below/right of the resized image
+            x[..., nh:, :] = 0
+            x[..., nw:] = 0
+    clip_w = max(s, round(w * s / min(h, w)))
+    if pack:
+        convs = [conversation(config, ids, gen, expressions, text_tokens, with_answer)]
+    else:
+        convs = [conversation(config, ids, gen, 1, text_tokens, with_answer) for _ in range(expressions)]
+    masks = (torch.rand(expressions, h, w, generator=gen) > 0.5).to(torch.uint8) if with_answer else None
+    return {
+        "clip_center": pixels(3, s, s),
+        "clip_views": pixels(views, 3, s, s) if spec.caam_clip else None,
+        "clip_disparity": disparity(s) if spec.needs_disparity else None,
+        "clip_scale": clip_w / w,
+        "sam_center": sam_center,
+        "sam_views": sam_views,
+        "sam_disparity": disparity(t) if spec.caam_sam else None,
+        "sam_scale": nw / w,
+        "sam_resized_hw": (nh, nw),
+        "original_hw": (h, w),
+        "conversations": convs,
+        "masks": masks,
+        "image_id": 0,
+        "ds": "synthetic",
+        "sentences": [f"expression {k}" for k in range(expressions)],
+        "subsets": [],
+        "scene_dir": "synthetic",
+        "center_path": "synthetic",
+    }
+
+
+def synthetic_batch(
+    config: LFLLMConfig,
+    ids: TokenIds,
+    *,
+    images: int,
+    expressions: int,
+    text_tokens: int = 80,
+    original_hw: tuple[int, int] = (480, 640),
+    pack: bool = False,
+    with_answer: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A collated batch (``collate_batch``) of ``images`` synthetic scenes × ``expressions``."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = [
+        synthetic_sample(config, ids, gen, expressions, text_tokens, original_hw, pack, with_answer)
+        for _ in range(images)
+    ]
+    return collate_batch(samples, ids.pad)
+
+
+def batch_shape(batch: dict[str, Any], ids: TokenIds) -> dict[str, Any]:
+    """Sizes of a collated batch: scenes, conversations (rows), padded length, real tokens, [SEG]s."""
+    return {
+        "images": len(batch["original_hw"]),
+        "conversations": int(batch["input_ids"].shape[0]),
+        "seq_len": int(batch["input_ids"].shape[1]),
+        "lm_tokens": int(batch["attention_mask"].sum()),
+        "seg_tokens": int((batch["input_ids"] == ids.seg).sum()),
+    }

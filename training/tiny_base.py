@@ -1,0 +1,291 @@
+"""The tiny LLaVA + SAM base of the tests and the quickstart: tokenizer, random LLaVA, (pretrained) tiny SAM.
+
+``tiny`` (:data:`model.presets.PRESETS`) is built from configs with random init and a tokenizer trained
+offline on the synthetic corpus; it is written to disk in exactly the layout of ``llava-hf/llava-1.5-7b-hf``
+(config.json, safetensors, tokenizer, preprocessor_config.json) and SAM in the official state-dict format,
+so that it goes through the same loading code as the real weights. The tiny SAM can be pretrained on
+train-split point prompts (:func:`pretrain_tiny_sam`), standing in for SAM's own pretraining.
+``scripts/make_tiny_base.py`` is the command line (:func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from tokenizers import pre_tokenizers
+from tqdm import tqdm
+from transformers import (
+    CLIPImageProcessor,
+    LlamaTokenizer,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+from dataset.prompts import ANSWER_TEMPLATES, QUESTION_TEMPLATES
+from dataset.scenes import SceneDataset, split_datasets
+from dataset.transforms import sam_geometry
+from model.losses import mask_losses
+from model.presets import get_preset, llava_config
+from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, sam_config
+from utils.conversation import SYSTEM_PROMPT
+from utils.metrics import mask_iou_stats
+
+
+def template_corpus() -> list[str]:
+    """Every fixed text the prompts use (system prompt, questions, answers, chat scaffolding)."""
+    texts = [SYSTEM_PROMPT, *ANSWER_TEMPLATES]
+    texts += [q.format(expr="the object") for q in QUESTION_TEMPLATES]
+    texts += ["USER: ASSISTANT: </s>", "[INST] <<SYS>> <</SYS>> [/INST]"]
+    return texts
+
+
+def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A Llama-style tokenizer trained offline on ``corpus`` + the prompt templates, with ``<image>`` and
+    ``<pad>`` already added (as in ``llava-1.5-7b-hf``).
+
+    Pieces never span a space, as in LLaMA's sentencepiece model (``split_by_whitespace``). The default
+    ``tokenizers`` Llama pre-tokenizer does not split, and on a small corpus BPE then learns whole phrases
+    ("▁the▁orange▁bike▁that▁is▁in▁front▁of…") as single tokens: an expression becomes one random, frozen
+    embedding that no other expression shares, and nothing learnt on the train split carries over to val.
+    """
+    texts = list(corpus) + template_corpus() * 20
+    base = LlamaTokenizer()
+    base.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first", split=True
+    )
+    tok = base.train_new_from_iterator(texts, vocab_size=vocab_size)
+    tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
+    return tok
+
+
+@dataclass(frozen=True)
+class SamPretrainOptions:
+    """Class-agnostic point-prompt pretraining of the tiny SAM (SAM's own objective, in miniature).
+
+    Each step takes ``images_per_step`` train images, prompts every annotated object of each (at most
+    ``max_objects``) with one foreground point drawn uniformly inside its mask, through segment_anything's
+    own prompt encoder, and trains the image encoder, prompt encoder and mask decoder on sigmoid BCE + dice
+    at the image's own resolution (AdamW, linear warm-up, cosine decay).
+    """
+
+    steps: int = 0
+    images_per_step: int = 4
+    max_objects: int = 4
+    lr: float = 3e-3
+    warmup: int = 10
+
+
+def train_split_objects(
+    dataset_dir: str | Path, datasets: str | Sequence[str]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(centre view (H, W, 3) uint8, object masks (K, H, W) uint8) of every train-split image.
+
+    Only images whose refs are all in the train split are used (no val/test pixels or masks), each
+    annotated object once.
+    """
+    scenes = SceneDataset(dataset_dir, datasets, "train", views=(), mode="val", with_disparity=False)
+    out = []
+    for index, scene in enumerate(scenes.scenes):
+        ann = scenes.annotations[scene.ds_index]
+        if any(r.image_id == scene.image_id and not r.in_split("train") for r in ann.refs):
+            continue
+        item = scenes[index]
+        _, first = np.unique(np.asarray(item["ref_ids"]), return_index=True)
+        masks = item["masks"][np.sort(first)]
+        masks = masks[masks.reshape(len(masks), -1).any(1)]
+        if len(masks):
+            out.append((item["center"], masks))
+    if not out:
+        raise ValueError(f"{dataset_dir}: no train-split image with an annotated object to pretrain SAM on")
+    return out
+
+
+def pretrain_tiny_sam(
+    sam: Sam, objects: Sequence[tuple[np.ndarray, np.ndarray]], options: SamPretrainOptions, seed: int = 0
+) -> dict[str, float]:
+    """Train ``sam`` in place on point prompts for ``options.steps`` steps (see :class:`SamPretrainOptions`).
+
+    Images go through the same geometry and normalisation as in the model (longest side to the SAM input
+    size, normalise, zero pad). Deterministic for a given seed and thread count. Returns the mean loss and
+    mask IoU of the first and of the last 10 % of the steps (``first_loss``, ``first_iou``, ``loss``,
+    ``iou``).
+    """
+    size = sam.image_encoder.img_size
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    data = []
+    for center, masks in objects:
+        views, _, (h, w), _ = sam_geometry(center[None], None, size)
+        x = (torch.from_numpy(views[0]).permute(2, 0, 1).float() - mean) / std
+        x[:, h:] = 0
+        x[:, :, w:] = 0
+        data.append((x, torch.from_numpy(masks).float(), (h, w)))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    sam.train()
+    opt = torch.optim.AdamW(sam.parameters(), lr=options.lr, weight_decay=0.0)
+    total = max(1, options.steps)
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / max(1, options.warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    pe = sam.prompt_encoder
+    log: list[tuple[float, float]] = []
+    for _ in tqdm(range(options.steps), desc="pretrain tiny SAM", unit="step", disable=options.steps < 50):
+        idx = torch.randperm(len(data), generator=gen)[: options.images_per_step].tolist()
+        embeddings = sam.image_encoder(torch.stack([data[i][0] for i in idx]))
+        preds, gts = [], []
+        for j, i in enumerate(idx):
+            _, masks, (h, w) = data[i]
+            pick = torch.randperm(len(masks), generator=gen)[: options.max_objects]
+            gt = masks[pick]
+            points = []
+            for m in gt:
+                ys, xs = torch.nonzero(m, as_tuple=True)
+                k = int(torch.randint(len(ys), (1,), generator=gen))
+                points.append([(float(xs[k]) + 0.5) * w / m.shape[1], (float(ys[k]) + 0.5) * h / m.shape[0]])
+            coords = torch.tensor(points).view(-1, 1, 2)
+            labels = torch.ones(len(points), 1, dtype=torch.int)
+            sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+            low_res, _ = sam.mask_decoder(
+                image_embeddings=embeddings[j : j + 1],
+                image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            preds.append(sam.postprocess_masks(low_res, (h, w), tuple(gt.shape[-2:]))[:, 0])
+            gts.append(gt)
+        bce, dice = mask_losses(preds, gts)
+        loss = bce + dice
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            inter, union = zip(*(mask_iou_stats(p, g) for p, g in zip(preds, gts)))
+            iou = float((torch.cat(inter) / torch.cat(union).clamp(min=1)).mean())
+        log.append((loss.item(), iou))
+    sam.eval()
+    n = max(1, len(log) // 10)
+    head, tail = log[:n] or [(float("nan"),) * 2], log[-n:] or [(float("nan"),) * 2]
+    return {
+        "first_loss": sum(v[0] for v in head) / len(head),
+        "first_iou": sum(v[1] for v in head) / len(head),
+        "loss": sum(v[0] for v in tail) / len(tail),
+        "iou": sum(v[1] for v in tail) / len(tail),
+    }
+
+
+def write_tiny_base(
+    out_dir: str | Path,
+    corpus: Iterable[str],
+    seed: int = 0,
+    sam_objects: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    sam_pretrain: SamPretrainOptions | None = None,
+) -> dict[str, Path]:
+    """Write ``out_dir/llava`` (HF LLaVA directory) and ``out_dir/sam_tiny.pth`` (SAM state dict).
+
+    With ``sam_pretrain.steps > 0`` the tiny SAM is pretrained on ``sam_objects`` (train-split images and
+    masks, see :func:`train_split_objects`) with :func:`pretrain_tiny_sam` before it is saved, so that it
+    plays the part of the pretrained SAM of the real stack; its first/last losses and IoUs go to
+    ``out_dir/sam_pretrain.json``. Returns the two paths. Deterministic for a
+    given corpus, objects, options, seed (and thread count, when pretraining).
+    """
+    out_dir = Path(out_dir)
+    preset = get_preset("tiny")
+    tok = train_tiny_tokenizer(corpus, preset.vocab_size)
+    cfg = llava_config(
+        preset,
+        vocab_size=len(tok),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    llava = LlavaForConditionalGeneration(cfg)
+    llava_dir = out_dir / "llava"
+    llava.save_pretrained(llava_dir)
+    tok.save_pretrained(llava_dir)
+    size = preset.vision["image_size"]
+    CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    ).save_pretrained(llava_dir)
+    torch.manual_seed(seed)
+    sam = build_sam(sam_config(preset.sam_variant))
+    if sam_pretrain is not None and sam_pretrain.steps > 0:
+        if not sam_objects:
+            raise ValueError("SAM pretraining needs train-split objects (see train_split_objects)")
+        result = pretrain_tiny_sam(sam, sam_objects, sam_pretrain, seed=seed)
+        record = {"options": vars(sam_pretrain), "images": len(sam_objects), **result}
+        (out_dir / "sam_pretrain.json").write_text(json.dumps(record, indent=2))
+    sam_path = out_dir / "sam_tiny.pth"
+    torch.save(sam.state_dict(), sam_path)
+    return {"llava": llava_dir, "sam": sam_path}
+
+
+def dataset_sentences(dataset_dir: str | Path, datasets: str) -> list[str]:
+    """Every sentence of the refs of ``datasets`` (``a||b`` allowed). Raises ``FileNotFoundError`` /
+    ``ValueError`` naming the JSON file when it is missing, malformed or holds no sentence."""
+    sentences: list[str] = []
+    for ds in split_datasets(datasets):
+        path = Path(dataset_dir) / "refer_seg" / ds / f"{ds}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: referring-expression JSON not found (check --dataset_dir / --ds)"
+            )
+        try:
+            refs = json.loads(path.read_text())
+            found = [s["sent"] for ref in refs for s in ref["sentences"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{path}: expected a list of refs with sentences[{{'sent': ...}}] ({exc})"
+            ) from exc
+        if not found:
+            raise ValueError(f"{path}: holds no sentence to train the tokenizer on")
+        sentences += found
+    return sentences
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Write a tiny LLaVA + SAM base (random weights) for CPU runs.")
+    p.add_argument("--out", required=True, help="output folder (gets llava/ and sam_tiny.pth)")
+    p.add_argument("--dataset_dir", default="./dataset", help="root holding refer_seg/<ds>/<ds>.json")
+    p.add_argument("--ds", default="ref-urbanlf-syn", help="dataset name(s), '||'-separated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sam_pretrain_steps",
+        type=int,
+        default=0,
+        help="pretrain the tiny SAM on train-split point prompts for N steps (stands in for SAM's own "
+        "pretraining; 0 = random SAM)",
+    )
+    p.add_argument("--sam_pretrain_lr", type=float, default=SamPretrainOptions.lr)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    """Entry point; returns ``{"llava": dir, "sam": path}``."""
+    args = build_parser().parse_args(argv)
+    corpus = dataset_sentences(args.dataset_dir, args.ds)
+    pretrain = SamPretrainOptions(steps=args.sam_pretrain_steps, lr=args.sam_pretrain_lr)
+    objects = train_split_objects(args.dataset_dir, args.ds) if pretrain.steps > 0 else None
+    paths = write_tiny_base(args.out, corpus, seed=args.seed, sam_objects=objects, sam_pretrain=pretrain)
+    print(f"tokenizer trained on {len(corpus)} sentences")
+    if objects:
+        done = json.loads((Path(args.out) / "sam_pretrain.json").read_text())
+        print(
+            f"tiny SAM pretrained {pretrain.steps} steps on {len(objects)} train images: point-prompt loss "
+            f"{done['first_loss']:.3f} -> {done['loss']:.3f}, train mask IoU {done['first_iou']:.3f} -> "
+            f"{done['iou']:.3f}"
+        )
+    print(f"--version {paths['llava']} --vision_pretrained {paths['sam']}")
+    return paths

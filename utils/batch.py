@@ -1,0 +1,54 @@
+"""The batch: what ``dataset.collate.collate_batch`` makes and ``model.lfllm.LFLLMForCausalLM.forward_lf``,
+``model.inference`` and ``training.trainer`` read. Documented once, here, with shapes.
+
+Shapes: B scenes (images), V neighbour views, N conversations (all scenes' together, ``conv_image`` maps
+each to its scene), L tokens, S the CLIP input size, T the SAM input size, k_i masks of scene i at its
+original size (H_i, W_i). A key that a model configuration does not use is absent (not None): no
+``clip_views`` without CAAM on CLIP, no ``clip_disparity`` without depth tokens, no ``gt_masks`` when
+predicting.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from torch import Tensor
+
+
+class Batch(TypedDict, total=False):
+    """One collated batch (a plain ``dict`` at run time, so DeepSpeed and ``move_batch`` pass it through)."""
+
+    clip_center: Tensor  # (B, 3, S, S) uint8 RGB centre view at CLIP geometry (resize + centre crop)
+    clip_views: Tensor  # (B, V, 3, S, S) uint8 neighbours at CLIP geometry (CAAM on CLIP)
+    clip_disparity: Tensor  # (B, S, S) float32 disparity in px at CLIP geometry (depth tokens / CAAM)
+    clip_scale: Tensor  # (B,) float32 CLIP pixels per original pixel (rescales disparity for the warp)
+    sam_center: Tensor  # (B, 3, T, T) uint8 centre view, longest side T, zero-padded bottom/right
+    sam_views: Tensor  # (B, V, 3, T, T) uint8 neighbours at SAM geometry (CAAM on SAM)
+    sam_disparity: Tensor  # (B, T, T) float32 disparity in px at SAM geometry (CAAM on SAM)
+    sam_scale: Tensor  # (B,) float32 SAM pixels per original pixel
+    sam_resized_hw: Tensor  # (B, 2) int64 size of the resized (unpadded) image inside T x T
+    original_hw: list[tuple[int, int]]  # B x (H_i, W_i)
+    input_ids: Tensor  # (N, L) int64, visual placeholders expanded, right-padded
+    labels: Tensor  # (N, L) int64, utils.tokens.IGNORE_INDEX outside the answers
+    attention_mask: Tensor  # (N, L) int64, 1 on real tokens
+    conv_image: Tensor  # (N,) int64 scene index of each conversation
+    gt_masks: list[Tensor]  # B x (k_i, H_i, W_i) float {0, 1}, in the [SEG] order of scene i
+    image_id: list[int | str]  # B scene ids
+    ds: list[str]  # B dataset names
+    sentences: list[list[str]]  # B x k_i expressions
+    subsets: list[list[tuple[str, ...]]]  # B x k_i subset tags of each expression
+    scene_dir: list[str]  # B scene folders (or 2D image paths)
+    center_path: list[str]  # B centre-view files
+
+
+#: The image tensors stacked over scenes (present in every sample of a batch or in none).
+STACKED_KEYS: tuple[str, ...] = (
+    "clip_center",
+    "clip_views",
+    "clip_disparity",
+    "sam_center",
+    "sam_views",
+    "sam_disparity",
+)
+#: The per-scene metadata lists carried through unchanged.
+META_KEYS: tuple[str, ...] = ("image_id", "ds", "sentences", "subsets", "scene_dir", "center_path")

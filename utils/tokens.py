@@ -1,0 +1,16 @@
+"""Names of the special tokens and the label id that every layer shares (tokenizer, prompts, collate, model).
+
+Only names live here; the templates that use them are in ``dataset/prompts.py`` and the code that adds them
+to a tokenizer is ``model/build.py``.
+"""
+
+from __future__ import annotations
+
+SEG_TOKEN = "[SEG]"
+IMAGE_TOKEN = "<image>"
+DEPTH_TOKEN = "<depth>"
+IM_START_TOKEN = "<im_start>"
+IM_END_TOKEN = "<im_end>"
+
+#: Label of positions that carry no language-model loss (prompt, visual tokens, padding).
+IGNORE_INDEX = -100
