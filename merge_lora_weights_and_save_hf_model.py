@@ -32,6 +32,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataset.options import PromptOptions
 from model.build import DTYPES
 from model.options import ModelOptions
 from model.trainable import TrainableOptions
@@ -57,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="DeepSpeed checkpoint tag (default: its 'latest' file)")
     p.add_argument("--precision", default="bf16", choices=sorted(DTYPES), help="dtype of the saved model")
     p.add_argument("--max_shard_size", default="5GB", help="safetensors shard size")
-    p.add_argument("--conv_type", default="llava_v1", choices=["llava_v1", "llava_llama_2"])
+    # conv_type / model_max_length: default None = trainable.json's; recorded in merge_info.json for chat
+    add_option_flags(p, PromptOptions, unset=True)
     t = p.add_argument_group("training options (default: trainable.json next to --weight, else LISA's)")
     add_option_flags(t, TrainableOptions, unset=True)
     add_option_flags(t, ModelOptions, unset=True)
     c = p.add_argument_group("accepted for compatibility with LISA's command lines")
     c.add_argument("--vision-tower", "--vision_tower", dest="vision_tower", default=None)
     c.add_argument("--image_size", type=int, default=None)
-    c.add_argument("--model_max_length", type=int, default=None)
     c.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1)
     return p
 

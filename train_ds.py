@@ -136,6 +136,7 @@ def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, l
         "vision_pretrained": str(args.vision_pretrained),
         "precision": args.precision,
         "conv_type": args.conv_type,
+        "model_max_length": args.model_max_length,
         "model_options": dataclasses.asdict(m_opts),
         "trainable_options": dataclasses.asdict(t_opts),
     }

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from utils.conversation import TEMPLATES
 from utils.options import option
 
 DepthSource = Literal["file", "estimate"]
@@ -55,3 +56,16 @@ class DataOptions:
 
 
 DEFAULT_DATA_OPTIONS = DataOptions()
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """How the conversations are written and bounded (train, merge record, chat, demo)."""
+
+    conv_type: str = option("llava_v1", "chat template of the base language model", choices=sorted(TEMPLATES))
+    model_max_length: int = option(
+        512, "prompt length limit in tokens, each <image>/<depth> placeholder counted once (as the reference)"
+    )
+
+
+DEFAULT_PROMPT_OPTIONS = PromptOptions()

@@ -107,3 +107,10 @@ def mismatched_flags(
                 f"{show_value(field, recorded[name]) if name != 'caam_views' else theirs}"
             )
     return lines
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding of an answer (the ``generated`` protocol, chat, the demo)."""
+
+    max_new_tokens: int = option(32, "tokens generated per answer (generated protocol / chat)")

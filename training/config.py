@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dataset.disparity.config import DisparityConfig, config_overrides
-from dataset.options import DataOptions
-from model.options import ModelOptions
+from dataset.options import DataOptions, PromptOptions
+from model.options import GenerationOptions, ModelOptions
 from model.trainable import TrainableOptions
 from utils.options import flag_name, is_option
 from utils.views import view_set_offsets
 
-OptionClass = type[ModelOptions] | type[TrainableOptions] | type[DataOptions]
+OptionClass = type
 
 
 def add_switch(
@@ -149,8 +149,7 @@ def _reference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exp_name", default="lfllm")
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     g.add_argument("--image_size", type=int, default=1024, help="SAM input size (must match the SAM variant)")
-    g.add_argument("--model_max_length", type=int, default=512)
-    g.add_argument("--conv_type", default="llava_v1", choices=["llava_v1", "llava_llama_2"])
+    add_option_flags(g, PromptOptions)
 
     add_option_flags(g, ModelOptions, skip=_LFLLM_MODEL_FIELDS)
 
@@ -201,7 +200,7 @@ def _lfllm_flags(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("run control (ours)")
     o.add_argument("--eval_protocol", default="teacher_forced", choices=["teacher_forced", "generated"])
     o.add_argument("--vis_save_path", default="", help="write overlay images of validation here")
-    o.add_argument("--max_new_tokens", type=int, default=32, help="generated protocol / chat")
+    add_option_flags(o, GenerationOptions)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--warmup_steps", type=int, default=100)
     o.add_argument("--max_grad_norm", type=float, default=1.0)

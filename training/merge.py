@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from transformers import CLIPImageProcessor
 
+from dataset.options import DEFAULT_PROMPT_OPTIONS
 from model.build import DTYPES, build_lfllm
 from model.lfllm import LFLLMForCausalLM
 from model.options import ModelOptions
@@ -95,7 +96,10 @@ def merge_to_hf(
         "version": str(version),
         "vision_pretrained": None if vision_pretrained is None else str(vision_pretrained),
         "precision": args.precision,
-        "conv_type": args.conv_type,
+        "conv_type": args.conv_type or (meta or {}).get("conv_type") or DEFAULT_PROMPT_OPTIONS.conv_type,
+        "model_max_length": args.model_max_length
+        or (meta or {}).get("model_max_length")
+        or DEFAULT_PROMPT_OPTIONS.model_max_length,
         "model_options": dataclasses.asdict(model_opts),
         "trainable_options": dataclasses.asdict(train_opts),
         "trained": {k: (meta or {}).get(k) for k in ("global_step", "epoch")},
