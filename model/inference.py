@@ -2,8 +2,9 @@
 
 Generation uses ``generate`` on precomputed ``inputs_embeds`` (image and depth tokens written in), so
 the KV cache serves every new token and each image is encoded once however many expressions it has.
-The masks of a generated answer come from one forward over prompt + answer, reading ``[SEG]`` states
-exactly as in training.
+All conversations of a batch (every scene's expressions) are generated together, left-padded, and their
+masks come from one forward over prompt + answer (right-padded), reading ``[SEG]`` states exactly as in
+training. Every mask comes with SAM's predicted IoU for its ``[SEG]`` prompt (the decoder's IoU head).
 """
 
 from __future__ import annotations
@@ -18,17 +19,47 @@ from utils.batch import Batch
 
 @dataclass
 class Generated:
-    """One conversation's generated answer: token ids, text, and the first mask (None without [SEG])."""
+    """One conversation's generated answer: token ids, text, the first mask (None without [SEG]) and
+    SAM's predicted IoU of that mask (None without [SEG])."""
 
     token_ids: list[int]
     text: str
     mask_logits: torch.Tensor | None
+    sam_iou: float | None = None
 
 
 @torch.no_grad()
 def teacher_forced_masks(model: LFLLMForCausalLM, batch: Batch) -> list[torch.Tensor]:
     """Mask logits per image (k_i, H_i, W_i) with the reference answers in the prompt."""
     return model.forward_lf(batch)["pred_masks"]
+
+
+@torch.no_grad()
+def teacher_forced_scored(
+    model: LFLLMForCausalLM, batch: Batch
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher-forced mask logits per image (k_i, H_i, W_i) and SAM's predicted IoU per image (k_i,)."""
+    out = model.forward_lf(batch)
+    return out["pred_masks"], out["pred_ious"]
+
+
+def _left_padded(embeds: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (N, L, D) prompt embeddings -> left-padded (N, Lmax, D) and their (N, Lmax) mask."""
+    n, longest = len(lengths), max(lengths)
+    out = embeds.new_zeros(n, longest, embeds.shape[-1])
+    mask = torch.zeros(n, longest, dtype=torch.long, device=embeds.device)
+    for row, length in enumerate(lengths):
+        out[row, longest - length :] = embeds[row, :length]
+        mask[row, longest - length :] = 1
+    return out, mask
+
+
+def _answer_ids(row: torch.Tensor, eos_token_id: int | None) -> list[int]:
+    """Generated ids of one row up to (not including) its first EOS; the pads after it are dropped."""
+    ids = row.tolist()
+    if eos_token_id is not None and eos_token_id in ids:
+        ids = ids[: ids.index(eos_token_id)]
+    return ids
 
 
 def _masks_for_sequences(
@@ -39,27 +70,39 @@ def _masks_for_sequences(
     depth_tokens: torch.Tensor | None,
     image_embeddings: torch.Tensor,
     batch: Batch,
-) -> list[torch.Tensor | None]:
-    """First-[SEG] mask of each full sequence (prompt + generated answer), None where no [SEG]."""
-    out: list[torch.Tensor | None] = [None] * len(ids)
+    pad_token_id: int,
+) -> list[tuple[torch.Tensor, float] | None]:
+    """First-[SEG] (mask logits (H, W), SAM IoU) of each full sequence (prompt + generated answer), None
+    where no [SEG]; one right-padded language forward and one decoder call for all sequences."""
+    longest = max(len(seq) for seq in ids)
+    device = ids[0].device
+    padded = torch.full((len(ids), longest), pad_token_id, dtype=torch.long, device=device)
+    attention = torch.zeros_like(padded)
     for n, seq in enumerate(ids):
-        seq = seq.unsqueeze(0)
-        rows, cols = seg_predictor_positions(seq, model.config.seg_token_id)
-        if len(cols) == 0:
-            continue
-        img = torch.tensor([conv_image[n]], device=seq.device)
-        embeds = model.build_inputs_embeds(seq, img, image_tokens, depth_tokens)
-        hidden = model.language_hidden(embeds, torch.ones_like(seq))
-        seg = model.seg_projector(hidden[rows[:1], cols[:1]])
-        i = conv_image[n]
-        masks = model.decode_masks(
-            seg,
-            torch.zeros(1, dtype=torch.long, device=seq.device),
-            image_embeddings[i : i + 1],
-            batch["sam_resized_hw"][i : i + 1],
-            [batch["original_hw"][i]],
-        )
-        out[n] = masks[0][0]
+        padded[n, : len(seq)] = seq
+        attention[n, : len(seq)] = 1
+    rows, cols = seg_predictor_positions(padded, model.config.seg_token_id)
+    first: dict[int, int] = {}
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        first.setdefault(r, c)
+    out: list[tuple[torch.Tensor, float] | None] = [None] * len(ids)
+    if not first:
+        return out
+    images = torch.tensor(conv_image, device=device)
+    embeds = model.build_inputs_embeds(padded, images, image_tokens, depth_tokens)
+    hidden = model.language_hidden(embeds, attention)
+    seg_rows = torch.tensor(list(first), device=device)
+    seg_cols = torch.tensor(list(first.values()), device=device)
+    seg = model.seg_projector(hidden[seg_rows, seg_cols])
+    seg_image = images[seg_rows]
+    masks, ious = model.decode_masks_scored(
+        seg, seg_image, image_embeddings, batch["sam_resized_hw"], batch["original_hw"]
+    )
+    taken = [0] * len(masks)  # each image's masks come in the order of its rows in ``first``
+    for row in first:
+        i = conv_image[row]
+        out[row] = (masks[i][taken[i]], float(ious[i][taken[i]]))
+        taken[i] += 1
     return out
 
 
@@ -68,36 +111,47 @@ def generate_masks(
     model: LFLLMForCausalLM, batch: Batch, tokenizer, max_new_tokens: int = 32
 ) -> list[list[Generated]]:
     """Generate an answer for every conversation of ``batch`` (prompts end at the answer prefix) and
-    segment with its first ``[SEG]``. Returns, per image, one :class:`Generated` per conversation."""
+    segment with its first ``[SEG]``. Returns, per image, one :class:`Generated` per conversation.
+
+    The N conversations are generated in one left-padded ``generate`` call (greedy), so a batch of B
+    scenes costs one CLIP pass, one SAM pass, one generation and one mask forward.
+    """
     image_tokens, depth_tokens = model.encode_clip(batch)
     image_embeddings = model.encode_sam(batch)
     conv_image = batch["conv_image"].tolist()
+    lengths = [int(v) for v in batch["attention_mask"].sum(1)]
     # A visual placeholder in the answer would have no features to fill it (the forward then fails).
     placeholders = [t for t in (model.config.image_token_id, model.config.depth_token_id) if t is not None]
-    full_ids, answers = [], []
-    for n in range(len(conv_image)):
-        length = int(batch["attention_mask"][n].sum())
-        prompt = batch["input_ids"][n : n + 1, :length]
-        img = batch["conv_image"][n : n + 1]
-        embeds = model.build_inputs_embeds(prompt, img, image_tokens, depth_tokens)
-        new = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            suppress_tokens=placeholders,
-        )[0]
-        if len(new) and new[-1] == tokenizer.eos_token_id:
-            new = new[:-1]
-        answers.append(new.tolist())
-        full_ids.append(torch.cat([prompt[0], new.to(prompt.device)]))
+    embeds = model.build_inputs_embeds(batch["input_ids"], batch["conv_image"], image_tokens, depth_tokens)
+    left, left_mask = _left_padded(embeds, lengths)
+    new = model.generate(
+        inputs_embeds=left,
+        attention_mask=left_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=placeholders,
+    )
+    answers = [_answer_ids(new[n], tokenizer.eos_token_id) for n in range(len(conv_image))]
+    full_ids = [
+        torch.cat([batch["input_ids"][n, : lengths[n]], torch.tensor(a, dtype=torch.long).to(left.device)])
+        for n, a in enumerate(answers)
+    ]
     masks = _masks_for_sequences(
-        model, full_ids, conv_image, image_tokens, depth_tokens, image_embeddings, batch
+        model,
+        full_ids,
+        conv_image,
+        image_tokens,
+        depth_tokens,
+        image_embeddings,
+        batch,
+        tokenizer.pad_token_id,
     )
     per_image: list[list[Generated]] = [[] for _ in batch["original_hw"]]
     for n, i in enumerate(conv_image):
         text = tokenizer.decode(answers[n], skip_special_tokens=False)
-        per_image[i].append(Generated(answers[n], text, masks[n]))
+        found = masks[n]
+        logits, iou = (None, None) if found is None else found
+        per_image[i].append(Generated(answers[n], text, logits, iou))
     return per_image

@@ -223,22 +223,44 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         resized_hw: torch.Tensor,
         original_hw: list[tuple[int, int]],
     ) -> list[torch.Tensor]:
-        """SAM mask decoder prompted with projected ``[SEG]`` states.
+        """SAM mask decoder prompted with projected ``[SEG]`` states (masks of :meth:`decode_masks_scored`).
+
+        Returns, per image, mask logits (k_i, H_i, W_i) at original resolution, in ``[SEG]`` order.
+        """
+        return self.decode_masks_scored(seg_embeddings, seg_image, image_embeddings, resized_hw, original_hw)[
+            0
+        ]
+
+    def decode_masks_scored(
+        self,
+        seg_embeddings: torch.Tensor,
+        seg_image: torch.Tensor,
+        image_embeddings: torch.Tensor,
+        resized_hw: torch.Tensor,
+        original_hw: list[tuple[int, int]],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """SAM mask decoder prompted with projected ``[SEG]`` states, with SAM's own quality estimate.
 
         ``seg_embeddings`` (M, C); ``seg_image`` (M,) image index of each; ``image_embeddings`` (B, C, g, g).
-        Returns, per image, mask logits (k_i, H_i, W_i) at original resolution, in ``[SEG]`` order.
+        Returns, per image, mask logits (k_i, H_i, W_i) at original resolution and SAM's predicted IoU
+        (k_i,) float32 of each mask (the decoder's IoU head), both in ``[SEG]`` order.
         """
         decoder = self.sam.mask_decoder
         dtype = image_embeddings.dtype
         pe = self.sam.prompt_encoder.get_dense_pe().to(dtype)
         no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).view(1, -1, 1, 1)
         g = image_embeddings.shape[-2:]
-        out = []
+        masks_out, ious_out = [], []
         for i in range(image_embeddings.shape[0]):
             sel = (seg_image == i).nonzero(as_tuple=True)[0]
+            height, width = (int(v) for v in original_hw[i])
+            if len(sel) == 0:  # SAM's decoder cannot run on zero prompts (a generated answer without [SEG])
+                masks_out.append(image_embeddings.new_zeros((0, height, width), dtype=torch.float32))
+                ious_out.append(image_embeddings.new_zeros((0,), dtype=torch.float32))
+                continue
             sparse = seg_embeddings[sel].to(dtype).unsqueeze(1)
             dense = no_mask.expand(sparse.shape[0], -1, *g)
-            low_res, _ = decoder(
+            low_res, iou_pred = decoder(
                 image_embeddings=image_embeddings[i : i + 1],
                 image_pe=pe,
                 sparse_prompt_embeddings=sparse,
@@ -247,8 +269,9 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
             )
             h, w = (int(v) for v in resized_hw[i])
             masks = self.sam.postprocess_masks(low_res.float(), (h, w), tuple(original_hw[i]))
-            out.append(masks[:, 0])
-        return out
+            masks_out.append(masks[:, 0])
+            ious_out.append(iou_pred[:, 0].float())
+        return masks_out, ious_out
 
     # ------------------------------------------------------------------ full step
     def forward(self, *args, lf_batch: Batch | None = None, **kwargs):
@@ -261,8 +284,9 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
     def forward_lf(self, batch: Batch) -> dict:
         """One segmentation step on a collated batch (``dataset.collate.collate_batch``).
 
-        Returns ``loss``, ``ce_loss``, ``bce_loss``, ``dice_loss`` (scalars) and ``pred_masks`` (list per
-        image of (k_i, H_i, W_i) logits at original resolution, in the order of ``batch["gt_masks"]``).
+        Returns ``loss``, ``ce_loss``, ``bce_loss``, ``dice_loss`` (scalars), ``pred_masks`` (list per
+        image of (k_i, H_i, W_i) logits at original resolution, in the order of ``batch["gt_masks"]``) and
+        ``pred_ious`` (list per image of (k_i,) SAM-predicted IoUs, detached; no loss trains them).
         """
         image_tokens, depth_tokens = self.encode_clip(batch)
         image_embeddings = self.encode_sam(batch)
@@ -278,10 +302,10 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
                 f"[SEG] tokens per image {found.tolist()} != masks per image {expected.tolist()}"
             )
         seg_embeddings = self.seg_projector(hidden[rows, cols])
-        pred_masks = self.decode_masks(
+        pred_masks, pred_ious = self.decode_masks_scored(
             seg_embeddings, seg_image, image_embeddings, batch["sam_resized_hw"], batch["original_hw"]
         )
-        result = {"pred_masks": pred_masks}
+        result = {"pred_masks": pred_masks, "pred_ious": [iou.detach() for iou in pred_ious]}
         labels = batch.get("labels")
         ce = (
             answer_cross_entropy(hidden, labels, self.lm_head) if labels is not None else hidden.new_zeros(())

@@ -128,7 +128,7 @@ def test_reduce_fake_world_matches_one_rank(monkeypatch: pytest.MonkeyPatch) -> 
     for k, (i, u, t, e) in enumerate(rows):
         shards[k % 3].update([i], [u], [t], [e])
     shards[2].update([rows[0][0]], [rows[0][1]], [rows[0][2]], [rows[0][3]])  # sampler padding
-    payloads = [(s.inters, s.unions, s.tags, s.ids, s.missing) for s in shards]
+    payloads = [(s.inters, s.unions, s.tags, s.ids, s.missing, s.records) for s in shards]
     monkeypatch.setattr(metrics_mod.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(metrics_mod, "gather_objects", lambda obj, group=None: payloads)
     shards[1].reduce()

@@ -2,6 +2,12 @@
 
 Protocols: ``teacher_forced`` (LISA: the answer with ``[SEG]`` is in the prompt; comparable with
 published numbers) and ``generated`` (the model must emit ``[SEG]``; no ``[SEG]`` counts IoU 0).
+
+Every expression is kept with its sentence and mask scores (``utils.mask_scores``), so the metrics'
+``to_json()`` (``eval.json``) lists them one by one. With ``vis_dir``, each expression gets an overlay
+(``<ds>_<image_id>_<k>.png``: view ≥ 512 px, expression, legend with ground truth / prediction / IoU /
+score, the disparity beside it when the batch has one) and the run one ``summary_sheet.png`` (best and
+worst expressions of every subset).
 """
 
 from __future__ import annotations
@@ -12,51 +18,130 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from dataset.collate import move_batch
-from model.inference import generate_masks, teacher_forced_masks
+from model.inference import generate_masks, teacher_forced_scored
 from model.lfllm import LFLLMForCausalLM
+from training.visualize import (
+    annotated_overlay,
+    colorize_disparity,
+    overlay,
+    side_by_side,
+    summary_sheet,
+    write_png,
+)
 from utils.batch import Batch
+from utils.mask_scores import DEFAULT_SCORE, scores_of_one
 from utils.metrics import SegMetrics, mask_iou_stats, subset_tags
 
-OVERLAY_COLOUR = np.array([255, 64, 64], np.float32)
+__all__ = ["evaluate", "overlay", "write_summary_sheet"]  # overlay: the blend, for callers
+
+Prediction = tuple[torch.Tensor | None, float | None]  # (mask logits (H, W) or None, SAM IoU or None)
 
 
-def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a red mask over an (H, W, 3) uint8 RGB image; returns uint8 RGB."""
-    out = image_rgb.astype(np.float32)
-    m = mask.astype(bool)
-    out[m] = (1 - alpha) * out[m] + alpha * OVERLAY_COLOUR
-    return out.clip(0, 255).astype(np.uint8)
+def overlay_name(ds: str, image_id: Any, k: int) -> str:
+    """File name of the overlay of expression ``k`` of scene ``image_id`` of ``ds``."""
+    return f"{ds}_{image_id}_{k}.png"
 
 
-def _save_overlays(vis_dir: Path, batch: Batch, preds: list[list[torch.Tensor | None]]) -> None:
+def scene_disparity(batch: Batch, i: int) -> np.ndarray | None:
+    """Scene ``i``'s disparity (H_i, W_i) px at original size, from its SAM-geometry copy (None if absent)."""
+    disparity = batch.get("sam_disparity")
+    if disparity is None:
+        return None
+    h, w = (int(v) for v in batch["sam_resized_hw"][i])
+    height, width = batch["original_hw"][i]
+    crop = disparity[i, :h, :w].float().cpu().numpy()
+    return cv2.resize(crop, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def _save_overlays(
+    vis_dir: Path, batch: Batch, preds: list[list[Prediction]], records: list[list[dict[str, Any]]]
+) -> None:
     for i, masks in enumerate(preds):
         center = cv2.imread(batch["center_path"][i], cv2.IMREAD_COLOR)
         if center is None:
             continue
         rgb = cv2.cvtColor(center, cv2.COLOR_BGR2RGB)
-        for k, logits in enumerate(masks):
-            mask = np.zeros(rgb.shape[:2], bool) if logits is None else (logits > 0).cpu().numpy()
-            name = f"{batch['ds'][i]}_{batch['image_id'][i]}_{k}.png"
-            img = overlay(rgb, mask)
-            cv2.putText(
-                img, batch["sentences"][i][k][:60], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1
+        disparity = scene_disparity(batch, i)
+        side = None if disparity is None else colorize_disparity(disparity)
+        for k, (logits, _) in enumerate(masks):
+            record = records[i][k]
+            image = annotated_overlay(
+                rgb,
+                None if logits is None else (logits > 0).cpu().numpy(),
+                expression=batch["sentences"][i][k],
+                gt_mask=batch["gt_masks"][i][k].cpu().numpy() > 0.5,
+                iou=record["iou"],
+                score=record.get("score"),
             )
-            cv2.imwrite(str(vis_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            write_png(vis_dir / record["overlay"], image if side is None else side_by_side([image, side]))
 
 
-def _update(metrics: SegMetrics, batch: Batch, preds: list[list[torch.Tensor | None]]) -> None:
+def _records(batch: Batch, preds: list[list[Prediction]], metrics: SegMetrics) -> list[list[dict[str, Any]]]:
+    """Update ``metrics`` with the batch; returns per image, per expression, its JSON record."""
+    out = []
     for i, masks in enumerate(preds):
         gt = batch["gt_masks"][i]
-        missing = [m is None for m in masks]
-        stacked = torch.stack([torch.zeros_like(gt[0]) if m is None else m.float() for m in masks])
+        missing = [m is None for m, _ in masks]
+        stacked = torch.stack([torch.zeros_like(gt[0]) if m is None else m.float() for m, _ in masks])
         inter, union = mask_iou_stats(stacked, gt > 0.5)
         union = torch.where(torch.tensor(missing, device=union.device), gt.flatten(1).sum(1).double(), union)
-        ids = [(batch["ds"][i], batch["image_id"][i], k) for k in range(len(masks))]
+        ds, image_id = batch["ds"][i], batch["image_id"][i]
+        records = []
+        for k, (logits, sam_iou) in enumerate(masks):
+            scores = scores_of_one(logits, sam_iou)
+            iou = 0.0 if missing[k] else (1.0 if union[k] == 0 else float(inter[k] / union[k]))
+            records.append(
+                {
+                    "sentence": batch["sentences"][i][k],
+                    "score": None if scores is None else scores[DEFAULT_SCORE],
+                    "scores": scores,
+                    "overlay": overlay_name(ds, image_id, k),
+                    "iou": iou,
+                }
+            )
+        ids = [(ds, image_id, k) for k in range(len(masks))]
         tags = [subset_tags(t) for t in batch["subsets"][i]]
-        metrics.update(inter, union, tags, expr_ids=ids, missing=missing)
+        extra = [{key: v for key, v in r.items() if key != "iou"} for r in records]
+        metrics.update(inter, union, tags, expr_ids=ids, missing=missing, records=extra)
+        out.append(records)
+    return out
+
+
+def write_summary_sheet(
+    metrics: SegMetrics, vis_dir: Path, *, per_side: int = 3, title: str = ""
+) -> Path | None:
+    """``vis_dir/summary_sheet.png``: for All and every subset, the ``per_side`` best and worst expressions
+    by IoU (their overlays, read back from ``vis_dir``). Returns the path, or None without overlays."""
+    expressions = [e for e in metrics.expressions() if (vis_dir / e.get("overlay", "")).is_file()]
+    if not expressions:
+        return None
+    groups = {"All": expressions}
+    for e in expressions:
+        for tag in e["subsets"]:
+            groups.setdefault(tag, []).append(e)
+
+    def tile(e: dict[str, Any]) -> tuple[np.ndarray, str]:
+        image = cv2.cvtColor(cv2.imread(str(vis_dir / e["overlay"])), cv2.COLOR_BGR2RGB)
+        score = "-" if e.get("score") is None else f"{e['score']:.2f}"
+        return image, f'IoU {e["iou"]:.2f}  score {score}  "{e.get("sentence", "")}"'
+
+    rows = []
+    for name, group in groups.items():
+        ranked = sorted(group, key=lambda e: (-e["iou"], str(e["id"])))
+        best = ranked[:per_side]
+        worst = [e for e in ranked[::-1][:per_side] if e not in best]
+        rows.append((f"{name} (n={len(group)})", [tile(e) for e in best], [tile(e) for e in worst]))
+    path = vis_dir / "summary_sheet.png"
+    write_png(path, summary_sheet(rows, title=title))
+    return path
+
+
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 @torch.no_grad()
@@ -71,7 +156,9 @@ def evaluate(
     vis_dir: str | Path | None = None,
     show_progress: bool = True,
 ) -> SegMetrics:
-    """Evaluate over ``loader`` (this rank's shard) and reduce across ranks once. Returns the metrics."""
+    """Evaluate over ``loader`` (this rank's shard) and reduce across ranks once. Returns the metrics
+    (with every expression's record, see the module docstring); with ``vis_dir``, writes the overlays
+    and, on rank 0, the summary sheet."""
     if protocol not in ("teacher_forced", "generated"):
         raise ValueError(f"unknown eval protocol {protocol!r}")
     was_training = model.training
@@ -83,13 +170,19 @@ def evaluate(
     for batch in tqdm(loader, desc=f"eval ({protocol})", disable=not show_progress, dynamic_ncols=True):
         batch = move_batch(batch, device)
         if protocol == "teacher_forced":
-            preds = [list(m) for m in teacher_forced_masks(model, batch)]
+            masks, ious = teacher_forced_scored(model, batch)
+            preds = [list(zip(m, i.tolist())) for m, i in zip(masks, ious)]
         else:
             generated = generate_masks(model, batch, tokenizer, max_new_tokens)
-            preds = [[g.mask_logits for g in per_image] for per_image in generated]
-        _update(metrics, batch, preds)
+            preds = [[(g.mask_logits, g.sam_iou) for g in per_image] for per_image in generated]
+        records = _records(batch, preds, metrics)
         if vis is not None:
-            _save_overlays(vis, batch, preds)
+            _save_overlays(vis, batch, preds, records)
     metrics.reduce()
+    if vis is not None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's overlays are on disk before the sheet reads them back
+        if _is_main():
+            write_summary_sheet(metrics, vis, title=f"validation ({protocol})")
     model.train(was_training)
     return metrics

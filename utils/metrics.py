@@ -101,6 +101,7 @@ class SegMetrics:
         self.tags: list[tuple[str, ...]] = []
         self.ids: list[Hashable | None] = []
         self.missing: list[bool] = []
+        self.records: list[dict[str, Any] | None] = []
         self._reduced = False
 
     def __len__(self) -> int:
@@ -113,6 +114,7 @@ class SegMetrics:
         tags_per_expr: Sequence[Sequence[str] | str] | None = None,
         expr_ids: Sequence[Hashable] | None = None,
         missing: Sequence[bool] | None = None,
+        records: Sequence[dict[str, Any] | None] | None = None,
     ) -> None:
         """Add N expressions.
 
@@ -123,6 +125,8 @@ class SegMetrics:
                 with repeated samples) is counted only the first time.
             missing: optional N flags, True where the model produced no mask (generated protocol, no
                 ``[SEG]``): IoU counts 0 even for an empty GT; pass ``inter=0, union=GT area``.
+            records: optional N JSON-serialisable dicts (sentence, scores, ...) kept with each expression
+                and listed by :meth:`expressions`.
         """
         if self._reduced:
             raise RuntimeError("SegMetrics.update after reduce(): reduce once, after all updates")
@@ -135,10 +139,11 @@ class SegMetrics:
         )
         ids = [None] * n if expr_ids is None else list(expr_ids)
         miss = [False] * n if missing is None else [bool(m) for m in missing]
-        if not len(unions) == len(tags) == len(ids) == len(miss) == n:
+        recs = [None] * n if records is None else list(records)
+        if not len(unions) == len(tags) == len(ids) == len(miss) == len(recs) == n:
             raise ValueError(
                 f"update: expected equal lengths, got inter={n}, union={len(unions)}, "
-                f"tags_per_expr={len(tags)}, expr_ids={len(ids)}, missing={len(miss)}"
+                f"tags_per_expr={len(tags)}, expr_ids={len(ids)}, missing={len(miss)}, records={len(recs)}"
             )
         if any(i < 0 or i > u for i, u in zip(inters, unions)):
             raise ValueError("update: expected 0 <= intersection <= union for every expression")
@@ -147,6 +152,7 @@ class SegMetrics:
         self.tags += [tuple(str(x) for x in t if x != ALL) for t in tags]
         self.ids += ids
         self.missing += miss
+        self.records += recs
 
     def reduce(self, group: Any = None) -> None:
         """Gather every rank's expressions onto every rank (call once, after all updates).
@@ -158,12 +164,15 @@ class SegMetrics:
             return
         if self._reduced:
             raise RuntimeError("SegMetrics.reduce called twice: it would count every expression again")
-        parts = gather_objects((self.inters, self.unions, self.tags, self.ids, self.missing), group)
+        parts = gather_objects(
+            (self.inters, self.unions, self.tags, self.ids, self.missing, self.records), group
+        )
         self.inters = [v for part in parts for v in part[0]]
         self.unions = [v for part in parts for v in part[1]]
         self.tags = [v for part in parts for v in part[2]]
         self.ids = [v for part in parts for v in part[3]]
         self.missing = [v for part in parts for v in part[4]]
+        self.records = [v for part in parts for v in part[5]]
         self._reduced = True
 
     def _rows(self) -> list[tuple[float, float, tuple[str, ...], bool]]:
@@ -179,6 +188,23 @@ class SegMetrics:
                 seen.add(expr_id)
             rows.append((inter, union, tags, miss))
         return rows
+
+    def expressions(self) -> list[dict[str, Any]]:
+        """One dict per (de-duplicated) expression: ``id``, ``iou``, ``missing``, ``subsets`` and the keys of
+        its ``records`` entry; sorted by id (so one rank and several give the same list)."""
+        seen: set[Hashable] = set()
+        out = []
+        for inter, union, tags, expr_id, miss, record in zip(
+            self.inters, self.unions, self.tags, self.ids, self.missing, self.records
+        ):
+            if expr_id is not None:
+                if expr_id in seen:
+                    continue
+                seen.add(expr_id)
+            iou = 0.0 if miss else (1.0 if union == 0 else inter / union)
+            jid = list(expr_id) if isinstance(expr_id, tuple) else expr_id
+            out.append({"id": jid, "iou": iou, "missing": miss, "subsets": list(tags), **(record or {})})
+        return sorted(out, key=lambda e: str(e["id"]))
 
     def subsets(self) -> list[str]:
         """``All`` then every tag present, in first-seen order."""
@@ -234,13 +260,17 @@ class SegMetrics:
         lines.insert(1, "-" * len(lines[0]))
         return "\n".join(([title] if title else []) + lines)
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-serialisable ``compute()`` (NaN -> None) plus the thresholds used."""
+    def to_json(self, with_expressions: bool = True) -> dict[str, Any]:
+        """JSON-serialisable ``compute()`` (NaN -> None), the thresholds used and, with
+        ``with_expressions``, the per-expression list of :meth:`expressions` under ``"expressions"``."""
         results = {
             name: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
             for name, metrics in self.compute().items()
         }
-        return {"subsets": results, "thresholds": list(THRESHOLDS)}
+        out: dict[str, Any] = {"subsets": results, "thresholds": list(THRESHOLDS)}
+        if with_expressions:
+            out["expressions"] = self.expressions()
+        return out
 
 
 def _metric_keys() -> list[str]:
