@@ -65,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flags(t, ModelOptions, unset=True)
     c = p.add_argument_group("accepted for compatibility with LISA's command lines")
     c.add_argument("--vision-tower", "--vision_tower", dest="vision_tower", default=None)
-    c.add_argument("--image_size", type=int, default=None)
     c.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1)
     return p
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from dataset.errors import DataError
 from dataset.refer_seg import SampleSpec
-from model.build import DTYPES, build_lfllm
+from model.build import DTYPES, OptionMismatchError, build_lfllm
 from model.options import ModelOptions
 from model.trainable import unwrap
 from training.baselines import baseline_metrics, summary_line
@@ -34,8 +35,12 @@ from training.config import given_fields, model_options, parse_args, trainable_o
 from training.engine import build_engine
 from training.evaluate import evaluate
 from training.loaders import build_train_loader, build_val_loader, prepare_estimated_disparity, val_scenes
+from training.preflight import preflight
+from training.run_dir import RunInUseError, RunLock, check_resume_options
 from training.run_log import RunLogger
-from training.trainer import Trainer
+from training.safe_load import UnsafeCheckpointError
+from training.trainer import Trainer, resume_source
+from utils import distributed
 from utils.distributed import DistInfo, init_distributed
 from utils.metrics import SegMetrics
 
@@ -150,19 +155,55 @@ def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, l
     return trainer
 
 
+#: Errors that are the user's to fix: they end the run with one message, not a traceback.
+USER_ERRORS = (
+    DataError,
+    OptionMismatchError,
+    UnsafeCheckpointError,
+    RunInUseError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+def run(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path) -> None:
+    """Pre-flight, lock and option checks, then evaluation or training."""
+    preflight(args, train=not args.eval_only, is_main=dist_info.is_main)
+    lock = RunLock(run_dir).acquire() if dist_info.is_main else None
+    try:
+        if lock is not None and lock.took_over:
+            print(f"note: took over the lock of a run that is no longer alive ({lock.took_over})", flush=True)
+        if not args.eval_only and dist_info.is_main:
+            resuming = resume_source(args, run_dir / "ckpt_model") is not None
+            for line in check_resume_options(run_dir, args, resuming):
+                print(f"note: --resume_with_changes: {line}", flush=True)
+        distributed.barrier()
+        logger = RunLogger(run_dir, enabled=dist_info.is_main)
+        try:
+            if args.eval_only:
+                logger.write_run_files(args, None)
+                run_eval_only(args, dist_info, run_dir, logger)
+            else:
+                run_training(args, dist_info, run_dir, logger)
+        finally:
+            logger.close()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; a user error (bad flag, file or data) ends with one ``error:`` line and status 2."""
     args = parse_args(argv)
     dist_info = init_distributed(args.local_rank)
     run_dir = Path(args.log_base_dir) / args.exp_name
-    logger = RunLogger(run_dir, enabled=dist_info.is_main)
     try:
-        if args.eval_only:
-            logger.write_run_files(args, None)
-            run_eval_only(args, dist_info, run_dir, logger)
-        else:
-            run_training(args, dist_info, run_dir, logger)
-    finally:
-        logger.close()
+        run(args, dist_info, run_dir)
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        prefix = f"[rank {dist_info.rank}] " if dist_info.world_size > 1 else ""
+        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

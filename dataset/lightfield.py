@@ -101,11 +101,42 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+#: Largest |disparity| accepted, in px between adjacent views. Light fields have small baselines
+#: (UrbanLF-Syn GT spans about [-0.47, 1.55] px, Lytro captures a few px); a map beyond this is almost
+#: surely in other units (depth in mm, a stereo-pair disparity, an 8/16-bit encoded image).
+MAX_ABS_DISPARITY_PX = 32.0
+
+
+def check_disparity_values(array: np.ndarray) -> None:
+    """Raise ``ValueError`` when ``array`` is not a plausible disparity map of the documented convention:
+    a real float dtype (an integer map is in other units), finite, |d| <= :data:`MAX_ABS_DISPARITY_PX`."""
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"disparity must be a real numeric array, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"disparity has integer dtype {array.dtype}: expected float px between adjacent views "
+            "(larger = nearer); a depth or encoded map must be converted first (docs/DATA.md)"
+        )
+    values = np.asarray(array, dtype=np.float32)
+    n_nan, n_inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    if n_nan or n_inf:
+        raise ValueError(
+            f"disparity has {n_nan} NaN and {n_inf} ±inf values of {values.size}; must be finite"
+        )
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    if peak > MAX_ABS_DISPARITY_PX:
+        raise ValueError(
+            f"|disparity| reaches {peak:.4g} px, beyond the plausible {MAX_ABS_DISPARITY_PX:g} px between "
+            "adjacent views: is the map in other units (depth, mm, a stereo pair's disparity)?"
+        )
+
+
 def read_disparity(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Load a centre-view disparity map as (H, W) float32 (an (H, W, 1) array is squeezed).
 
     Raises ``LightFieldError`` naming the file when it is missing or unreadable, when its shape is not
-    ``expected_hw``, or when it holds NaN or ±inf values.
+    ``expected_hw``, or when its values are not a plausible disparity (:func:`check_disparity_values`:
+    an integer dtype, NaN / ±inf, or |d| beyond :data:`MAX_ABS_DISPARITY_PX`).
     """
     try:
         array = np.load(str(path), allow_pickle=False)
@@ -126,14 +157,11 @@ def read_disparity(path: str | Path, expected_hw: tuple[int, int] | None = None)
         raise LightFieldError(
             path, f"disparity shape {tuple(array.shape)} does not match expected (H, W) {tuple(expected_hw)}"
         )
-    disparity = np.ascontiguousarray(array, dtype=np.float32)
-    n_nan = int(np.isnan(disparity).sum())
-    n_inf = int(np.isinf(disparity).sum())
-    if n_nan or n_inf:
-        raise LightFieldError(
-            path, f"disparity has {n_nan} NaN and {n_inf} ±inf values of {disparity.size}; must be finite"
-        )
-    return disparity
+    try:
+        check_disparity_values(array)
+    except ValueError as exc:
+        raise LightFieldError(path, str(exc)) from None
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def load_light_field(

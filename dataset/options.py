@@ -31,12 +31,55 @@ def check_cache_name(name: str) -> str:
     return name
 
 
+def per_dataset(text: str) -> dict[str, str] | str:
+    """``"a=x,b=y"`` -> ``{"a": "x", "b": "y"}`` (a value per dataset); a plain ``"x"`` stays ``"x"``.
+    Raises ``ValueError`` on an empty name or value."""
+    if "=" not in text:
+        return text
+    out = {}
+    for item in text.split(","):
+        ds, _, value = item.partition("=")
+        if not ds.strip() or not value.strip():
+            raise ValueError(f"{text!r}: expected 'dataset=value,dataset=value', got item {item!r}")
+        out[ds.strip()] = value.strip()
+    return out
+
+
+def _scene_pattern(text: str) -> str:
+    for pattern in (v for v in (per_dataset(text).values() if "=" in text else [text])):
+        if "{image_id}" not in pattern.rsplit("/", 1)[-1]:
+            raise ValueError(f"{pattern!r}: the last folder of the pattern must contain {{image_id}}")
+        try:
+            pattern.format(ds="x", image_id=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{pattern!r}: only {{ds}} and {{image_id}} may be used ({exc})") from None
+    return text
+
+
+def _disparity_names(text: str) -> str:
+    for name in per_dataset(text).values() if "=" in text else [text]:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"{name!r}: expected a file name inside the scene folder")
+    return text
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """How a scene folder is read (the flags of every entry point that reads light fields)."""
 
     view_pattern: str = option("{row}_{col}.png", "file name of view (row, col), 1-based, centre 5_5")
-    disparity_name: str = option("5_5_disparity.npy", "centre disparity file, e.g. 5_5_disparity_OAVC.npy")
+    disparity_name: str = option(
+        "5_5_disparity.npy",
+        "centre disparity file, e.g. 5_5_disparity_OAVC.npy; per dataset: "
+        "'ref-urbanlf-syn=5_5_disparity_OAVC.npy,ref-urbanlf-real=disparity_OAVC.npy'",
+        parse=_disparity_names,
+    )
+    lf_dir_pattern: str = option(
+        "lf/{ds}/Image{image_id}",
+        "scene folder of an image, relative to --dataset_dir ({ds}: dataset name); per dataset: "
+        "'ds=pattern,ds2=pattern', e.g. the release's 'images/urbanlf/syn/val/new/Image{image_id}'",
+        parse=_scene_pattern,
+    )
     depth_source: str = option(
         "file",
         "file: read --disparity_name; estimate: the built-in estimator's maps, cached per scene",
@@ -49,10 +92,28 @@ class DataOptions:
         parse=check_cache_name,
     )
 
-    @property
-    def read_disparity_name(self) -> str:
-        """The disparity file the datasets read: ``disparity_name``, or the estimator's cache file."""
-        return self.estimated_disparity_name if self.depth_source == "estimate" else self.disparity_name
+    def read_disparity_name(self, ds: str | None = None) -> str:
+        """The disparity file the datasets read for dataset ``ds``: ``disparity_name`` (its entry for
+        ``ds`` when given per dataset), or the estimator's cache file with ``depth_source="estimate"``."""
+        if self.depth_source == "estimate":
+            return self.estimated_disparity_name
+        return self._for(self.disparity_name, ds, "--disparity_name")
+
+    def scene_root_and_pattern(self, ds: str) -> tuple[str, str]:
+        """(scene root relative to the dataset dir, scene folder pattern) of dataset ``ds``:
+        ``lf/{ds}/Image{image_id}`` -> (``lf/<ds>``, ``Image{image_id}``)."""
+        pattern = self._for(self.lf_dir_pattern, ds, "--lf_dir_pattern")
+        root, _, scene = pattern.rpartition("/")
+        return root.format(ds=ds, image_id="{image_id}"), scene
+
+    @staticmethod
+    def _for(value: str, ds: str | None, flag: str) -> str:
+        mapping = per_dataset(value)
+        if isinstance(mapping, str):
+            return mapping
+        if ds is None or ds not in mapping:
+            raise ValueError(f"{flag} {value!r}: no entry for dataset {ds!r}")
+        return mapping[ds]
 
 
 DEFAULT_DATA_OPTIONS = DataOptions()

@@ -205,6 +205,16 @@ class ReferAnnotations:
         ``refer_seg/<ds>/instances.json``; validate them (see module docstring)."""
         root = Path(dataset_dir) / "refer_seg" / ds
         json_path = root / f"{ds}.json"
+        pickles = sorted(root.glob("refs(*).p"))
+        if split_by is None and not json_path.is_file() and len(pickles) == 1:
+            split_by = pickles[0].name[len("refs(") : -len(").p")]  # RefCOCO layout: its one refs file
+        elif split_by is None and not json_path.is_file() and pickles:
+            names = ", ".join(p.name[len("refs(") : -len(").p")] for p in pickles)
+            raise AnnotationError(
+                json_path,
+                f"not found, and {root} holds several REFER files (splitBy {names}): name one, "
+                f"e.g. --refer_seg_data '{ds}({pickles[0].name[5:-3]})'",
+            )
         if json_path.is_file() or split_by is None:
             refs_path, raw_refs = json_path, _load_json(json_path, "refs file")
         else:
@@ -279,6 +289,14 @@ class ReferAnnotations:
                 f"size {(height, width)}",
             )
         return mask
+
+    def selectors_present(self) -> list[str]:
+        """Every split name and subset tag some ref carries (what a split selector can name), splits
+        first, then :data:`SUBSET_TAGS` order, then the rest alphabetically."""
+        splits = sorted({ref.split for ref in self.refs})
+        tags = {tag for ref in self.refs for tag in ref.tags} - set(splits)
+        known = [tag for tag in SUBSET_TAGS if tag in tags]
+        return splits + known + sorted(tags.difference(SUBSET_TAGS))
 
     def subsets_present(self, split: str) -> list[str]:
         """Subset tags carried by refs of ``split`` (other than ``split`` itself and plain split names),

@@ -15,7 +15,7 @@ Two sources of pixels per ``<ds>``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,25 @@ class _Scene:
     ds_index: int
     image_id: int
     refs: tuple[Ref, ...]
+
+
+def _name_and_split_by(name: str) -> tuple[str, str | None]:
+    """``"refcocog(umd)"`` -> ``("refcocog", "umd")`` (REFER ``refs(umd).p``); ``"ref-urbanlf-syn"`` ->
+    ``("ref-urbanlf-syn", None)``."""
+    if name.endswith(")") and "(" in name:
+        ds, split_by = name[:-1].split("(", 1)
+        if ds and split_by:
+            return ds, split_by
+    return name, None
+
+
+def _per_dataset(value: Any, ds: str, what: str) -> Any:
+    """``value`` itself, or its entry for ``ds`` when it is a mapping of dataset names."""
+    if isinstance(value, Mapping):
+        if ds not in value:
+            raise ValueError(f"no {what} given for dataset {ds!r} (given for {sorted(value)})")
+        return value[ds]
+    return value
 
 
 def split_datasets(datasets: str | Sequence[str]) -> list[str]:
@@ -76,13 +95,13 @@ class SceneDataset(torch.utils.data.Dataset):
         datasets: str | Sequence[str],
         split: str,
         views: Sequence[Offset] | str = NEIGHBOURHOODS["4"],
-        layout: LightFieldLayout = DEFAULT_LAYOUT,
+        layout: LightFieldLayout | Mapping[str, LightFieldLayout] = DEFAULT_LAYOUT,
         mode: Literal["train", "val"] = "val",
         num_classes_per_sample: int = 3,
         with_disparity: bool = True,
         split_by: str | None = None,
         source: Source = "auto",
-        lf_root: str = "lf/{ds}",
+        lf_root: str | Mapping[str, str] = "lf/{ds}",
         image_root: str = "refer_seg/{ds}/images",
         seed: int = 0,
     ) -> None:
@@ -91,20 +110,22 @@ class SceneDataset(torch.utils.data.Dataset):
         if num_classes_per_sample < 1:
             raise ValueError(f"num_classes_per_sample must be ≥ 1, got {num_classes_per_sample}")
         self.dataset_dir = Path(dataset_dir)
-        self.names = split_datasets(datasets)
+        named = [_name_and_split_by(n) for n in split_datasets(datasets)]
+        self.names = [ds for ds, _ in named]
         self.split = split
+        self.layouts = [_per_dataset(layout, ds, "layout") for ds in self.names]
+        self.layout = self.layouts[0]
         self.offsets: tuple[Offset, ...] = (
-            parse_views(views, layout) if isinstance(views, str) else tuple(tuple(o) for o in views)
+            parse_views(views, self.layout) if isinstance(views, str) else tuple(tuple(o) for o in views)
         )
-        self.layout = layout
         self.mode = mode
         self.num_classes_per_sample = num_classes_per_sample
         self.with_disparity = with_disparity
-        self.lf_root = lf_root
+        self.lf_roots = [_per_dataset(lf_root, ds, "lf_root").format(ds=ds) for ds in self.names]
         self.image_root = image_root
         self.seed = seed
         self.epoch = 0
-        self.annotations = [ReferAnnotations.load(self.dataset_dir, ds, split_by) for ds in self.names]
+        self.annotations = [ReferAnnotations.load(self.dataset_dir, ds, own or split_by) for ds, own in named]
         self.sources = [self._resolve_source(ds, source) for ds in self.names]
         self.scenes = self._index_scenes()
 
@@ -113,7 +134,8 @@ class SceneDataset(torch.utils.data.Dataset):
             raise ValueError(f"source must be 'auto', 'lightfield' or 'image', got {source!r}")
         if source != "auto":
             return source
-        return "lightfield" if (self.dataset_dir / self.lf_root.format(ds=ds)).is_dir() else "image"
+        root = self.lf_roots[self.names.index(ds)]
+        return "lightfield" if (self.dataset_dir / root).is_dir() else "image"
 
     def _index_scenes(self) -> list[_Scene]:
         scenes: list[_Scene] = []
@@ -143,7 +165,8 @@ class SceneDataset(torch.utils.data.Dataset):
         scene = self.scenes[index]
         ds = self.names[scene.ds_index]
         if self.sources[scene.ds_index] == "lightfield":
-            return self.dataset_dir / self.lf_root.format(ds=ds) / self.layout.scene_name(scene.image_id)
+            root = self.lf_roots[scene.ds_index]
+            return self.dataset_dir / root / self.layouts[scene.ds_index].scene_name(scene.image_id)
         file_name = self.annotations[scene.ds_index].image(scene.image_id)["file_name"]
         return self.dataset_dir / self.image_root.format(ds=ds) / file_name
 
@@ -159,7 +182,8 @@ class SceneDataset(torch.utils.data.Dataset):
     def _load_pixels(self, index: int) -> LightFieldSample:
         path = self.scene_path(index)
         if self.sources[self.scenes[index].ds_index] == "lightfield":
-            return load_light_field(path, self.offsets, self.layout, self.with_disparity)
+            layout = self.layouts[self.scenes[index].ds_index]
+            return load_light_field(path, self.offsets, layout, self.with_disparity)
         center = read_rgb(path)
         return LightFieldSample(
             center=center,

@@ -45,6 +45,47 @@ def add_special_tokens(
     return {t: tokenizer.convert_tokens_to_ids(t) for t in wanted}, tokenizer.convert_tokens_to_ids(missing)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def check_pretrained_dir(version: str | Path) -> str:
+    """What ``version`` is (``"llava"`` or ``"lfllm"``), checked from its files before anything is
+    allocated. Raises ``FileNotFoundError`` / ``ValueError`` naming the folder, what is missing or wrong,
+    and the fix (an original-format LLaVA checkpoint is pointed to the converter)."""
+    path = Path(version)
+    expected = "config.json, model*.safetensors, tokenizer.json or tokenizer.model, preprocessor_config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"--version {path}: not a folder (expected an HF LLaVA or merged LFLLM dir)")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        what = "is empty" if not any(path.iterdir()) else "has no config.json"
+        raise FileNotFoundError(f"--version {path} {what}: expected an HF LLaVA directory ({expected})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    architectures = config.get("architectures") or []
+    if "LlavaLlamaForCausalLM" in architectures or "mm_vision_tower" in config:
+        raise ValueError(
+            f"--version {path} is an original-format LLaVA checkpoint ({', '.join(architectures) or 'mm_* keys'}); "
+            f"convert it first: python scripts/convert_llava_to_hf.py --src {path} --dst {path}-hf, "
+            f"then pass --version {path}-hf"
+        )
+    kind = config.get("model_type")
+    if kind not in ("llava", "lfllm"):
+        raise ValueError(
+            f"--version {path}: config.json says model_type {kind!r}, expected 'llava' or 'lfllm'"
+        )
+    missing = [] if any((path / f).is_file() for f in TOKENIZER_FILES) else [" or ".join(TOKENIZER_FILES)]
+    if not (path / "preprocessor_config.json").is_file():
+        missing.append("preprocessor_config.json")
+    if missing:
+        raise FileNotFoundError(
+            f"--version {path}: missing {', '.join(missing)} (an HF LLaVA directory has {expected})"
+        )
+    return kind
+
+
 def load_tokenizer(version: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a LLaVA / LFLLM directory, right-padded, no length truncation surprises."""
     tok = AutoTokenizer.from_pretrained(version)
@@ -55,6 +96,7 @@ def load_tokenizer(version: str | Path) -> PreTrainedTokenizerBase:
 def option_fields(options: ModelOptions, sam_cfg: dict) -> dict:
     """The :class:`model.lfllm.LFLLMConfig` fields that ``options`` sets, for a SAM of config ``sam_cfg``."""
     fields = recorded_options(options)
+    fields.pop("image_size", None)  # a SAM property (sam_config["img_size"]), not a config field
     fields["depth_range"] = list(options.depth_range)
     # The [SEG] projector feeds SAM's prompt slots, so its width is SAM's (256 for every official SAM).
     fields["out_dim"] = sam_cfg["prompt_embed_dim"]
@@ -174,6 +216,7 @@ def build_lfllm(
             command line; the others are defaults that yield to what the weights hold.
     """
     options = options or ModelOptions()
+    check_pretrained_dir(version)
     tokenizer = load_tokenizer(version)
     if AutoConfig.from_pretrained(version).model_type == "lfllm":
         # Loaded straight in ``dtype`` (no float32 copy first); the prompt encoder stays float32 and exact
@@ -196,10 +239,10 @@ def build_lfllm(
         raise ValueError(f"{version} is a LLaVA directory: pass the SAM checkpoint with --vision_pretrained")
     sam, sam_cfg = load_sam(vision_pretrained)
     check_given_options(
-        f"the SAM in {vision_pretrained} (prompt width)",
+        f"the SAM in {vision_pretrained}",
         options,
-        {"out_dim"} & set(given),
-        {"out_dim": sam_cfg["prompt_embed_dim"]},
+        {"out_dim", "image_size"} & set(given),
+        {"out_dim": sam_cfg["prompt_embed_dim"], "image_size": sam_cfg["img_size"]},
     )
     ids, added = add_special_tokens(tokenizer, options.use_mm_start_end)
     config = _lfllm_config(version, sam_cfg, options, ids)

@@ -50,6 +50,9 @@ class ModelOptions:
     out_dim: int = option(
         256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)"
     )
+    image_size: int = option(
+        1024, "SAM input size; must equal the SAM checkpoint's (1024 for every official SAM)"
+    )
     ce_loss_weight: float = option(1.0, "weight of the answer's cross-entropy")
     bce_loss_weight: float = option(2.0, "weight of the mask BCE")
     dice_loss_weight: float = option(0.5, "weight of the mask dice loss")
@@ -76,11 +79,21 @@ class ModelOptions:
 DEFAULT_MODEL_OPTIONS = ModelOptions()
 
 
+#: Options that are properties of the SAM checkpoint, not fields of the model config.
+SAM_PROPERTIES = {"image_size": "img_size"}
+
+
 def recorded_options(config: Any) -> dict[str, Any]:
-    """The :class:`ModelOptions` values a built model's config records (``caam_views`` as its offsets)."""
+    """The :class:`ModelOptions` values a built model's config records (``caam_views`` as its offsets;
+    ``image_size`` from its SAM config, when it has one)."""
     out = {}
     for f in dataclasses.fields(ModelOptions):
         if f.name == "caam_views":
+            continue
+        if f.name in SAM_PROPERTIES:
+            sam_cfg = getattr(config, "sam_config", None)
+            if sam_cfg:
+                out[f.name] = sam_cfg[SAM_PROPERTIES[f.name]]
             continue
         value = getattr(config, f.name)
         out[f.name] = tuple(float(v) for v in value) if f.name == "depth_range" else value

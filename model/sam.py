@@ -138,9 +138,20 @@ def infer_sam_variant(state: dict[str, torch.Tensor]) -> str:
 def load_sam(path: str | Path) -> tuple[Sam, dict[str, Any]]:
     """Build the SAM variant stored in ``path`` and load it strictly. Returns (sam, its config dict)."""
     state = read_sam_state(path)
-    cfg = sam_config(infer_sam_variant(state))
+    try:
+        variant = infer_sam_variant(state)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc} (variants: {sorted(SAM_VARIANTS)})") from None
+    cfg = sam_config(variant)
     sam = build_sam(cfg)
-    missing, unexpected = sam.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = sam.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise ValueError(
+            f"{path}: tensor shapes do not match the {variant} SAM ({len(lines)} mismatched), e.g. "
+            f"{lines[0] if lines else exc}"
+        ) from None
     if missing or unexpected:
         raise ValueError(f"{path}: SAM keys do not match; missing {missing[:5]}, unexpected {unexpected[:5]}")
     return sam, cfg

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from training.checkpoint import find_resume_tag, save_checkpoint
+from training.checkpoint import COMPLETE_FILE, find_resume_checkpoint, find_resume_tag, save_checkpoint
 from training.loaders import EpochSampler
 from training.trainer import NonFiniteLossError, Trainer, resume_source, weights_fingerprint
 from utils.distributed import DistInfo
@@ -53,10 +55,17 @@ def test_finite_loss_steps_and_returns_the_parts():
     assert engine.calls == ["backward", "step"]
 
 
+def _complete(folder: Path, step: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (folder / COMPLETE_FILE).write_text(json.dumps({"global_step": step}))
+    return folder
+
+
 def test_resume_source_explicit_tag_dir_latest_and_auto(tmp_path):
     ckpt = tmp_path / "ckpt_model"
-    (ckpt / "last").mkdir(parents=True)
-    (ckpt / "best").mkdir()
+    _complete(ckpt / "last", 20)
+    _complete(ckpt / "best", 10)
     (ckpt / "latest").write_text("last")
     args = argparse.Namespace(resume="", auto_resume=True)
     assert resume_source(args, ckpt) == (ckpt, "last")
@@ -66,10 +75,30 @@ def test_resume_source_explicit_tag_dir_latest_and_auto(tmp_path):
         "best",
     )
     assert resume_source(argparse.Namespace(resume=str(ckpt), auto_resume=False), tmp_path) == (ckpt, "last")
+    # 'latest' names a folder that is gone: the newest complete checkpoint is used, and said so
     (ckpt / "latest").write_text("gone")
+    assert (
+        find_resume_checkpoint(ckpt)[0] == "last"
+        and "'latest' names 'gone'" in find_resume_checkpoint(ckpt)[1]
+    )
+    for name in ("last", "best"):
+        shutil.rmtree(ckpt / name)
     assert find_resume_tag(ckpt) is None
-    with pytest.raises(FileNotFoundError, match="names a checkpoint that does not exist"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resume_source(argparse.Namespace(resume=str(ckpt), auto_resume=False), tmp_path)
+
+
+def test_a_kill_between_the_renames_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    """Killed after 'last' was moved to .old-last and before .tmp-last took its name."""
+    _complete(tmp_path / ".old-last", 10)
+    _complete(tmp_path / ".tmp-last", 20)
+    (tmp_path / ".tmp-best").mkdir()  # half written: no marker
+    (tmp_path / ".tmp-best" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (tmp_path / "latest").write_text("last")
+    name, note = find_resume_checkpoint(tmp_path)
+    assert name == ".tmp-last" and "step 20" in note and "newest complete" in note
+    shutil.rmtree(tmp_path / ".tmp-last")
+    assert find_resume_checkpoint(tmp_path)[0] == ".old-last"
 
 
 def test_epoch_sampler_resume_offset_continues_the_same_order():

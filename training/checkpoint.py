@@ -1,9 +1,12 @@
 """Atomic DeepSpeed checkpoints, resume lookup, and the trainable-weights export for the merge script.
 
 Layout under ``<run>/ckpt_model/``: ``<tag>/`` DeepSpeed checkpoints (``last``, ``best``), ``latest`` (the
-tag to resume from). A checkpoint is written as ``.tmp-<tag>/`` and renamed into place only when every
-rank has finished writing, then ``latest`` is replaced atomically: a run killed mid-save leaves the
-previous checkpoint intact and never one that loads half.
+tag to resume from). A checkpoint is written as ``.tmp-<tag>/``; when every rank has finished writing,
+rank 0 adds ``complete.json`` (its global step) and renames it into place (the previous one is moved
+to ``.old-<tag>/`` first and deleted after), then ``latest`` is replaced atomically. A run killed at any
+point of a save leaves at least one complete checkpoint, and :func:`find_resume_checkpoint` picks the
+newest complete one whatever its name (``last``, ``.tmp-last``, ``.old-last``, ``best``…) and says so.
+Every file is read through the weights-only gate (``training.safe_load``) before DeepSpeed loads it.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from training.safe_load import verify_deepspeed_checkpoint
+
 TRAINABLE_FILE = "trainable.safetensors"
 TRAINABLE_META = "trainable.json"
+COMPLETE_FILE = "complete.json"
 
 
 def _barrier() -> None:
@@ -60,6 +66,8 @@ def save_checkpoint(
     _barrier()
     final = ckpt_dir / tag
     if _rank() == 0:
+        step = int(client_state.get("global_step", getattr(engine, "global_steps", 0)))
+        atomic_write_text(ckpt_dir / tmp_tag / COMPLETE_FILE, json.dumps({"global_step": step, "tag": tag}))
         old = ckpt_dir / f".old-{tag}"
         if final.exists():
             os.replace(final, old)
@@ -72,18 +80,57 @@ def save_checkpoint(
     return final
 
 
-def find_resume_tag(ckpt_dir: str | Path) -> str | None:
-    """The tag named by ``ckpt_dir/latest`` when that checkpoint exists, else None."""
+def checkpoint_step(folder: Path) -> int | None:
+    """The global step of a complete checkpoint folder (its ``complete.json``), else None. A folder with
+    a final name (``last``/``best``) but no marker, written before markers existed, counts as complete
+    at step -1 (older than any marked one)."""
+    marker = folder / COMPLETE_FILE
+    if marker.is_file():
+        try:
+            return int(json.loads(marker.read_text())["global_step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+    if not folder.name.startswith(".") and any(folder.glob("*model_states.pt")):
+        return -1
+    return None
+
+
+def find_resume_checkpoint(ckpt_dir: str | Path) -> tuple[str, str | None] | None:
+    """(tag folder to resume from, a note when it is not the one ``latest`` names) or None.
+
+    The newest complete checkpoint among every folder of ``ckpt_dir`` (``last``, ``best``, and the
+    ``.tmp-*`` / ``.old-*`` folders an interrupted save leaves); ties go to the folder ``latest`` names,
+    then to final names."""
     ckpt_dir = Path(ckpt_dir)
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
+    if not ckpt_dir.is_dir():
         return None
-    tag = latest.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    found = []
+    for folder in ckpt_dir.iterdir():
+        step = checkpoint_step(folder) if folder.is_dir() else None
+        if step is not None:
+            found.append((step, folder.name == latest, not folder.name.startswith("."), folder.name))
+    if not found:
+        return None
+    step, _, _, name = max(found)
+    if name == latest:
+        return name, None
+    said = f"'latest' names {latest!r}, which is missing or incomplete" if latest else "no 'latest' file"
+    return name, f"{said}; resuming from {ckpt_dir / name} (step {step}), the newest complete checkpoint"
+
+
+def find_resume_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag folder :func:`find_resume_checkpoint` picks, or None."""
+    found = find_resume_checkpoint(ckpt_dir)
+    return None if found is None else found[0]
 
 
 def load_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
-    """Load model, optimiser and scheduler state; returns the client state saved with it."""
+    """Load model, optimiser and scheduler state; returns the client state saved with it.
+
+    Every file of the checkpoint passes the weights-only gate first (DeepSpeed itself unpickles with
+    ``weights_only=False``); a file that would run code raises ``UnsafeCheckpointError`` naming it."""
+    verify_deepspeed_checkpoint(Path(ckpt_dir) / tag)
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
         raise FileNotFoundError(f"{Path(ckpt_dir) / tag}: no loadable DeepSpeed checkpoint")

@@ -148,7 +148,6 @@ def _reference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log_base_dir", default="./runs")
     g.add_argument("--exp_name", default="lfllm")
     g.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    g.add_argument("--image_size", type=int, default=1024, help="SAM input size (must match the SAM variant)")
     add_option_flags(g, PromptOptions)
 
     add_option_flags(g, ModelOptions, skip=_LFLLM_MODEL_FIELDS)
@@ -207,6 +206,12 @@ def _lfllm_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--save_steps", type=int, default=0, help="also save 'last' every N optimiser steps")
     o.add_argument("--max_steps", type=int, default=0, help="stop after N optimiser steps (0: the full run)")
     o.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2])
+    add_switch(
+        o,
+        "resume_with_changes",
+        False,
+        "resume a run's checkpoint even though model/data/trainable options differ from the run's record",
+    )
     add_switch(o, "pack_conversations", False, "all expressions of a scene in one multi-turn conversation")
     add_switch(o, "torch_adam", False, "plain torch AdamW (no compiled op; automatic on CPU)")
 
@@ -232,12 +237,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if len(args.val_dataset.split("|")) != 3:
         parser.error(f"--val_dataset {args.val_dataset!r}: expected 'ds|splitBy|split'")
+    if args.start_epoch != 0:
+        parser.error(
+            f"--start_epoch {args.start_epoch}: the epoch a run continues from comes from its checkpoint "
+            "(--resume / --auto_resume, with the optimiser and LR schedule); a fresh run starts at epoch 0"
+        )
+    try:
+        sample_weights(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for flag in ("epochs", "steps_per_epoch", "batch_size", "grad_accumulation_steps", "val_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if args.workers < 0:
+        parser.error(f"--workers {args.workers}: must be >= 0")
     try:
         view_set_offsets(disparity_config(args).views)
     except ValueError as exc:
         parser.error(f"--disparity_set: {exc}")
     args.given = explicit_dests(parser, argv)
     return args
+
+
+def sample_weights(args: argparse.Namespace) -> list[float]:
+    """``--sample_rates`` as one positive weight per dataset of ``--refer_seg_data`` (a single value
+    applies to all). Raises ``ValueError`` naming the flag."""
+    names = [n for n in args.refer_seg_data.split("||") if n.strip()]
+    try:
+        rates = [float(v) for v in str(args.sample_rates).split(",")]
+    except ValueError:
+        raise ValueError(f"--sample_rates {args.sample_rates!r}: expected numbers like '3,1'") from None
+    if len(rates) == 1:
+        rates = rates * len(names)
+    if len(rates) != len(names):
+        raise ValueError(
+            f"--sample_rates {args.sample_rates!r}: {len(rates)} rates for {len(names)} datasets "
+            f"of --refer_seg_data {args.refer_seg_data!r}"
+        )
+    if not all(r > 0 and r == r and r != float("inf") for r in rates):
+        raise ValueError(f"--sample_rates {args.sample_rates!r}: every rate must be a positive number")
+    return rates
 
 
 def disparity_config(args: argparse.Namespace) -> DisparityConfig:

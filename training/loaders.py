@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,19 +18,36 @@ from dataset.disparity.cache import Estimator, estimate_scenes, scenes_to_estima
 from dataset.errors import LightFieldError
 from dataset.lightfield import LightFieldLayout
 from dataset.refer_seg import ReferSegDataset, SampleSpec
-from dataset.scenes import SceneDataset
-from training.config import data_options, disparity_config
+from dataset.scenes import SceneDataset, split_datasets
+from training.config import data_options, disparity_config, sample_weights
 from utils import distributed
 
 
 class EpochSampler(Sampler[int]):
-    """``num_samples`` indices drawn by permutations of ``range(n)``, seeded by (seed, epoch, rank)."""
+    """``num_samples`` indices drawn by permutations of ``range(n)``, seeded by (seed, epoch, rank).
 
-    def __init__(self, n: int, num_samples: int, seed: int, rank: int) -> None:
+    With ``groups`` (one list of indices per dataset) and unequal ``weights`` (``--sample_rates``), each
+    draw first picks a dataset with probability proportional to its weight, then the next index of that
+    dataset's own permutation stream; equal weights (the default) give the plain permutations."""
+
+    def __init__(
+        self,
+        n: int,
+        num_samples: int,
+        seed: int,
+        rank: int,
+        groups: list[list[int]] | None = None,
+        weights: list[float] | None = None,
+    ) -> None:
         if n == 0:
             raise ValueError("the training split has no scenes")
         self.n, self.num_samples, self.seed, self.rank, self.epoch = n, num_samples, seed, rank, 0
         self.start = 0
+        weighted = groups is not None and weights is not None and len(set(weights)) > 1
+        self.groups = [g for g in groups] if weighted else None
+        self.weights = torch.tensor(weights, dtype=torch.float64) if weighted else None
+        if self.groups is not None and any(not g for g in self.groups):
+            raise ValueError("--sample_rates: a dataset of --refer_seg_data has no training scene")
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select ``epoch``'s order; skip its first ``start`` samples (a run resumed mid-epoch)."""
@@ -42,26 +60,60 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + self.rank)
-        out: list[int] = []
-        while len(out) < self.num_samples:
-            out += torch.randperm(self.n, generator=g).tolist()
-        return iter(out[self.start : self.num_samples])
+        if self.groups is None:
+            out: list[int] = []
+            while len(out) < self.num_samples:
+                out += torch.randperm(self.n, generator=g).tolist()
+            return iter(out[self.start : self.num_samples])
+        picks = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()
+        streams: list[list[int]] = [[] for _ in self.groups]
+        out = []
+        for k in picks:
+            if not streams[k]:
+                order = torch.randperm(len(self.groups[k]), generator=g).tolist()
+                streams[k] = [self.groups[k][i] for i in reversed(order)]
+            out.append(streams[k].pop())
+        return iter(out[self.start :])
 
 
-def layout_from_args(args: argparse.Namespace) -> LightFieldLayout:
-    """Light-field file names chosen on the command line; the disparity file is ``--disparity_name``, or
-    ``--estimated_disparity_name`` with ``--depth_source estimate``."""
+def layout_from_args(args: argparse.Namespace, ds: str | None = None) -> LightFieldLayout:
+    """Light-field file names chosen on the command line for dataset ``ds``; the disparity file is
+    ``--disparity_name`` (its entry for ``ds``), or ``--estimated_disparity_name`` with
+    ``--depth_source estimate``."""
     opts = data_options(args)
-    return LightFieldLayout(view_pattern=opts.view_pattern, disparity_name=opts.read_disparity_name)
+    kwargs = {}
+    if ds is not None:
+        kwargs["scene_pattern"] = opts.scene_root_and_pattern(ds)[1]
+    return LightFieldLayout(
+        view_pattern=opts.view_pattern, disparity_name=opts.read_disparity_name(ds), **kwargs
+    )
+
+
+def scene_layouts(args: argparse.Namespace, datasets: str) -> dict[str, Any]:
+    """``SceneDataset`` keyword arguments ``layout`` and ``lf_root``, one entry per dataset of
+    ``datasets`` (``a||b``), from ``--view_pattern``, ``--disparity_name``, ``--lf_dir_pattern``."""
+    names = [name.split("(", 1)[0] for name in split_datasets(datasets)]
+    opts = data_options(args)
+    return {
+        "layout": {ds: layout_from_args(args, ds) for ds in names},
+        "lf_root": {ds: opts.scene_root_and_pattern(ds)[0] for ds in names},
+    }
 
 
 def used_scene_dirs(args: argparse.Namespace, train: bool, val: bool) -> list[Path]:
     """Light-field scene folders of the training split (``--refer_seg_data``, split ``train``) and/or of
     ``--val_dataset``, in dataset order without duplicates; 2D (image) datasets have none."""
     groups: list[SceneDataset] = []
-    layout = layout_from_args(args)
     if train:
-        groups.append(SceneDataset(args.dataset_dir, args.refer_seg_data, "train", views=(), layout=layout))
+        groups.append(
+            SceneDataset(
+                args.dataset_dir,
+                args.refer_seg_data,
+                "train",
+                views=(),
+                **scene_layouts(args, args.refer_seg_data),
+            )
+        )
     if val:
         groups.append(val_scenes(args, with_disparity=False))
     dirs: dict[Path, None] = {}
@@ -159,7 +211,7 @@ def build_train_loader(args, config, tokenizer, rank: int) -> tuple[DataLoader, 
         args.refer_seg_data,
         "train",
         views=[tuple(o) for o in (config.caam_offsets or [])],
-        layout=layout_from_args(args),
+        **scene_layouts(args, args.refer_seg_data),
         mode="train",
         num_classes_per_sample=args.num_classes_per_sample,
         with_disparity=spec.needs_disparity,
@@ -169,7 +221,8 @@ def build_train_loader(args, config, tokenizer, rank: int) -> tuple[DataLoader, 
         scenes, tokenizer, spec, _tokens(tokenizer, config, args), train=True, seed=args.seed
     )
     n = args.steps_per_epoch * args.grad_accumulation_steps * args.batch_size
-    sampler = EpochSampler(len(data), n, args.seed, rank)
+    groups = [[i for i, sc in enumerate(scenes.scenes) if sc.ds_index == d] for d in range(len(scenes.names))]
+    sampler = EpochSampler(len(data), n, args.seed, rank, groups, sample_weights(args))
     loader = DataLoader(
         data,
         batch_size=args.batch_size,
@@ -189,7 +242,7 @@ def val_scenes(args: argparse.Namespace, with_disparity: bool, views=()) -> Scen
         ds,
         split,
         views=views,
-        layout=layout_from_args(args),
+        **scene_layouts(args, ds),
         mode="val",
         with_disparity=with_disparity,
         split_by=split_by,

@@ -22,8 +22,9 @@ from dataset.collate import move_batch
 from model.trainable import unwrap
 from training.checkpoint import (
     atomic_write_text,
+    checkpoint_step,
     export_trainable,
-    find_resume_tag,
+    find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -34,6 +35,7 @@ from utils.distributed import DistInfo, gather_objects, mean_across_ranks
 from utils.metrics import SegMetrics
 
 LOSS_KEYS = ("loss", "ce_loss", "bce_loss", "dice_loss")
+VAL_RECORD = "val_record.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,22 +71,31 @@ class TrainState:
 
 def resume_source(args: argparse.Namespace, ckpt_dir: Path) -> tuple[Path, str] | None:
     """(checkpoint dir, tag) to resume from: ``--resume`` (a ``ckpt_model`` dir or one of its tags), else
-    with ``--auto_resume`` this run's latest checkpoint, else None."""
+    with ``--auto_resume`` this run's newest complete checkpoint
+    (:func:`training.checkpoint.find_resume_checkpoint`, which also recovers from a save interrupted
+    at any point and says so), else None."""
     if args.resume:
         path = Path(args.resume)
-        if (path / "latest").is_file():
-            tag = find_resume_tag(path)
-            if tag is None:
-                raise FileNotFoundError(f"{path / 'latest'} names a checkpoint that does not exist")
-            return path, tag
+        if path.is_dir() and ((path / "latest").is_file() or checkpoint_step(path) is None):
+            found = find_resume_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(f"--resume {path}: no complete checkpoint in this folder")
+            _say(found[1])
+            return path, found[0]
         if path.is_dir():
             return path.parent, path.name
         raise FileNotFoundError(f"--resume {path}: no such checkpoint directory")
     if args.auto_resume:
-        tag = find_resume_tag(ckpt_dir)
-        if tag is not None:
-            return ckpt_dir, tag
+        found = find_resume_checkpoint(ckpt_dir)
+        if found is not None:
+            _say(found[1])
+            return ckpt_dir, found[0]
     return None
+
+
+def _say(note: str | None) -> None:
+    if note:
+        print(f"note: {note}", flush=True)
 
 
 def train_micro_step(
@@ -148,9 +159,32 @@ class Trainer:
             return
         client = load_checkpoint(self.engine, *source)
         self.state = TrainState.from_client(client)
+        self._adopt_validation_record()
         if self.dist.is_main:
             print(f"resumed from {source[0] / source[1]} at step {self.state.global_step}", flush=True)
         self.log.truncate_log(self.state.global_step)
+
+    def _record_validation(self) -> None:
+        """Validation results of the epochs (``val_record.json``): the epoch's checkpoint is saved before
+        its validation, so the record carries what that checkpoint's client state does not yet hold."""
+        if self.dist.is_main:
+            record = {k: v for k, v in self.state.to_client().items() if k != "global_step"}
+            atomic_write_text(self.run_dir / VAL_RECORD, json.dumps(record, indent=2))
+
+    def _adopt_validation_record(self) -> None:
+        path = self.run_dir / VAL_RECORD
+        if not path.is_file():
+            return
+        record = json.loads(path.read_text())
+        steps = {h.get("step") for h in self.state.history}
+        if float(record.get("best_giou", -1.0)) > self.state.best_giou:
+            self.state.best_giou = float(record["best_giou"])
+            self.state.best_step = int(record.get("best_step", -1))
+        for entry in record.get("history", []):
+            if entry.get("step") in steps and entry.get("step", 1e18) <= self.state.global_step:
+                for mine in self.state.history:
+                    if mine.get("step") == entry.get("step"):
+                        mine["gIoU"] = entry.get("gIoU")
 
     def save(self, tag: str, update_latest: bool) -> None:
         self.state.global_step = int(self.engine.global_steps)
@@ -178,18 +212,21 @@ class Trainer:
         return metrics
 
     def end_of_epoch(self, epoch: int) -> None:
+        """Save the epoch's checkpoint, then validate (a bad validation scene loses no training), then
+        save it again as ``best`` when its gIoU is the best so far."""
         step = int(self.engine.global_steps)
-        giou = math.nan
-        if self.val_loader is not None:
-            self.last_metrics = self.validate(step)
-            giou = self.last_metrics.compute()["All"]["gIoU"]
-        self.state.history.append({"epoch": epoch, "step": step, "gIoU": giou})
+        self.state.history.append({"epoch": epoch, "step": step, "gIoU": math.nan})
         self.save("last", update_latest=True)
+        if self.val_loader is None:
+            return
+        self.last_metrics = self.validate(step)
+        giou = self.last_metrics.compute()["All"]["gIoU"]
+        self.state.history[-1]["gIoU"] = giou
         if giou == giou and giou > self.state.best_giou:
             self.state.best_giou, self.state.best_step = giou, step
             self.save("best", update_latest=False)
+        self._record_validation()
 
-    # ------------------------------------------------------------------ training
     def train_step(self, batch: Batch, micro_index: int) -> torch.Tensor:
         """:func:`train_micro_step` on this trainer's engine (losses ``(loss, ce, bce, dice)``)."""
         return train_micro_step(self.engine, batch, micro_index, self.args.seed, self.dist)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from training.checkpoint import TRAINABLE_FILE, TRAINABLE_META
+from training.safe_load import verify_deepspeed_checkpoint
 
 DS_MODEL_STATES = "*_model_states.pt"
 
@@ -116,6 +117,8 @@ def _read_deepspeed(ckpt_dir: Path, tag: str) -> WeightSource:
     """Trainable parameters (float32 masters) and buffers of a ZeRO checkpoint, via ``zero_to_fp32``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    # zero_to_fp32 unpickles with weights_only=False: every file passes the weights-only gate first.
+    verify_deepspeed_checkpoint(ckpt_dir / tag)
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(
             str(ckpt_dir), tag=tag, exclude_frozen_parameters=True, lazy_mode=True

@@ -1,0 +1,91 @@
+"""Checks that run before a model is built: the base weights are what they claim, the splits select
+something, and every scene the run reads is complete and well-formed (all problems reported at once).
+
+``train_ds.py`` calls :func:`preflight` on every rank; rank 0 checks the files (with a tqdm bar) and
+shares the verdict, so a bad scene stops the run in seconds instead of hours in.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from transformers import AutoConfig
+
+from dataset.check import check_datasets, report
+from dataset.errors import DataError
+from dataset.scenes import SceneDataset
+from model.build import check_pretrained_dir
+from training.config import model_options
+from training.loaders import scene_layouts, val_scenes
+from utils import distributed
+from utils.views import parse_views
+
+
+def model_inputs(args: argparse.Namespace) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """(neighbour offsets, whether a disparity map is read) of the model ``--version`` will give: from a
+    merged model's config, else from the command line's model options."""
+    if check_pretrained_dir(args.version) == "lfllm":
+        cfg = AutoConfig.from_pretrained(args.version)
+        use_caam, use_depth, offsets = cfg.use_caam, cfg.use_depth, cfg.caam_offsets or []
+    else:
+        opts = model_options(args)
+        use_caam, use_depth, offsets = opts.use_caam, opts.use_depth, parse_views(opts.caam_views)
+    views = tuple(tuple(o) for o in offsets) if use_caam else ()
+    return views, bool(use_caam or use_depth)
+
+
+def split_problem(scenes: SceneDataset, flag: str, value: str) -> str | None:
+    """Why ``scenes`` (one split of ``value``) is empty, listing what its data can select; None if not."""
+    if scenes.num_expressions:
+        return None
+    present = []
+    for ann in scenes.annotations:
+        present += [s for s in ann.selectors_present() if s not in present]
+    return (
+        f"{flag} {value!r}: split {scenes.split!r} selects 0 expressions in {', '.join(scenes.names)}; "
+        f"the data has splits and subset tags: {', '.join(present) or 'none'}"
+    )
+
+
+def preflight(args: argparse.Namespace, *, train: bool, is_main: bool) -> dict[str, Any]:
+    """Refuse a run that cannot succeed, before the model is built.
+
+    Checks ``--version`` (``model.build.check_pretrained_dir``), that the training split (``train``)
+    and the validation split (when validating) select expressions, and every scene they read
+    (``dataset.check``: files, decodable headers, sizes, disparity dtype/shape/range; the disparity is
+    skipped with ``--depth_source estimate``, whose maps are written afterwards).
+
+    Returns a summary (scenes checked). Raises ``DataError`` / ``ValueError`` / ``FileNotFoundError``
+    with every problem listed.
+    """
+    views, need_disparity = model_inputs(args)
+    groups: list[SceneDataset] = []
+    problems = []
+    if train:
+        scenes = SceneDataset(
+            args.dataset_dir,
+            args.refer_seg_data,
+            "train",
+            views=views,
+            mode="val",
+            with_disparity=False,
+            **scene_layouts(args, args.refer_seg_data),
+        )
+        problems.append(split_problem(scenes, "--refer_seg_data", args.refer_seg_data))
+        groups.append(scenes)
+    if args.eval_only or not args.no_eval:
+        scenes = val_scenes(args, with_disparity=False, views=views)
+        problems.append(split_problem(scenes, "--val_dataset", args.val_dataset))
+        groups.append(scenes)
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError("\n".join(problems))
+    checked, found = 0, []
+    if is_main:
+        check_disparity = need_disparity and args.depth_source == "file"
+        checked, found = check_datasets(groups, check_disparity, progress=True)
+    verdict = distributed.gather_objects(None if not found else report(found, checked))[0]
+    if verdict is not None:
+        raise DataError(None, f"pre-flight check of the dataset failed: {verdict}")
+    return {"scenes_checked": checked}

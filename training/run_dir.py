@@ -1,0 +1,161 @@
+"""One run directory, one run: a lock against a second live run, and the options a run was started with.
+
+``<log_base_dir>/<exp_name>/`` belongs to one training run. :class:`RunLock` holds an exclusive
+``fcntl`` lock on ``.lock`` for the life of the process, so a second run in the same directory stops at
+once with the first one's pid; the kernel drops the lock of a killed process, so a stale lock file is
+taken over (and said so). ``run_options.json`` records what a resumed run must share with the run it
+continues (model, trainable and data options, base weights, datasets, batch geometry); resuming with other
+values is refused with the differences listed, unless ``--resume_with_changes`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import atomic_write_text
+from training.config import data_options, model_options, trainable_options
+
+LOCK_FILE = ".lock"
+OPTIONS_FILE = "run_options.json"
+#: Run settings that a resumed run must share with the run it continues (besides the option dataclasses):
+#: they define the model, the data it sees and the order it sees it in.
+RESUME_KEYS = (
+    "version",
+    "vision_pretrained",
+    "dataset_dir",
+    "refer_seg_data",
+    "sample_rates",
+    "precision",
+    "conv_type",
+    "model_max_length",
+    "num_classes_per_sample",
+    "pack_conversations",
+    "batch_size",
+    "grad_accumulation_steps",
+    "seed",
+)
+
+
+class RunInUseError(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """Exclusive lock of a run directory (rank 0 only); see the module docstring."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+        self.took_over: str | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise :class:`RunInUseError` naming the process that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunInUseError(
+                f"{self.path.parent}: another run is using this directory ({holder}); wait for it to "
+                "finish, or choose another --exp_name / --log_base_dir"
+            ) from None
+        previous = _read_holder(fd)
+        if previous != "no holder recorded":
+            self.took_over = previous
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; its content says who held it last)."""
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "no holder recorded"
+    if not info:
+        return "no holder recorded"
+    return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (JSON-ready)."""
+    record = {
+        "model_options": dataclasses.asdict(model_options(args)),
+        "trainable_options": dataclasses.asdict(trainable_options(args)),
+        "data_options": dataclasses.asdict(data_options(args)),
+    }
+    record.update({key: getattr(args, key, None) for key in RESUME_KEYS})
+    return json.loads(json.dumps(record, default=str))
+
+
+def option_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: recorded -> current`` for every value that differs (nested option groups flattened)."""
+
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    a, b = flat(recorded), flat(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume_options(run_dir: Path, args: argparse.Namespace, resuming: bool) -> list[str]:
+    """Compare this run's options with the ones ``run_dir`` was started with; record them when the run
+    starts fresh. Returns the differences that were accepted (``--resume_with_changes``), else [].
+
+    Raises ``ValueError`` listing the differences when a resumed run's options changed."""
+    path = Path(run_dir) / OPTIONS_FILE
+    current = run_options(args)
+    if not resuming or not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(current, indent=2))
+        return []
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); remove it to record the options anew") from exc
+    diffs = option_differences(recorded, current)
+    if diffs and not getattr(args, "resume_with_changes", False):
+        raise ValueError(
+            f"{run_dir} holds a run started with other options, and this run would resume its checkpoint:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse another --exp_name for a new run, pass the original options, or add "
+            "--resume_with_changes to continue it with these"
+        )
+    if diffs:
+        atomic_write_text(path, json.dumps(current, indent=2))
+    return diffs
