@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -20,7 +21,10 @@ from model.lfllm import LFLLMConfig, LFLLMForCausalLM
 from model.options import ModelOptions
 from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import model_batch
-from training.checkpoint import TRAINABLE_FILE, export_trainable, save_checkpoint
+from tests.test_trust import _Payload
+from training.checkpoint import TRAINABLE_FILE, export_trainable, load_checkpoint, save_checkpoint
+from training.safe_load import UnsafeCheckpointError
+from training.trainer import resume_source
 from training.weights import WeightSource, open_weights, select_trainable
 
 PREFIX = "base_model.model."
@@ -285,3 +289,43 @@ def test_weight_path_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"x.bin: cannot read as a PyTorch state dict"):
         open_weights(bad)
+
+
+def test_pickle_payloads_are_refused_in_every_weight_form(trained, tiny_base, tmp_path, single_process_group):
+    """A payload in a DeepSpeed checkpoint (merge --weight, --resume / auto-resume), a SAM .pth, a state-dict
+    .bin (merge, converter): refused with the file named, and the payload never runs."""
+    deepspeed = single_process_group
+    marker = tmp_path / "PWNED"
+    wrapped = trained[0]
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "zero_optimization": {"stage": 2},
+    }
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=params, config=config)
+    ckpt = tmp_path / "run" / "ckpt_model"
+    save_checkpoint(engine, ckpt, "last", {"global_step": 3})
+    optim = next((ckpt / "last").glob("*optim_states.pt"))
+    state = torch.load(optim, weights_only=False)  # our own file, written just above
+    state["payload"] = _Payload(marker)
+    torch.save(state, optim)
+    with pytest.raises(
+        UnsafeCheckpointError, match=rf"{optim.name}: refused to load: it asks for posix\.system"
+    ):
+        open_weights(ckpt)  # merge --weight <ckpt_model>
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_checkpoint(engine, ckpt, "last")  # --resume and auto-resume both end here
+    args = argparse.Namespace(resume="", auto_resume=True)
+    assert resume_source(args, ckpt) == (ckpt, "last")
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(engine, *resume_source(args, ckpt))
+    evil_sam = tmp_path / "sam.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1), "x": _Payload(marker)}, evil_sam)
+    with pytest.raises(ValueError, match=r"sam\.pth: cannot read SAM checkpoint"):
+        build_lfllm(tiny_base["llava"], evil_sam)
+    evil_bin = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(1), "x": _Payload(marker)}, evil_bin)
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: cannot read as a PyTorch state dict"):
+        open_weights(evil_bin)  # merge --weight x.bin, and the converter's inputs
+    assert not marker.exists()

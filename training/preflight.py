@@ -8,6 +8,9 @@ shares the verdict, so a bad scene stops the run in seconds instead of hours in.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig
@@ -16,16 +19,22 @@ from dataset.check import check_datasets, report
 from dataset.errors import DataError
 from dataset.scenes import SceneDataset
 from model.build import check_pretrained_dir
-from training.config import model_options
+from training.config import model_options, parse_args
 from training.loaders import scene_layouts, val_scenes
 from utils import distributed
 from utils.views import parse_views
 
 
-def model_inputs(args: argparse.Namespace) -> tuple[tuple[tuple[int, int], ...], bool]:
+def model_inputs(
+    args: argparse.Namespace, check_version: bool = True
+) -> tuple[tuple[tuple[int, int], ...], bool]:
     """(neighbour offsets, whether a disparity map is read) of the model ``--version`` will give: from a
-    merged model's config, else from the command line's model options."""
-    if check_pretrained_dir(args.version) == "lfllm":
+    merged model's config, else from the command line's model options (``check_version=False``: the
+    options alone when ``--version`` is not a folder, as ``scripts/check_dataset.py`` allows)."""
+    merged = False
+    if check_version or Path(args.version).is_dir():
+        merged = check_pretrained_dir(args.version) == "lfllm"
+    if merged:
         cfg = AutoConfig.from_pretrained(args.version)
         use_caam, use_depth, offsets = cfg.use_caam, cfg.use_depth, cfg.caam_offsets or []
     else:
@@ -48,7 +57,9 @@ def split_problem(scenes: SceneDataset, flag: str, value: str) -> str | None:
     )
 
 
-def preflight(args: argparse.Namespace, *, train: bool, is_main: bool) -> dict[str, Any]:
+def preflight(
+    args: argparse.Namespace, *, train: bool, is_main: bool, check_version: bool = True
+) -> dict[str, Any]:
     """Refuse a run that cannot succeed, before the model is built.
 
     Checks ``--version`` (``model.build.check_pretrained_dir``), that the training split (``train``)
@@ -59,7 +70,7 @@ def preflight(args: argparse.Namespace, *, train: bool, is_main: bool) -> dict[s
     Returns a summary (scenes checked). Raises ``DataError`` / ``ValueError`` / ``FileNotFoundError``
     with every problem listed.
     """
-    views, need_disparity = model_inputs(args)
+    views, need_disparity = model_inputs(args, check_version)
     groups: list[SceneDataset] = []
     problems = []
     if train:
@@ -89,3 +100,17 @@ def preflight(args: argparse.Namespace, *, train: bool, is_main: bool) -> dict[s
     if verdict is not None:
         raise DataError(None, f"pre-flight check of the dataset failed: {verdict}")
     return {"scenes_checked": checked}
+
+
+def check_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/check_dataset.py``: the pre-flight check of ``train_ds.py`` alone, with its flags
+    (``--dataset_dir``, ``--refer_seg_data``, ``--val_dataset``, layout, model and ``--eval_only``
+    options; ``--version`` is read only when it is a folder). Prints the verdict; status 0 when clean."""
+    args = parse_args(argv)
+    try:
+        summary = preflight(args, train=not args.eval_only, is_main=True, check_version=False)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {summary['scenes_checked']} scene(s) checked, no problem found")
+    return 0
