@@ -63,11 +63,23 @@ def _disparity_names(text: str) -> str:
     return text
 
 
+def _view_pattern(text: str) -> str:
+    try:
+        names = {text.format(row=r, col=c) for r, c in ((4, 5), (5, 4), (4, 4), (5, 5))}
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{text!r}: a str.format template with {{row}} and {{col}} only ({exc})") from None
+    if len(names) < 4 or "/" in text:
+        raise ValueError(f"{text!r}: must name each view by {{row}} and {{col}}, without folders")
+    return text
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """How a scene folder is read (the flags of every entry point that reads light fields)."""
 
-    view_pattern: str = option("{row}_{col}.png", "file name of view (row, col), 1-based, centre 5_5")
+    view_pattern: str = option(
+        "{row}_{col}.png", "file name of view (row, col), 1-based, centre 5_5", parse=_view_pattern
+    )
     disparity_name: str = option(
         "5_5_disparity.npy",
         "centre disparity file, e.g. 5_5_disparity_OAVC.npy; per dataset: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -246,11 +247,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         sample_weights(args)
     except ValueError as exc:
         parser.error(str(exc))
-    for flag in ("epochs", "steps_per_epoch", "batch_size", "grad_accumulation_steps", "val_batch_size"):
+    for flag in (
+        "epochs",
+        "steps_per_epoch",
+        "batch_size",
+        "grad_accumulation_steps",
+        "val_batch_size",
+        "num_classes_per_sample",
+        "model_max_length",
+        "max_new_tokens",
+        "print_freq",
+    ):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
-    if args.workers < 0:
-        parser.error(f"--workers {args.workers}: must be >= 0")
+    for flag in ("workers", "lora_r", "warmup_steps", "save_steps", "max_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} {getattr(args, flag)}: must be >= 0")
+    for flag in ("lr", "beta1", "beta2", "lora_dropout", "max_grad_norm"):
+        value = getattr(args, flag)
+        low_ok = value > 0 if flag in ("lr", "max_grad_norm") else value >= 0
+        if not (low_ok and math.isfinite(value)) or (
+            flag in ("beta1", "beta2", "lora_dropout") and value >= 1
+        ):
+            parser.error(f"--{flag} {value}: out of range")
+    for flag in ("ce_loss_weight", "bce_loss_weight", "dice_loss_weight"):
+        if not (getattr(args, flag) >= 0 and math.isfinite(getattr(args, flag))):
+            parser.error(f"--{flag} {getattr(args, flag)}: must be a finite number >= 0")
+    if not args.lora_target_modules.strip(","):
+        parser.error("--lora_target_modules is empty: name the language-model layers (e.g. q_proj,v_proj)")
     try:
         view_set_offsets(disparity_config(args).views)
     except ValueError as exc:
