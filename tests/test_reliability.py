@@ -155,7 +155,7 @@ def test_weight_files_of_the_wrong_kind(tmp_path):
     with pytest.raises(FileNotFoundError, match="--weight not found"):
         open_weights(tmp_path / "none")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(FileNotFoundError, match="no trainable.safetensors, no DeepSpeed checkpoint"):
+    with pytest.raises(FileNotFoundError, match=r"no trainable\.safetensors, no DeepSpeed checkpoint"):
         open_weights(tmp_path / "folder")
     torch.save({"w": torch.zeros(2)}, tmp_path / "sam.pth")
     with pytest.raises(ValueError, match=r"sam\.pth: not a SAM state dict"):

@@ -150,3 +150,30 @@ def test_weights_fingerprint_sees_a_single_changed_weight():
     assert weights_fingerprint(model) != a
     model.weight.requires_grad_(False)
     assert len(weights_fingerprint(model)) == 3
+
+
+class _ModuleEngine(_FakeEngine):
+    module = torch.nn.Linear(1, 1)
+
+
+def test_the_epoch_checkpoint_is_written_before_its_validation(tmp_path, monkeypatch):
+    import training.trainer as trainer_module
+
+    saved = []
+    monkeypatch.setattr(
+        trainer_module, "save_checkpoint", lambda engine, d, tag, state, update_latest: saved.append(tag)
+    )
+    monkeypatch.setattr(trainer_module, "export_trainable", lambda *a, **k: None)
+    trainer = Trainer(
+        argparse.Namespace(seed=0, grad_accumulation_steps=1, eval_protocol="teacher_forced", max_new_tokens=4),
+        _ModuleEngine(1.0, global_steps=10), None, None, object(), None,
+        DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), None, tmp_path, {},
+    )  # fmt: skip
+
+    def failing_validation(step):
+        raise RuntimeError("a corrupt validation scene")
+
+    monkeypatch.setattr(trainer, "validate", failing_validation)
+    with pytest.raises(RuntimeError, match="corrupt validation scene"):
+        trainer.end_of_epoch(0)
+    assert saved == ["last"]
