@@ -4,11 +4,14 @@ Three modes (same model, prompts and preprocessing as training and validation):
 
 * one-shot: ``--lf_dir SCENE --prompt "the car behind the woman" --out OUT``;
 * batch: ``--lf_root ROOT --expressions FILE.json --out OUT``, FILE.json a list of
-  ``{"scene": "Image7", "sentence": "...", "id": optional}`` (one mask per entry, ``OUT/results.json``);
-* interactive (neither): asks for a light-field folder and an expression, in a loop.
+  ``{"scene": "Image7", "sentence": "...", "id": optional}``: ``--batch_size`` scenes per forward on the
+  device, a progress bar, one mask per entry and one JSON line per entry in ``OUT/results.jsonl`` (answer,
+  mask file, score, time; ``OUT/results.json`` holds the same list);
+* interactive (neither): asks for a light-field folder and an expression in a loop, the model loaded once.
 
-The answer is generated (KV cache, ``model.inference.generate_masks``) and printed; the mask of its first
-``[SEG]`` is written as ``OUT/<name>_mask.png`` (0/255, centre-view size) with ``OUT/<name>_overlay.png``.
+The answer is generated (KV cache, ``model.inference.generate_masks``) and printed with the mask score
+(``utils.mask_scores``); the mask of its first ``[SEG]`` is written as ``OUT/<name>_mask.png`` (0/255,
+centre-view size) with ``OUT/<name>_overlay.png`` (≥ 512 px: expression, legend, score, disparity beside).
 An answer without ``[SEG]`` gets an empty mask (and says so). The disparity map comes from the scene
 folder (``--disparity_name``) or from the estimator (``--depth_source estimate``).
 """
@@ -21,8 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dataset.errors import DataError
-from dataset.options import DataOptions
+from dataset.options import DataOptions, PromptOptions
 from model.build import DTYPES
+from model.options import GenerationOptions
 from training.config import add_option_flags
 from training.predict import Segmenter, run_batch, run_one, safe_name
 
@@ -39,14 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, else fp32"
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument(
-        "--conv_type",
-        default=None,
-        choices=["llava_v1", "llava_llama_2"],
-        help="default: the one recorded in the merged model's merge_info.json, else llava_v1",
-    )
-    p.add_argument("--model_max_length", type=int, default=512)
-    p.add_argument("--max_new_tokens", type=int, default=32)
+    # conv_type / model_max_length: default None = what the merged model recorded (merge_info.json)
+    add_option_flags(p, PromptOptions, unset=True)
+    add_option_flags(p, GenerationOptions)
     add_option_flags(p, DataOptions)
     p.add_argument("--out", "--vis_save_path", dest="out", default="./vis_output", help="output folder")
     one = p.add_argument_group("one-shot")
@@ -56,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     many = p.add_argument_group("batch")
     many.add_argument("--lf_root", default=None, help="folder holding the scene folders")
     many.add_argument("--expressions", default=None, help='JSON list of {"scene", "sentence", "id"?}')
+    many.add_argument("--batch_size", type=int, default=4, help="scenes per forward on the device")
     return p
 
 
@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("one-shot mode needs both --lf_dir and --prompt")
     if (args.lf_root is None) != (args.expressions is None):
         parser.error("batch mode needs both --lf_root and --expressions")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
     if args.lf_dir and args.lf_root:
         parser.error("choose one-shot (--lf_dir/--prompt) or batch (--lf_root/--expressions), not both")
     out_dir = Path(args.out)
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scene = Path(args.lf_dir)
             run_one(seg, scene, args.prompt, out_dir, safe_name(args.name or scene.name))
         elif args.lf_root:
-            run_batch(seg, Path(args.lf_root), Path(args.expressions), out_dir)
+            run_batch(seg, Path(args.lf_root), Path(args.expressions), out_dir, args.batch_size)
         else:
             interactive(seg, out_dir)
     except (DataError, RuntimeError, ValueError, OSError) as exc:  # bad input: a message, no traceback

@@ -51,6 +51,18 @@ def tiny_base(tmp_path_factory, tiny_dataset) -> dict[str, Path]:
     return write_tiny_base(tmp_path_factory.mktemp("base"), corpus)
 
 
+@pytest.fixture(scope="session")
+def tiny_merged(tiny_base, tmp_path_factory) -> Path:
+    """A merged fp32 tiny LFLLM directory (the tiny base with every trainable tensor perturbed, merged by
+    ``merge_lora_weights_and_save_hf_model.py``), shared by the chat and demo tests."""
+    import merge_lora_weights_and_save_hf_model as merge_script
+    from tests.test_merge import make_trained_export
+
+    export = make_trained_export(tiny_base, tmp_path_factory.mktemp("export"), seed=2)[2]
+    out = tmp_path_factory.mktemp("merged")
+    return merge_script.main(["--weight", str(export), "--save_path", str(out), "--precision", "fp32"])
+
+
 @pytest.fixture()
 def tiny_model(tiny_base):
     """A freshly loaded fp32 tiny LFLLM and its tokenizer (seeded)."""

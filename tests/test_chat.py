@@ -12,23 +12,20 @@ import pytest
 import torch
 
 import chat
-import merge_lora_weights_and_save_hf_model as merge_script
 from dataset.disparity import cache as disparity_cache
 from dataset.prompts import VAL_ANSWER
-from model.inference import teacher_forced_masks
+from dataset.single_scene import SceneQuery
+from model.inference import teacher_forced_scored
 from model.lfllm import LFLLMForCausalLM
 from tests.conftest import TINY_DS, model_batch
-from tests.test_merge import make_trained_export
 from training import predict
 
 H, W = 64, 96  # the tiny dataset's view size
 
 
 @pytest.fixture(scope="module")
-def merged(tiny_base, tmp_path_factory) -> Path:
-    export = make_trained_export(tiny_base, tmp_path_factory.mktemp("export"), seed=2)[2]
-    out = tmp_path_factory.mktemp("merged")
-    return merge_script.main(["--weight", str(export), "--save_path", str(out), "--precision", "fp32"])
+def merged(tiny_merged) -> Path:
+    return tiny_merged
 
 
 @pytest.fixture(scope="module")
@@ -55,31 +52,32 @@ def test_one_shot_cli_writes_mask_and_overlay(merged, tiny_dataset, tmp_path, ca
     assert status == 0
     _read_mask(tmp_path / "Image7_mask.png")
     over = cv2.imread(str(tmp_path / "Image7_overlay.png"))
-    assert over.shape == (H, W, 3)
+    assert max(over.shape[:2]) >= 512 and over.shape[1] > 2 * W * 5  # enlarged view + disparity beside
     assert "[Image7]" in capsys.readouterr().out  # the text answer is printed
 
 
 def test_generated_seg_mask_matches_teacher_forced(segmenter, tiny_dataset, tmp_path, monkeypatch):
-    """With the answer forced to the validation answer, chat's mask is the teacher-forced one: same
-    prompts, preprocessing and [SEG] reading as validation."""
+    """With the answer forced to the validation answer, chat's mask and SAM IoU are the teacher-forced
+    ones: same prompts, preprocessing and [SEG] reading as validation."""
     tok, model = segmenter.tokenizer, segmenter.model
     answer_ids = tok(" " + VAL_ANSWER + "</s>", add_special_tokens=False).input_ids
     monkeypatch.setattr(LFLLMForCausalLM, "generate", lambda self, **kw: torch.tensor([answer_ids]))
     batch = model_batch(model, tok, tiny_dataset, split="val", n=1, train=False)
-    want = teacher_forced_masks(model, batch)[0][0]
+    masks, ious = teacher_forced_scored(model, batch)
+    want = masks[0][0]
     sentence = batch["sentences"][0][0]
     result = predict.run_one(segmenter, Path(batch["scene_dir"][0]), sentence, tmp_path, "forced")
     assert "[SEG]" in result.text and result.mask_logits is not None
     assert torch.allclose(result.mask_logits, want, atol=1e-4)
+    assert result.sam_iou == pytest.approx(float(ious[0][0]), abs=1e-4)
     mask = _read_mask(tmp_path / "forced_mask.png")
     assert np.array_equal(mask > 0, (want > 0).numpy())
-    center = cv2.imread(str(Path(batch["center_path"][0])))
-    over = cv2.imread(str(tmp_path / "forced_overlay.png"))
-    changed = (over != center).any(-1)
-    assert np.array_equal(changed & (mask == 0), np.zeros_like(changed))  # only mask pixels recoloured
 
 
-def test_batch_mode_one_mask_per_expression(segmenter, tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size, forwards", [(4, [["Image7", "Image8"]]), (1, [["Image7"], ["Image8"]])])
+def test_batch_mode_one_mask_per_expression(
+    segmenter, tiny_dataset, tmp_path, monkeypatch, batch_size, forwards
+):
     expressions = [
         {"scene": "Image7", "sentence": "the person on the left", "id": "person left"},
         {"scene": "Image8", "sentence": "the closest vehicle"},
@@ -88,21 +86,35 @@ def test_batch_mode_one_mask_per_expression(segmenter, tiny_dataset, tmp_path, m
     spec = tmp_path / "expr.json"
     spec.write_text(json.dumps(expressions))
     calls = []
-    original = predict.Segmenter.answer
+    original = predict.Segmenter.answer_batch
     monkeypatch.setattr(
-        predict.Segmenter, "answer", lambda self, s: calls.append(s["image_id"]) or original(self, s)
+        predict.Segmenter,
+        "answer_batch",
+        lambda self, s: calls.append([x["image_id"] for x in s]) or original(self, s),
     )
     out = tmp_path / "out"
-    results = predict.run_batch(segmenter, tiny_dataset / "lf" / TINY_DS, spec, out)
-    assert sorted(calls) == ["Image7", "Image8"]  # each scene encoded once
+    results = predict.run_batch(segmenter, tiny_dataset / "lf" / TINY_DS, spec, out, batch_size)
+    assert calls == forwards  # batch_size scenes per forward, each scene encoded once
     names = ["person_left", "Image8_0001", "Image7_0002"]
     assert sorted(r["id"] for r in results) == sorted(names)
     for name in names:
         _read_mask(out / f"{name}_mask.png")
-        assert (out / f"{name}_overlay.png").is_file()
+        assert max(cv2.imread(str(out / f"{name}_overlay.png")).shape[:2]) >= 512
     assert len(list(out.glob("*_mask.png"))) == 3
     saved = json.loads((out / "results.json").read_text())
     assert {r["sentence"] for r in saved} == {e["sentence"] for e in expressions}
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert lines == saved
+    for line in lines:
+        assert line["time_s"] > 0 and line["mask"] == f"{line['id']}_mask.png"
+        if line["has_seg"]:
+            assert 0.0 <= line["score"] <= 1.0 and set(line["scores"]) == {
+                "sam_iou",
+                "confidence",
+                "stability",
+            }
+        else:
+            assert line["score"] is None
 
 
 def test_batch_file_errors_name_the_file(tmp_path):
@@ -198,3 +210,46 @@ def test_conv_type_comes_from_merge_info_unless_given(merged, segmenter, tmp_pat
         assert flagged.conv_type == "llava_v1" and flagged.spec.conv_type == "llava_v1"
     finally:
         shutil.copy(tmp_path / "keep.json", merged / "merge_info.json")
+
+
+def test_batched_generation_matches_one_conversation_at_a_time(segmenter, tiny_dataset, monkeypatch):
+    """generate_masks runs all conversations of a 2-scene batch (prompts of different lengths) in one
+    left-padded generate and one right-padded mask forward: the same answers as one conversation per call,
+    and, with answers forced (two with [SEG] at different places, one without), the same masks and IoUs."""
+    queries = [
+        SceneQuery(_scene(tiny_dataset, 7), ("the closest vehicle", "the pole behind the car on the left")),
+        SceneQuery(_scene(tiny_dataset, 8), ("the bike",)),
+    ]
+    data = segmenter.dataset(queries)
+    singles = [(q.scene_dir, s) for q in queries for s in q.sentences]
+
+    def one(scene_dir, sentence):
+        return segmenter.answer(segmenter.dataset([SceneQuery(scene_dir, (sentence,))])[0])[0]
+
+    together = [g for per_scene in segmenter.answer_batch([data[0], data[1]])[1] for g in per_scene]
+    assert [g.token_ids for g in together] == [one(*q).token_ids for q in singles]
+
+    tok = segmenter.tokenizer
+    forced = [
+        tok(" " + VAL_ANSWER + "</s>", add_special_tokens=False).input_ids,
+        tok(" [SEG] .</s>", add_special_tokens=False).input_ids,
+        tok(" no</s>", add_special_tokens=False).input_ids,
+    ]
+    longest = max(map(len, forced))
+    rows = torch.tensor([a + [tok.pad_token_id] * (longest - len(a)) for a in forced])
+    queue = []
+
+    def fake_generate(self, **kw):
+        n = kw["inputs_embeds"].shape[0]
+        return rows if n == len(forced) else torch.tensor([forced[queue.pop(0)]])
+
+    monkeypatch.setattr(LFLLMForCausalLM, "generate", fake_generate)
+    together = [g for per_scene in segmenter.answer_batch([data[0], data[1]])[1] for g in per_scene]
+    assert [g.mask_logits is None for g in together] == [False, False, True]
+    for n, q in enumerate(singles):
+        queue.append(n)
+        alone = one(*q)
+        assert together[n].token_ids == alone.token_ids == forced[n][:-1]
+        if alone.mask_logits is not None:
+            assert torch.allclose(together[n].mask_logits, alone.mask_logits, atol=1e-4)
+            assert together[n].sam_iou == pytest.approx(alone.sam_iou, abs=1e-5)

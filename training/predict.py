@@ -2,7 +2,10 @@
 
 :class:`Segmenter` loads a merged model (or a LLaVA dir + SAM) once and runs the training-time sample
 pipeline (same geometry, prompts and tokens) with generation (KV cache, ``model.inference.generate_masks``);
-``run_one`` / ``run_batch`` write masks and overlays. ``chat.py`` (and the demo) are the front ends.
+``run_one`` / ``run_batch`` write masks, overlays (≥ 512 px, expression, legend, score, disparity beside)
+and, in batch mode, ``results.jsonl`` (one line per expression) + ``results.json``. Scenes are batched on
+the device (``batch_size`` scenes, all their expressions, per generation). ``chat.py`` and the web demo
+(``training/demo.py``) are the front ends.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +27,33 @@ from tqdm import tqdm
 from dataset.collate import TokenSpec, collate_batch, move_batch
 from dataset.errors import DataError
 from dataset.lightfield import LightFieldLayout, read_rgb
+from dataset.options import DEFAULT_PROMPT_OPTIONS, DepthSource
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.single_scene import SceneQueries, SceneQuery
 from model.build import DTYPES, build_lfllm
 from model.inference import Generated, generate_masks
 from training.config import data_options
-from training.evaluate import overlay
+from training.evaluate import scene_disparity
+from training.visualize import annotated_overlay, colorize_disparity, side_by_side, write_png
+from utils.batch import Batch
+from utils.mask_scores import DEFAULT_SCORE, scores_of_one
 
 
-def recorded_conv_type(version: str | Path) -> str | None:
-    """The ``conv_type`` a merged model was trained with (its ``merge_info.json``), if recorded."""
+def recorded_prompt(version: str | Path, key: str) -> Any:
+    """A prompt option (``conv_type``, ``model_max_length``) a merged model recorded in its
+    ``merge_info.json``, or None."""
     info = Path(version) / "merge_info.json"
     if not info.is_file():
         return None
     try:
-        return json.loads(info.read_text()).get("conv_type")
+        return json.loads(info.read_text()).get(key)
     except (json.JSONDecodeError, AttributeError) as exc:
         raise ValueError(f"{info}: not a JSON object ({exc})") from exc
+
+
+def recorded_conv_type(version: str | Path) -> str | None:
+    """The ``conv_type`` a merged model was trained with (its ``merge_info.json``), if recorded."""
+    return recorded_prompt(version, "conv_type")
 
 
 class Segmenter:
@@ -51,9 +66,16 @@ class Segmenter:
         self.model = model.to(device).eval()
         self.tokenizer, self.device, self.max_new_tokens = tokenizer, device, args.max_new_tokens
         config = model.config
-        self.conv_type = args.conv_type or recorded_conv_type(args.version) or "llava_v1"
+        self.conv_type = (
+            args.conv_type or recorded_conv_type(args.version) or DEFAULT_PROMPT_OPTIONS.conv_type
+        )
         self.spec = SampleSpec.from_model_config(config, self.conv_type)
-        self.tokens = TokenSpec.from_tokenizer(tokenizer, config.image_seq_length, args.model_max_length)
+        max_length = (
+            args.model_max_length
+            or recorded_prompt(args.version, "model_max_length")
+            or DEFAULT_PROMPT_OPTIONS.model_max_length
+        )
+        self.tokens = TokenSpec.from_tokenizer(tokenizer, config.image_seq_length, max_length)
         self.data = data_options(args)
         self.depth_source = self.data.depth_source
         self.layout = LightFieldLayout(
@@ -62,25 +84,53 @@ class Segmenter:
         caam = self.spec.caam_clip or self.spec.caam_sam
         self.offsets = [tuple(o) for o in (config.caam_offsets or [])] if caam else []
 
-    def dataset(self, queries: Sequence[SceneQuery]) -> ReferSegDataset:
-        """Model-ready samples of ``queries`` (prompts end at the answer prefix, ready to generate)."""
+    def dataset(
+        self, queries: Sequence[SceneQuery], depth_source: DepthSource | None = None
+    ) -> ReferSegDataset:
+        """Model-ready samples of ``queries`` (prompts end at the answer prefix, ready to generate);
+        ``depth_source`` overrides the one of the command line (the demo estimates for uploads)."""
         scenes = SceneQueries(
             queries,
             offsets=self.offsets,
             layout=self.layout,
             need_disparity=self.spec.needs_disparity,
-            depth_source=self.depth_source,
+            depth_source=depth_source or self.depth_source,
             estimated_name=self.data.estimated_disparity_name,
         )
         return ReferSegDataset(
             scenes, self.tokenizer, self.spec, self.tokens, train=False, with_answers=False
         )
 
+    def collate(self, samples: Sequence[dict[str, Any]]) -> Batch:
+        """Samples of :meth:`dataset` -> one batch on the model's device."""
+        return move_batch(collate_batch(list(samples), self.tokenizer.pad_token_id), self.device)
+
     @torch.no_grad()
+    def answer_batch(self, samples: Sequence[dict[str, Any]]) -> tuple[Batch, list[list[Generated]]]:
+        """Answer every expression of several scenes in one go (one CLIP/SAM pass, one generation).
+
+        Returns the batch (for its disparity) and, per scene, one :class:`Generated` per expression.
+        """
+        batch = self.collate(samples)
+        return batch, generate_masks(self.model, batch, self.tokenizer, self.max_new_tokens)
+
     def answer(self, sample: dict[str, Any]) -> list[Generated]:
         """Generate one answer (+ mask logits at the centre view's size) per expression of ``sample``."""
-        batch = move_batch(collate_batch([sample], self.tokenizer.pad_token_id), self.device)
-        return generate_masks(self.model, batch, self.tokenizer, self.max_new_tokens)[0]
+        return self.answer_batch([sample])[1][0]
+
+
+@dataclass
+class Written:
+    """What :func:`write_result` wrote for one expression."""
+
+    mask_path: Path
+    overlay_path: Path
+    scores: dict[str, float] | None
+
+    @property
+    def score(self) -> float | None:
+        """The reported mask score (``utils.mask_scores.DEFAULT_SCORE``), None without a mask."""
+        return None if self.scores is None else self.scores[DEFAULT_SCORE]
 
 
 def safe_name(text: str) -> str:
@@ -89,33 +139,61 @@ def safe_name(text: str) -> str:
     return name or "mask"
 
 
-def write_result(out_dir: Path, name: str, center_path: str, result: Generated) -> Path:
-    """Write ``<name>_mask.png`` (0/255) and ``<name>_overlay.png``; returns the mask path."""
-    rgb = read_rgb(center_path)
+def result_images(
+    rgb: np.ndarray, sentence: str, result: Generated, disparity: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, float] | None]:
+    """(mask (H, W) bool, overlay RGB ≥ 512 px with the disparity beside when given, scores or None)."""
     if result.mask_logits is None:
         mask = np.zeros(rgb.shape[:2], bool)
     else:
         mask = (result.mask_logits.float() > 0).cpu().numpy()
+    scores = scores_of_one(result.mask_logits, result.sam_iou)
+    picture = annotated_overlay(
+        rgb,
+        None if result.mask_logits is None else mask,
+        expression=sentence,
+        score=None if scores is None else scores[DEFAULT_SCORE],
+        answer=result.text.strip(),
+    )
+    if disparity is not None:
+        picture = side_by_side([picture, colorize_disparity(disparity)])
+    return mask, picture, scores
+
+
+def write_result(
+    out_dir: Path,
+    name: str,
+    center_path: str,
+    result: Generated,
+    sentence: str = "",
+    disparity: np.ndarray | None = None,
+) -> Written:
+    """Write ``<name>_mask.png`` (0/255, centre-view size) and ``<name>_overlay.png`` (≥ 512 px)."""
+    mask, picture, scores = result_images(read_rgb(center_path), sentence, result, disparity)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mask_path = out_dir / f"{name}_mask.png"
+    mask_path, overlay_path = out_dir / f"{name}_mask.png", out_dir / f"{name}_overlay.png"
     cv2.imwrite(str(mask_path), mask.astype(np.uint8) * 255)
-    cv2.imwrite(str(out_dir / f"{name}_overlay.png"), cv2.cvtColor(overlay(rgb, mask), cv2.COLOR_RGB2BGR))
-    return mask_path
+    write_png(overlay_path, picture)
+    return Written(mask_path, overlay_path, scores)
 
 
-def _report(name: str, result: Generated, mask_path: Path, echo: Callable[[str], None]) -> None:
+def _report(name: str, result: Generated, written: Written, echo: Callable[[str], None]) -> None:
     echo(f"[{name}] {result.text.strip()}")
     if result.mask_logits is None:
-        echo(f"[{name}] the answer has no [SEG] token: wrote an empty mask to {mask_path}")
+        echo(f"[{name}] the answer has no [SEG] token: wrote an empty mask to {written.mask_path}")
     else:
-        echo(f"[{name}] mask: {mask_path}")
+        echo(f"[{name}] mask: {written.mask_path} (score {written.score:.3f})")
 
 
 def run_one(seg: Segmenter, scene_dir: Path, prompt: str, out_dir: Path, name: str) -> Generated:
     """Segment one expression in one scene and write its PNGs."""
     sample = seg.dataset([SceneQuery(scene_dir, (prompt,))])[0]
-    result = seg.answer(sample)[0]
-    _report(name, result, write_result(out_dir, name, sample["center_path"], result), print)
+    batch, generated = seg.answer_batch([sample])
+    result = generated[0][0]
+    written = write_result(
+        out_dir, name, sample["center_path"], result, sample["sentences"][0], scene_disparity(batch, 0)
+    )
+    _report(name, result, written, print)
     return result
 
 
@@ -123,7 +201,7 @@ def read_expressions(path: Path) -> list[dict[str, str]]:
     """Entries ``{"scene", "sentence", "id"}`` of a batch file (id defaults to ``<scene>_<index>``)."""
     try:
         entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(path, f"cannot read the expressions JSON ({exc})") from exc
     if not isinstance(entries, list):
         raise DataError(path, 'expected a JSON list of {"scene", "sentence", "id"?} objects')
@@ -143,31 +221,59 @@ def read_expressions(path: Path) -> list[dict[str, str]]:
     return out
 
 
-def run_batch(seg: Segmenter, lf_root: Path, expressions: Path, out_dir: Path) -> list[dict[str, Any]]:
-    """One mask per entry of ``expressions``; each scene is read and encoded once. Writes results.json."""
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_batch(
+    seg: Segmenter, lf_root: Path, expressions: Path, out_dir: Path, batch_size: int = 4
+) -> list[dict[str, Any]]:
+    """One mask per entry of ``expressions``, ``batch_size`` scenes (all their expressions) per forward;
+    each scene is read and encoded once. Writes ``results.jsonl`` as it goes (one line per expression:
+    id, scene, sentence, answer, has_seg, mask, overlay, score, scores, time_s = the batch's wall time
+    shared over its expressions) and ``results.json`` (the same list) at the end."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     entries = read_expressions(expressions)
     by_scene: dict[str, list[dict[str, str]]] = {}
     for entry in entries:
         by_scene.setdefault(entry["scene"], []).append(entry)
-    queries = [
-        SceneQuery(lf_root / scene, tuple(e["sentence"] for e in group)) for scene, group in by_scene.items()
-    ]
+    groups = list(by_scene.values())
+    queries = [SceneQuery(lf_root / g[0]["scene"], tuple(e["sentence"] for e in g)) for g in groups]
     data = seg.dataset(queries)
-    results = []
-    with tqdm(total=len(entries), desc="chat", unit="expr", dynamic_ncols=True) as bar:
-        for index, group in enumerate(by_scene.values()):
-            sample = data[index]
-            for entry, result in zip(group, seg.answer(sample), strict=True):
-                mask_path = write_result(out_dir, entry["id"], sample["center_path"], result)
-                _report(entry["id"], result, mask_path, tqdm.write)
-                results.append(
-                    {
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    with (
+        open(out_dir / "results.jsonl", "w") as lines,
+        tqdm(total=len(entries), desc="chat", unit="expr", dynamic_ncols=True) as bar,
+    ):
+        for chunk in _chunks(list(range(len(groups))), batch_size):
+            start = time.perf_counter()
+            samples = [data[j] for j in chunk]
+            batch, generated = seg.answer_batch(samples)
+            share = (time.perf_counter() - start) / sum(len(groups[j]) for j in chunk)
+            for b, j in enumerate(chunk):
+                disparity = scene_disparity(batch, b)
+                for entry, result in zip(groups[j], generated[b], strict=True):
+                    t0 = time.perf_counter()
+                    written = write_result(
+                        out_dir, entry["id"], samples[b]["center_path"], result, entry["sentence"], disparity
+                    )
+                    _report(entry["id"], result, written, tqdm.write)
+                    record = {
                         **entry,
                         "answer": result.text,
                         "has_seg": result.mask_logits is not None,
-                        "mask": mask_path.name,
+                        "mask": written.mask_path.name,
+                        "overlay": written.overlay_path.name,
+                        "score": written.score,
+                        "scores": written.scores,
+                        "time_s": round(share + time.perf_counter() - t0, 4),
                     }
-                )
-                bar.update()
+                    lines.write(json.dumps(record) + "\n")
+                    lines.flush()
+                    results.append(record)
+                    bar.update()
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results

@@ -29,13 +29,22 @@ from utils.mask_scores import DEFAULT_SCORE, SCORE_NAMES, spearman
 
 
 def bootstrap_interval(
-    scores: Sequence[float], ious: Sequence[float], resamples: int = 1000, seed: int = 0
+    scores: Sequence[float],
+    ious: Sequence[float],
+    other: Sequence[float] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
 ) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of the Spearman correlation (expressions resampled)."""
+    """95 % percentile-bootstrap interval (expressions resampled) of the Spearman correlation of
+    ``scores`` with ``ious`` or, given ``other``, of its difference to ``other``'s (paired)."""
     x, y = np.asarray(scores), np.asarray(ious)
+    z = None if other is None else np.asarray(other)
     rng = np.random.default_rng(seed)
-    values = [spearman(x[i], y[i]) for i in rng.integers(0, len(x), (resamples, len(x)))]
-    values = [v for v in values if np.isfinite(v)]
+    values = []
+    for i in rng.integers(0, len(x), (resamples, len(x))):
+        value = spearman(x[i], y[i]) - (0.0 if z is None else spearman(z[i], y[i]))
+        if np.isfinite(value):
+            values.append(value)
     if not values:
         return float("nan"), float("nan")
     lo, hi = np.percentile(values, [2.5, 97.5])
@@ -51,12 +60,21 @@ def correlations(expressions: Sequence[dict[str, Any]]) -> dict[str, Any]:
     columns = {name: [e["scores"][name] for e in scored] for name in SCORE_NAMES}
     rho = {name: spearman(columns[name], ious) for name in SCORE_NAMES}
     finite = {k: v for k, v in rho.items() if np.isfinite(v)}
+    best = max(finite, key=finite.get) if finite else None
+    versus = {}
+    if best is not None and len(scored) > 2:
+        versus = {
+            f"{best} - {name}": bootstrap_interval(columns[best], ious, columns[name])
+            for name in SCORE_NAMES
+            if name != best
+        }
     return {
         "spearman": rho,
         "spearman_95": {name: bootstrap_interval(columns[name], ious) for name in SCORE_NAMES}
         if len(scored) > 2
         else {},
-        "best": max(finite, key=finite.get) if finite else None,
+        "best": best,
+        "best_minus_other_95": versus,
         "n": len(scored),
         "n_without_mask": len(expressions) - len(scored),
         "mean_iou": float(np.mean(ious)) if ious else None,
@@ -124,5 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, rho in figures["spearman"].items():
         lo, hi = figures["spearman_95"].get(name, (float("nan"), float("nan")))
         print(f"{name:>10}: Spearman {rho:+.3f}  (95 % bootstrap {lo:+.3f} .. {hi:+.3f})")
+    for pair, (lo, hi) in figures["best_minus_other_95"].items():
+        print(f"{pair}: 95 % paired bootstrap {lo:+.3f} .. {hi:+.3f}")
     print(f"n={figures['n']} (without mask: {figures['n_without_mask']}), best: {figures['best']}")
     return figures

@@ -147,7 +147,7 @@ def annotated_overlay(
     items: list[tuple[tuple[int, int, int] | None, str]] = []
     if gt_mask is not None:
         items.append((GT_COLOUR, "ground truth"))
-    items.append((PRED_COLOUR, "prediction" if pred_mask is not None else "no [SEG]: no mask"))
+    items.append((PRED_COLOUR, "prediction") if pred_mask is not None else (None, "no [SEG]: no mask"))
     if iou is not None:
         items.append((None, f"IoU {iou:.2f}"))
     if score is not None:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 SCORE_NAMES: tuple[str, ...] = ("sam_iou", "confidence", "stability")
 #: The score shown by chat.py, the demo and the per-expression JSON (see the module docstring).
-DEFAULT_SCORE = "confidence"
+DEFAULT_SCORE = "stability"
 STABILITY_OFFSET = 1.0  # segment_anything's default ``stability_score_offset``
 
 
