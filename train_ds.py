@@ -34,6 +34,7 @@ from training.checkpoint import atomic_write_text
 from training.config import given_fields, model_options, parse_args, trainable_options
 from training.engine import build_engine
 from training.evaluate import evaluate
+from training.features import prepare_feature_cache
 from training.loaders import build_train_loader, build_val_loader, prepare_estimated_disparity, val_scenes
 from training.preflight import preflight
 from training.run_dir import RunInUseError, RunLock, check_resume_options
@@ -101,8 +102,15 @@ def run_eval_only(
     )
     model.to(dist_info.device)
     prepare_disparity(args, model.config, dist_info, train=False)
+    store = prepare_feature_cache(args, model, tokenizer, dist_info, train=False, val=True)
     loader = build_val_loader(
-        args, model.config, tokenizer, dist_info.rank, dist_info.world_size, args.eval_protocol == "generated"
+        args,
+        model.config,
+        tokenizer,
+        dist_info.rank,
+        dist_info.world_size,
+        args.eval_protocol == "generated",
+        store=store,
     )
     vis = Path(args.vis_save_path) if args.vis_save_path else None
     metrics = evaluate(
@@ -130,11 +138,20 @@ def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, l
     logger.write_run_files(args, ds_config)
     config = unwrap(engine.module).config
     prepare_disparity(args, config, dist_info, train=True)
-    train_loader, sampler = build_train_loader(args, config, tokenizer, dist_info.rank)
+    store = prepare_feature_cache(
+        args, unwrap(engine.module), tokenizer, dist_info, train=True, val=not args.no_eval
+    )
+    train_loader, sampler = build_train_loader(args, config, tokenizer, dist_info.rank, store=store)
     val_loader = None
     if not args.no_eval:
         val_loader = build_val_loader(
-            args, config, tokenizer, dist_info.rank, dist_info.world_size, args.eval_protocol == "generated"
+            args,
+            config,
+            tokenizer,
+            dist_info.rank,
+            dist_info.world_size,
+            args.eval_protocol == "generated",
+            store=store,
         )
     export_meta = {
         "version": str(args.version),

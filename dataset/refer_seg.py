@@ -9,6 +9,7 @@ the GT masks at original resolution. Training and validation differ only in the 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from dataset.collate import TokenSpec, encode_conversation
 from dataset.errors import LightFieldError
 from dataset.prompts import build_turns
 from dataset.scenes import SceneDataset
-from dataset.transforms import clip_geometry, sam_geometry
+from dataset.transforms import clip_geometry, longest_side_shape, sam_geometry
 from utils.conversation import render_segments
 
 
@@ -76,8 +77,12 @@ class ReferSegDataset(torch.utils.data.Dataset):
         train: bool,
         with_answers: bool = True,
         seed: int = 0,
+        features: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
+        """``features``: with a feature cache, ``features(raw_scene) -> {"image_tokens", "depth_tokens",
+        "sam_embeddings"}`` replaces the images (the scenes then come without pixels)."""
         self.scenes, self.tokenizer, self.spec, self.tokens = scenes, tokenizer, spec, tokens
+        self.features = features
         self.train, self.with_answers, self.seed, self.epoch = train, with_answers, seed, 0
 
     def __len__(self) -> int:
@@ -114,6 +119,18 @@ class ReferSegDataset(torch.utils.data.Dataset):
             "original_hw": raw["center"].shape[:2],
         }
 
+    def _geometry(self, hw: tuple[int, int]) -> dict[str, Any]:
+        """The per-scene geometry the model needs besides its encodings (no image read)."""
+        h, w = (int(v) for v in hw)
+        spec = self.spec
+        clip_scale = spec.clip_size / min(h, w)
+        return {
+            "clip_scale": max(spec.clip_size, round(w * clip_scale)) / w,
+            "sam_scale": longest_side_shape(h, w, spec.sam_size)[1] / w,
+            "sam_resized_hw": longest_side_shape(h, w, spec.sam_size),
+            "original_hw": (h, w),
+        }
+
     def conversations(
         self, sentences: list[str], rng: random.Random | None
     ) -> list[tuple[list[int], list[int]]]:
@@ -135,7 +152,10 @@ class ReferSegDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         raw = self.scenes[index]
         rng = random.Random(hash((self.seed, self.epoch, index))) if self.train else None
-        sample = self._images(raw)
+        if self.features is not None:
+            sample = {**self._geometry(raw["hw"]), **self.features(raw)}
+        else:
+            sample = self._images(raw)
         try:
             sample["conversations"] = self.conversations(raw["sentences"], rng)
         except ValueError as exc:

@@ -82,6 +82,8 @@ class SceneDataset(torch.utils.data.Dataset):
         split_by: REFER ``refs(<split_by>).p`` to read when ``<ds>.json`` is absent.
         source: ``"auto"``, ``"lightfield"`` or ``"image"`` (see module docstring).
         lf_root, image_root: folders relative to ``dataset_dir``; ``{ds}`` is the dataset name.
+        with_pixels: False (a feature cache serves the encodings): items hold ``hw`` (H, W) from the
+            annotations instead of ``center`` / ``views`` / ``offsets`` / ``disparity``; no image is read.
 
     Items are dicts: ``image_id`` int, ``ds`` str, ``scene_dir`` str (the image file for 2D data),
     ``center`` (H, W, 3) uint8, ``views`` (V, H, W, 3) uint8, ``offsets`` (V, 2) int64, ``disparity``
@@ -104,6 +106,7 @@ class SceneDataset(torch.utils.data.Dataset):
         lf_root: str | Mapping[str, str] = "lf/{ds}",
         image_root: str = "refer_seg/{ds}/images",
         seed: int = 0,
+        with_pixels: bool = True,
     ) -> None:
         if mode not in ("train", "val"):
             raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
@@ -124,6 +127,7 @@ class SceneDataset(torch.utils.data.Dataset):
         self.lf_roots = [_per_dataset(lf_root, ds, "lf_root").format(ds=ds) for ds in self.names]
         self.image_root = image_root
         self.seed = seed
+        self.with_pixels = with_pixels
         self.epoch = 0
         self.annotations = [ReferAnnotations.load(self.dataset_dir, ds, own or split_by) for ds, own in named]
         self.sources = [self._resolve_source(ds, source) for ds in self.names]
@@ -211,11 +215,29 @@ class SceneDataset(torch.utils.data.Dataset):
             masks[i] = decoded[ref.ann_id]
         return masks
 
+    def image_hw(self, index: int) -> tuple[int, int]:
+        """(H, W) of item ``index`` from its annotation record (no image is read)."""
+        scene = self.scenes[index]
+        record = self.annotations[scene.ds_index].image(scene.image_id)
+        return int(record["height"]), int(record["width"])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene = self.scenes[index]
         pairs = self._pick(index, scene.refs)
-        pixels = self._load_pixels(index)
         refs = [ref for ref, _ in pairs]
+        if not self.with_pixels:  # a feature cache holds the images' encodings: masks and text only
+            hw = self.image_hw(index)
+            return {
+                "image_id": scene.image_id,
+                "ds": self.names[scene.ds_index],
+                "scene_dir": str(self.scene_path(index)),
+                "hw": hw,
+                "sentences": [sent for _, sent in pairs],
+                "masks": self._masks(index, refs, hw),
+                "ref_ids": [ref.ref_id for ref in refs],
+                "subsets": [ref.tags for ref in refs],
+            }
+        pixels = self._load_pixels(index)
         return {
             "image_id": scene.image_id,
             "ds": self.names[scene.ds_index],

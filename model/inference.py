@@ -116,8 +116,7 @@ def generate_masks(
     The N conversations are generated in one left-padded ``generate`` call (greedy), so a batch of B
     scenes costs one CLIP pass, one SAM pass, one generation and one mask forward.
     """
-    image_tokens, depth_tokens = model.encode_clip(batch)
-    image_embeddings = model.encode_sam(batch)
+    image_tokens, depth_tokens, image_embeddings = model.encode_frozen(batch)
     conv_image = batch["conv_image"].tolist()
     lengths = [int(v) for v in batch["attention_mask"].sum(1)]
     # A visual placeholder in the answer would have no features to fill it (the forward then fails).

@@ -181,6 +181,17 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             return encoder(x.to(encoder.patch_embed.proj.weight.dtype))
 
+    def encode_frozen(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(image tokens (B, T, D), depth tokens (B, T, D) or None, SAM embeddings (B, C, g, g)): the
+        outputs of the frozen front end, taken from the batch when a feature cache put them there
+        (``image_tokens`` / ``depth_tokens`` / ``sam_embeddings``), else computed from its images."""
+        if "sam_embeddings" in batch:
+            image_tokens = batch["image_tokens"]
+            depth_tokens = batch.get("depth_tokens") if self.config.use_depth else None
+            return image_tokens, depth_tokens, batch["sam_embeddings"]
+        image_tokens, depth_tokens = self.encode_clip(batch)
+        return image_tokens, depth_tokens, self.encode_sam(batch)
+
     # ------------------------------------------------------------------ language model
     def build_inputs_embeds(
         self,
@@ -288,8 +299,7 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         image of (k_i, H_i, W_i) logits at original resolution, in the order of ``batch["gt_masks"]``) and
         ``pred_ious`` (list per image of (k_i,) SAM-predicted IoUs, detached; no loss trains them).
         """
-        image_tokens, depth_tokens = self.encode_clip(batch)
-        image_embeddings = self.encode_sam(batch)
+        image_tokens, depth_tokens, image_embeddings = self.encode_frozen(batch)
         input_ids, conv_image = batch["input_ids"], batch["conv_image"]
         embeds = self.build_inputs_embeds(input_ids, conv_image, image_tokens, depth_tokens)
         hidden = self.language_hidden(embeds, batch["attention_mask"])

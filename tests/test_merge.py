@@ -158,6 +158,10 @@ def single_process_group(monkeypatch):
         monkeypatch.setenv(key, value)
     # DeepSpeed JIT-compiles a shared-memory all-reduce op at init (~2 min on 2 cores); one rank never uses it
     monkeypatch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
+    # DeepSpeed caches a clone of the world group per process: a group created anew needs it cleared
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_WORLD_GROUP"):
+        monkeypatch.setattr(groups, "_WORLD_GROUP", None)
     deepspeed.init_distributed(dist_backend="gloo")
     yield deepspeed
     torch.distributed.destroy_process_group()

@@ -207,6 +207,18 @@ def _lfllm_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--save_steps", type=int, default=0, help="also save 'last' every N optimiser steps")
     o.add_argument("--max_steps", type=int, default=0, help="stop after N optimiser steps (0: the full run)")
     o.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2])
+    o.add_argument(
+        "--feature_cache",
+        default="",
+        help="folder of the per-scene feature cache (frozen CLIP/SAM outputs computed once per scene; "
+        "docs/PERFORMANCE.md); empty: off",
+    )
+    o.add_argument(
+        "--feature_cache_dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="storage dtype of the feature cache entries (auto: the training precision)",
+    )
     add_switch(
         o,
         "resume_with_changes",

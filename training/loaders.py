@@ -203,8 +203,11 @@ def _tokens(tokenizer, config, args) -> TokenSpec:
     return TokenSpec.from_tokenizer(tokenizer, config.image_seq_length, args.model_max_length)
 
 
-def build_train_loader(args, config, tokenizer, rank: int) -> tuple[DataLoader, EpochSampler]:
-    """Loader of ``steps_per_epoch × grad_accumulation_steps`` micro-batches per epoch on this rank."""
+def build_train_loader(args, config, tokenizer, rank: int, store=None) -> tuple[DataLoader, EpochSampler]:
+    """Loader of ``steps_per_epoch × grad_accumulation_steps`` micro-batches per epoch on this rank.
+
+    ``store`` (a ``training.features.FeatureStore``): the scenes' encodings come from the feature cache
+    and no image is read."""
     spec = SampleSpec.from_model_config(config, args.conv_type, pack=args.pack_conversations)
     scenes = SceneDataset(
         args.dataset_dir,
@@ -216,9 +219,17 @@ def build_train_loader(args, config, tokenizer, rank: int) -> tuple[DataLoader, 
         num_classes_per_sample=args.num_classes_per_sample,
         with_disparity=spec.needs_disparity,
         seed=args.seed + rank,
+        with_pixels=store is None,
     )
+    features = None if store is None else store.provider(scenes, spec)
     data = ReferSegDataset(
-        scenes, tokenizer, spec, _tokens(tokenizer, config, args), train=True, seed=args.seed
+        scenes,
+        tokenizer,
+        spec,
+        _tokens(tokenizer, config, args),
+        train=True,
+        seed=args.seed,
+        features=features,
     )
     n = args.steps_per_epoch * args.grad_accumulation_steps * args.batch_size
     groups = [[i for i, sc in enumerate(scenes.scenes) if sc.ds_index == d] for d in range(len(scenes.names))]
@@ -234,7 +245,9 @@ def build_train_loader(args, config, tokenizer, rank: int) -> tuple[DataLoader, 
     return loader, sampler
 
 
-def val_scenes(args: argparse.Namespace, with_disparity: bool, views=()) -> SceneDataset:
+def val_scenes(
+    args: argparse.Namespace, with_disparity: bool, views=(), with_pixels: bool = True
+) -> SceneDataset:
     """The raw validation scenes of ``--val_dataset`` (``ds|splitBy|split``; split may be a subset tag)."""
     ds, split_by, split = args.val_dataset.split("|")
     return SceneDataset(
@@ -246,15 +259,27 @@ def val_scenes(args: argparse.Namespace, with_disparity: bool, views=()) -> Scen
         mode="val",
         with_disparity=with_disparity,
         split_by=split_by,
+        with_pixels=with_pixels,
     )
 
 
-def build_val_loader(args, config, tokenizer, rank: int, world: int, generated: bool = False) -> DataLoader:
-    """Validation loader over this rank's shard of ``--val_dataset`` (``ds|splitBy|split``)."""
+def build_val_loader(
+    args, config, tokenizer, rank: int, world: int, generated: bool = False, store=None
+) -> DataLoader:
+    """Validation loader over this rank's shard of ``--val_dataset`` (``ds|splitBy|split``); with
+    ``store`` the encodings come from the feature cache."""
     spec = SampleSpec.from_model_config(config, args.conv_type, pack=False)
-    scenes = val_scenes(args, spec.needs_disparity, [tuple(o) for o in (config.caam_offsets or [])])
+    views = [tuple(o) for o in (config.caam_offsets or [])]
+    scenes = val_scenes(args, spec.needs_disparity, views, with_pixels=store is None)
+    features = None if store is None else store.provider(scenes, spec)
     data = ReferSegDataset(
-        scenes, tokenizer, spec, _tokens(tokenizer, config, args), train=False, with_answers=not generated
+        scenes,
+        tokenizer,
+        spec,
+        _tokens(tokenizer, config, args),
+        train=False,
+        with_answers=not generated,
+        features=features,
     )
     shard = Subset(data, list(range(rank, len(data), world)))
     return DataLoader(

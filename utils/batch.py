@@ -28,6 +28,10 @@ class Batch(TypedDict, total=False):
     sam_scale: Tensor  # (B,) float32 SAM pixels per original pixel
     sam_resized_hw: Tensor  # (B, 2) int64 size of the resized (unpadded) image inside T x T
     original_hw: list[tuple[int, int]]  # B x (H_i, W_i)
+    # from a feature cache (training.features) instead of the image keys above:
+    image_tokens: Tensor  # (B, T, D) projected CLIP tokens of the (CAAM-aggregated) view
+    depth_tokens: Tensor  # (B, T, D) projected CLIP tokens of the depth image (depth tokens on)
+    sam_embeddings: Tensor  # (B, C, g, g) SAM image-encoder output of the (CAAM-aggregated) view
     input_ids: Tensor  # (N, L) int64, visual placeholders expanded, right-padded
     labels: Tensor  # (N, L) int64, utils.tokens.IGNORE_INDEX outside the answers
     attention_mask: Tensor  # (N, L) int64, 1 on real tokens
@@ -49,6 +53,11 @@ STACKED_KEYS: tuple[str, ...] = (
     "sam_center",
     "sam_views",
     "sam_disparity",
+    "image_tokens",
+    "depth_tokens",
+    "sam_embeddings",
 )
+#: The keys a feature cache holds per scene (the frozen front end's outputs).
+FEATURE_KEYS: tuple[str, ...] = ("image_tokens", "depth_tokens", "sam_embeddings")
 #: The per-scene metadata lists carried through unchanged.
 META_KEYS: tuple[str, ...] = ("image_id", "ds", "sentences", "subsets", "scene_dir", "center_path")

@@ -1,0 +1,347 @@
+"""The per-scene feature cache: the frozen front end of LFLLM computed once per scene, not once per step.
+
+With LoRA on the language model only, everything before it is frozen and a function of the scene alone:
+the CLIP tower + projector on the (CAAM-aggregated) view and on the depth image, and SAM's image encoder
+on the (CAAM-aggregated) view. ``--feature_cache DIR`` stores their outputs per scene —
+``image_tokens`` (T, D), ``depth_tokens`` (T, D), ``sam_embeddings`` (C, g, g), exactly what
+``LFLLMForCausalLM.encode_frozen`` would compute — and every later step, epoch and validation reads them
+instead of decoding and encoding the views.
+
+Never stale: entries live under ``DIR/<key>/`` where the key hashes the frozen weights (content, not
+paths), every option that changes the features (sizes, CAAM target/mode/views, depth range, disparity
+source and file names, view pattern, compute and storage dtype); each entry also records the size and
+mtime of the scene's input files and is recomputed when they change. Never half-read: entries are written
+atomically (temporary file + ``os.replace``) with a checksum of their tensors; a truncated or corrupt
+entry is reported, recomputed, never used. Ranks share one cache: rank 0 lists what is missing, each rank
+computes its share, all wait for all (the rules of the estimated-disparity cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from dataset.collate import TokenSpec, collate_batch, move_batch
+from dataset.refer_seg import ReferSegDataset, SampleSpec
+from dataset.scenes import SceneDataset
+from model.lfllm import LFLLMForCausalLM
+from training.loaders import scene_layouts, val_scenes
+from utils import distributed
+
+#: Bump when what an entry holds changes meaning (part of every key).
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class FeatureCacheError(ValueError):
+    """A configuration whose front end is not frozen, or not a function of the scene alone."""
+
+
+def check_cacheable(config: Any, args: argparse.Namespace) -> None:
+    """Refuse, naming the flag, every configuration whose cached outputs would not be frozen features of
+    the scene: a learned or occlusion-aware CAAM (its parameters train), a separate depth projector (it
+    trains). LoRA never reaches the vision tower (``model.trainable.lora_target_regex``), and the refer-seg
+    data path has no image augmentation, so nothing else can make the features vary."""
+    if config.use_caam and config.caam_mode != "fixed":
+        raise FeatureCacheError(
+            f"--feature_cache: --caam_mode {config.caam_mode} trains CAAM's parameters, so the aggregated view "
+            "is not frozen; use --caam_mode fixed, or drop --feature_cache"
+        )
+    if config.use_depth and config.depth_projector != "shared":
+        raise FeatureCacheError(
+            "--feature_cache: --depth_projector separate trains the projector of the depth tokens; use "
+            "--depth_projector shared, or drop --feature_cache"
+        )
+
+
+def _tensor_digest(h: Any, module: torch.nn.Module | None) -> None:
+    if module is None:
+        return
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def frozen_fingerprint(model: LFLLMForCausalLM) -> str:
+    """sha256 of the frozen front end's weights (CLIP tower, projector(s), SAM image encoder, CAAM)."""
+    h = hashlib.sha256()
+    for module in (model.model.vision_tower, model.model.multi_modal_projector, model.depth_projector,
+                   model.sam.image_encoder, model.caam):  # fmt: skip
+        _tensor_digest(h, module)
+    return h.hexdigest()
+
+
+def cache_key(
+    model: LFLLMForCausalLM, spec: SampleSpec, args: argparse.Namespace, storage: torch.dtype
+) -> str:
+    """The folder name of this configuration's entries (see the module docstring)."""
+    config = model.config
+    record = {
+        "format": FORMAT_VERSION,
+        "weights": frozen_fingerprint(model),
+        "clip_size": spec.clip_size,
+        "sam_size": spec.sam_size,
+        "use_depth": spec.use_depth,
+        "caam_clip": spec.caam_clip,
+        "caam_sam": spec.caam_sam,
+        "caam_mode": config.caam_mode,
+        "caam_offsets": config.caam_offsets,
+        "depth_range": list(config.depth_range),
+        "clip_mean_std": [list(config.clip_image_mean), list(config.clip_image_std)],
+        "vision_feature": [config.vision_feature_layer, config.vision_feature_select_strategy],
+        "depth_source": args.depth_source,
+        "disparity_name": args.disparity_name,
+        "estimated_disparity_name": args.estimated_disparity_name,
+        "disparity_set": sorted(args.disparity_set),
+        "view_pattern": args.view_pattern,
+        "compute_dtype": str(next(model.sam.image_encoder.parameters()).dtype),
+        "storage_dtype": str(storage),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def scene_signature(scenes: SceneDataset, index: int, spec: SampleSpec) -> list[list[Any]]:
+    """[file name, size, mtime_ns] of every input file item ``index`` is encoded from."""
+    scene = scenes.scenes[index]
+    path = scenes.scene_path(index)
+    if scenes.sources[scene.ds_index] != "lightfield":
+        files = [path]
+    else:
+        layout = scenes.layouts[scene.ds_index]
+        names = [layout.view_name((0, 0))]
+        if spec.caam_clip or spec.caam_sam:
+            names += [layout.view_name(tuple(o)) for o in scenes.offsets]
+        if spec.needs_disparity:
+            names.append(layout.disparity_name)
+        files = [path / n for n in names]
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class FeatureStore:
+    """One configuration's entries: ``root/<key>/<ds>/<image_id>.safetensors``."""
+
+    root: Path
+    key: str
+    compute_dtype: torch.dtype
+    storage_dtype: torch.dtype
+    spec: SampleSpec | None = None
+    reported: list[str] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.key
+
+    def path(self, ds: str, image_id: Any) -> Path:
+        return self.folder / ds / f"{image_id}.safetensors"
+
+    def read(self, ds: str, image_id: Any, signature: list) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors (in the compute dtype), or None when it is missing, stale (the scene's
+        files changed) or corrupt (reported in ``self.reported``; it will be recomputed)."""
+        path = self.path(ds, image_id)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        except Exception as exc:  # a truncated file fails in the header or the data
+            self.reported.append(f"{path}: unreadable entry ({type(exc).__name__}), recomputed")
+            return None
+        if meta.get("checksum") != _checksum(tensors):
+            self.reported.append(f"{path}: checksum mismatch, recomputed")
+            return None
+        if json.loads(meta.get("signature", "null")) != signature:
+            return None
+        return {k: v.to(self.compute_dtype) for k, v in tensors.items()}
+
+    def write(self, ds: str, image_id: Any, signature: list, tensors: dict[str, torch.Tensor]) -> Path:
+        """Write one entry atomically (temporary file in the same folder + ``os.replace``)."""
+        path = self.path(ds, image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored = {k: v.detach().to("cpu", self.storage_dtype).contiguous() for k, v in tensors.items()}
+        meta = {"signature": json.dumps(signature), "checksum": _checksum(stored)}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(stored, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def provider(
+        self, scenes: SceneDataset, spec: SampleSpec
+    ) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
+        """``raw scene -> tensors`` for :class:`dataset.refer_seg.ReferSegDataset` (``features=``)."""
+        index_of = {(scenes.names[s.ds_index], s.image_id): i for i, s in enumerate(scenes.scenes)}
+
+        def features(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+            index = index_of[(raw["ds"], raw["image_id"])]
+            entry = self.read(raw["ds"], raw["image_id"], scene_signature(scenes, index, spec))
+            if entry is None:
+                raise RuntimeError(
+                    f"{self.path(raw['ds'], raw['image_id'])}: feature-cache entry missing or stale during "
+                    "the run (a scene file changed after the cache was built); restart the run to rebuild it"
+                )
+            return entry
+
+        return features
+
+
+@torch.no_grad()
+def encode_scenes(model: LFLLMForCausalLM, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """The frozen front end on a collated batch, split per scene: image tokens (T, D), depth tokens
+    (T, D) when depth tokens are on, SAM embeddings (C, g, g)."""
+    image_tokens, depth_tokens = model.encode_clip(batch)
+    sam = model.encode_sam(batch)
+    out = []
+    for i in range(sam.shape[0]):
+        entry = {"image_tokens": image_tokens[i], "sam_embeddings": sam[i]}
+        if depth_tokens is not None:
+            entry["depth_tokens"] = depth_tokens[i]
+        out.append(entry)
+    return out
+
+
+def build_feature_cache(
+    model: LFLLMForCausalLM,
+    groups: Sequence[SceneDataset],
+    spec: SampleSpec,
+    tokens: TokenSpec,
+    tokenizer: Any,
+    store: FeatureStore,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4,
+    show_progress: bool = True,
+) -> int:
+    """Compute every missing, stale or corrupt entry of the scenes of ``groups``; rank ``r`` takes every
+    ``world_size``-th of rank 0's list; every rank returns once all are written. Returns the number this
+    rank wrote. ``groups`` must read pixels (``with_pixels=True``)."""
+    todo: list[tuple[SceneDataset, int]] = []
+    seen = set()
+    for scenes in groups:
+        for i, s in enumerate(scenes.scenes):
+            name = (scenes.names[s.ds_index], s.image_id)
+            if name in seen:
+                continue
+            seen.add(name)
+            if store.read(*name, scene_signature(scenes, i, spec)) is None:
+                todo.append((scenes, i))
+    counts = distributed.gather_objects(len(todo))
+    if rank == 0 and show_progress:
+        total = sum(len(g.scenes) for g in groups)
+        print(f"--feature_cache {store.folder}: {len(todo)} of {total} scene entries to compute", flush=True)
+        for line in store.reported:
+            print(f"note: {line}", flush=True)
+    assert len(set(counts)) == 1, f"ranks disagree on the entries to compute: {counts}"
+    mine = todo[rank::world_size]
+    written, was_training = 0, model.training
+    model.eval()
+    try:
+        for scenes in groups:
+            indices = [i for g, i in mine if g is scenes]
+            if not indices:
+                continue
+            data = ReferSegDataset(scenes, tokenizer, spec, tokens, train=False, with_answers=False)
+            loader = DataLoader(
+                Subset(data, indices),
+                batch_size=batch_size,
+                collate_fn=partial(collate_batch, pad_id=tokens.pad_id),
+            )
+            bar = tqdm(
+                loader, desc="feature cache", unit="batch", disable=not show_progress, dynamic_ncols=True
+            )
+            position = 0
+            for batch in bar:
+                for entry in encode_scenes(model, move_batch(batch, torch.device(device))):
+                    index = indices[position]
+                    s = scenes.scenes[index]
+                    store.write(
+                        scenes.names[s.ds_index], s.image_id, scene_signature(scenes, index, spec), entry
+                    )
+                    position += 1
+                    written += 1
+    finally:
+        model.train(was_training)
+    distributed.barrier()
+    return written
+
+
+def open_store(args: argparse.Namespace, model: LFLLMForCausalLM, spec: SampleSpec) -> FeatureStore:
+    """The store of this run's configuration under ``--feature_cache`` (refused when not cacheable)."""
+    check_cacheable(model.config, args)
+    compute = next(model.sam.image_encoder.parameters()).dtype
+    storage = STORAGE_DTYPES[args.feature_cache_dtype] or compute
+    return FeatureStore(Path(args.feature_cache), cache_key(model, spec, args, storage), compute, storage, spec)
+
+
+def prepare_feature_cache(
+    args: argparse.Namespace,
+    model: LFLLMForCausalLM,
+    tokenizer: Any,
+    dist_info: Any,
+    *,
+    train: bool,
+    val: bool,
+) -> FeatureStore | None:
+    """``--feature_cache``: the store of this run, filled for the scenes of the training split (``train``)
+    and of ``--val_dataset`` (``val``) before the loaders are built; None without the flag."""
+    if not args.feature_cache:
+        return None
+    spec = SampleSpec.from_model_config(model.config, args.conv_type, pack=args.pack_conversations)
+    store = open_store(args, model, spec)
+    views = [tuple(o) for o in (model.config.caam_offsets or [])]
+    groups = []
+    if train:
+        groups.append(
+            SceneDataset(
+                args.dataset_dir,
+                args.refer_seg_data,
+                "train",
+                views=views,
+                mode="val",
+                with_disparity=spec.needs_disparity,
+                **scene_layouts(args, args.refer_seg_data),
+            )
+        )
+    if val:
+        groups.append(val_scenes(args, spec.needs_disparity, views))
+    tokens = TokenSpec.from_tokenizer(tokenizer, model.config.image_seq_length, args.model_max_length)
+    build_feature_cache(
+        model, groups, spec, tokens, tokenizer, store, rank=dist_info.rank, world_size=dist_info.world_size,
+        device=dist_info.device, batch_size=max(1, args.val_batch_size), show_progress=dist_info.is_main,
+    )  # fmt: skip
+    return store
