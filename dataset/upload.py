@@ -29,6 +29,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MIB = 1 << 20
 
 
+def size_text(n: int) -> str:
+    """A byte count for a person: ``"1.5 MiB"``, ``"800 KiB"`` or ``"120 bytes"``."""
+    if n >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
+
+
 class UploadError(DataError):
     """An upload that is not a usable light field; the message says what to fix."""
 
@@ -89,14 +96,14 @@ def read_zip(data: bytes, limits: UploadLimits) -> dict[str, bytes]:
                 continue
             if info.file_size > limits.max_file_bytes:
                 raise UploadError(
-                    f"{info.filename} is {info.file_size / MIB:.1f} MiB; at most "
-                    f"{limits.max_file_bytes // MIB} MiB per file"
+                    f"{info.filename} is {size_text(info.file_size)}; at most "
+                    f"{size_text(limits.max_file_bytes)} per file"
                 )
             with archive.open(info) as member:  # read at most the limit: a lying header cannot bomb us
                 content = member.read(limits.max_file_bytes + 1)
             total += len(content)
             if len(content) > limits.max_file_bytes or total > limits.max_total_bytes:
-                raise UploadError(f"the zip unpacks to more than {limits.max_total_bytes // MIB} MiB")
+                raise UploadError(f"the zip unpacks to more than {size_text(limits.max_total_bytes)}")
             if path.name in files:
                 raise UploadError(f"the zip holds two files named {path.name}: keep one scene per zip")
             files[path.name] = content
@@ -110,7 +117,7 @@ def read_upload(paths: Sequence[str | Path], limits: UploadLimits = UploadLimits
     sizes = [Path(p).stat().st_size for p in paths]
     if sum(sizes) > limits.max_total_bytes:
         raise UploadError(
-            f"the upload is {sum(sizes) / MIB:.1f} MiB; at most {limits.max_total_bytes // MIB} MiB"
+            f"the upload is {size_text(sum(sizes))}; at most {size_text(limits.max_total_bytes)}"
         )
     if len(paths) > limits.max_files:
         raise UploadError(f"{len(paths)} files uploaded; at most {limits.max_files}")
@@ -126,9 +133,7 @@ def read_upload(paths: Sequence[str | Path], limits: UploadLimits = UploadLimits
                 f"{path.name}: not a light-field file (expected .zip, .png, .jpg or a disparity .npy)"
             )
         if size > limits.max_file_bytes:
-            raise UploadError(
-                f"{path.name} is {size / MIB:.1f} MiB; at most {limits.max_file_bytes // MIB} MiB"
-            )
+            raise UploadError(f"{path.name} is {size_text(size)}; at most {size_text(limits.max_file_bytes)}")
         files[path.name] = path.read_bytes()
     return files
 
