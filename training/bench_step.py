@@ -59,6 +59,7 @@ from training.bench_report import Meter, count_flops, environment, median_row, t
 from training.config import add_option_flags
 from training.config import parse_args as parse_train_args
 from training.engine import build_engine
+from training.features import cached_batch
 from training.trainer import train_micro_step
 
 GiB = 2**30
@@ -97,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", default=None, help="load this LLaVA dir (with --vision_pretrained) instead")
     p.add_argument("--vision_pretrained", default=None, help="SAM checkpoint for --version")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--feature_cache",
+        action="store_true",
+        help="also time each train/eval step on cached front-end features (training.features)",
+    )
     add_option_flags(p.add_argument_group("model options (train_ds.py's)"), ModelOptions)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -116,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- phases
-def run_eval(model, ids, args, device, meter: Meter) -> dict[str, Any]:
+def run_eval(model, ids, args, device, meter: Meter) -> list[dict[str, Any]]:
     batch = move_batch(
         synthetic_batch(
             model.config,
@@ -130,21 +136,29 @@ def run_eval(model, ids, args, device, meter: Meter) -> dict[str, Any]:
         device,
     )
     model.eval()
-    meter.reset_peak()
-    with torch.no_grad():
-        times = meter.times(lambda _: teacher_forced_masks(model, batch), args.warmup, args.steps)
-    med = statistics.median(times)
-    peak, kind = meter.peak()
-    return {
-        "mode": "eval",
-        "desc": f"eval, teacher-forced, 1 image × {args.expressions} expressions",
-        **median_row(times),
-        "images_per_s": 1 / med,
-        "expressions_per_s": args.expressions / med,
-        "peak_memory_GiB": peak,
-        "peak_memory_kind": kind,
-        **batch_shape(batch, ids),
-    }
+    rows = []
+    variants = [("", batch)]
+    if args.feature_cache:
+        variants.append((" (feature cache)", cached_batch(model, batch)))
+    for suffix, data in variants:
+        meter.reset_peak()
+        with torch.no_grad():
+            times = meter.times(lambda _, d=data: teacher_forced_masks(model, d), args.warmup, args.steps)
+        med = statistics.median(times)
+        peak, kind = meter.peak()
+        rows.append(
+            {
+                "mode": "eval",
+                "desc": f"eval, teacher-forced, 1 image × {args.expressions} expressions{suffix}",
+                **median_row(times),
+                "images_per_s": 1 / med,
+                "expressions_per_s": args.expressions / med,
+                "peak_memory_GiB": peak,
+                "peak_memory_kind": kind,
+                **batch_shape(batch, ids),
+            }
+        )
+    return rows
 
 
 def run_chat(model, tokenizer, ids, args, device, meter: Meter) -> dict[str, Any]:
@@ -221,7 +235,7 @@ def deepspeed_args(args: argparse.Namespace, precision: str) -> argparse.Namespa
     return parse_train_args(argv)
 
 
-def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tuple[dict[str, Any], Any]:
+def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tuple[list[dict[str, Any]], Any]:
     """Wrap the model with ``train_ds.py``'s own :func:`training.engine.build_engine` and time
     :func:`training.trainer.train_micro_step`."""
     train_args = deepspeed_args(args, precision)
@@ -277,7 +291,34 @@ def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tupl
             forward_TFLOP=forward / 1e12,
             forward_TFLOP_by_module={k: v / 1e12 for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
         )
-    return row, engine
+    rows = [row]
+    if args.feature_cache:
+        cached = cached_batch(unwrap(engine.module), batch)
+        first = args.warmup + args.steps + 1
+        cached_losses: list[float] = []
+
+        def cached_step(i: int) -> None:
+            out = train_micro_step(engine, cached, first + i, train_args.seed, dist_info)
+            cached_losses.append(float(out[0]))
+
+        meter.reset_peak()
+        times = meter.times(cached_step, args.warmup, args.steps)
+        med_c = statistics.median(times)
+        peak, kind = meter.peak()
+        rows.append(
+            {
+                "mode": "train",
+                "desc": row["desc"] + " (feature cache)",
+                **median_row(times),
+                "images_per_s": args.images / med_c,
+                "speedup_vs_uncached": med / med_c,
+                "peak_memory_GiB": peak,
+                "peak_memory_kind": kind,
+                "losses": cached_losses,
+                **batch_shape(batch, ids),
+            }
+        )
+    return rows, engine
 
 
 def setup_single_process(on_cpu: bool):
@@ -336,15 +377,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     try:
         if args.eval:
-            rows.append(run_eval(model, ids, args, device, meter))
-            print(json.dumps(rows[-1]), flush=True)
+            for row in run_eval(model, ids, args, device, meter):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         if args.chat:
             rows.append(run_chat(model, tokenizer, ids, args, device, meter))
             print(json.dumps(rows[-1]), flush=True)
         if not args.no_train:
-            row, engine = run_train(model, ids, args, precision, dist_info, meter)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            train_rows, engine = run_train(model, ids, args, precision, dist_info, meter)
+            for row in train_rows:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             del engine
     finally:
         if created:

@@ -41,6 +41,9 @@ from dataset.scenes import SceneDataset
 from model.lfllm import LFLLMForCausalLM
 from training.loaders import scene_layouts, val_scenes
 from utils import distributed
+from utils.batch import FEATURE_KEYS, STACKED_KEYS
+
+STACKED_IMAGE_KEYS = tuple(k for k in STACKED_KEYS if k not in FEATURE_KEYS)
 
 #: Bump when what an entry holds changes meaning (part of every key).
 FORMAT_VERSION = 1
@@ -233,6 +236,17 @@ def encode_scenes(model: LFLLMForCausalLM, batch: dict[str, Any]) -> list[dict[s
     return out
 
 
+@torch.no_grad()
+def cached_batch(model: LFLLMForCausalLM, batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` as the feature cache serves it: the image keys replaced by the frozen front end's outputs
+    (what a cached data path collates), for benchmarks and tests."""
+    entries = encode_scenes(model, batch)
+    out = {k: v for k, v in batch.items() if k not in STACKED_IMAGE_KEYS}
+    for key in entries[0]:
+        out[key] = torch.stack([e[key] for e in entries])
+    return out
+
+
 def build_feature_cache(
     model: LFLLMForCausalLM,
     groups: Sequence[SceneDataset],
@@ -305,7 +319,9 @@ def open_store(args: argparse.Namespace, model: LFLLMForCausalLM, spec: SampleSp
     check_cacheable(model.config, args)
     compute = next(model.sam.image_encoder.parameters()).dtype
     storage = STORAGE_DTYPES[args.feature_cache_dtype] or compute
-    return FeatureStore(Path(args.feature_cache), cache_key(model, spec, args, storage), compute, storage, spec)
+    return FeatureStore(
+        Path(args.feature_cache), cache_key(model, spec, args, storage), compute, storage, spec
+    )
 
 
 def prepare_feature_cache(
