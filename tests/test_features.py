@@ -161,3 +161,24 @@ def test_bf16_entries_change_the_loss_only_within_bf16_noise(model, tiny_base, t
     (fp32_loss, fp32_size, bf16_loss, bf16_size) = losses
     assert abs(bf16_loss - fp32_loss) / fp32_loss < 1e-2
     assert bf16_size < 0.6 * fp32_size
+
+
+def test_the_benchmark_times_the_cached_step_and_its_masks_equal_the_uncached(model, tiny_base, tiny_dataset):
+    import importlib
+
+    from model.inference import teacher_forced_masks
+    from training.features import cached_batch
+
+    wrapped, tok = model
+    inner = unwrap(wrapped).eval()
+    args = _args(tiny_base, tiny_dataset, Path("unused"))
+    batch = next(iter(build_val_loader(args, inner.config, tok, 0, 1)))
+    plain = teacher_forced_masks(inner, batch)
+    cached = teacher_forced_masks(inner, cached_batch(inner, batch))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, cached, strict=True))
+    bench = importlib.import_module("training.bench_step")
+    result = bench.main(
+        ["--preset", "tiny", "--steps", "1", "--warmup", "0", "--eval", "--no_train", "--feature_cache"]
+    )
+    descs = [row["desc"] for row in result["rows"]]
+    assert descs[1] == descs[0] + " (feature cache)" and result["rows"][1]["images_per_s"] > 0
