@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -58,7 +57,7 @@ from training.bench_inputs import batch_shape, build_model, synthetic_batch
 from training.bench_report import Meter, count_flops, environment, median_row, table
 from training.config import add_option_flags
 from training.config import parse_args as parse_train_args
-from training.engine import build_engine
+from training.engine import build_engine, forget_deepspeed_world_group, setup_single_process
 from training.features import cached_batch
 from training.trainer import train_micro_step
 
@@ -321,40 +320,6 @@ def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tupl
     return rows, engine
 
 
-def setup_single_process(on_cpu: bool):
-    """One-rank process group through ``utils.distributed.init_distributed`` (as a plain ``python``
-    ``train_ds.py`` run). On CPU the shared-memory comm op DeepSpeed JIT-builds at init is skipped: one
-    rank never uses it. Returns (DistInfo, whether this call created the group)."""
-    import torch.distributed as dist
-
-    if not ("RANK" in os.environ and "MASTER_PORT" in os.environ):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
-    import deepspeed.comm.torch  # noqa: F401  (the module whose build_shm_op is replaced)
-
-    if on_cpu:
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    from utils.distributed import init_distributed
-
-    created = not dist.is_initialized()
-    if created:
-        _forget_deepspeed_world_group()
-    return init_distributed(), created
-
-
-def _forget_deepspeed_world_group() -> None:
-    """DeepSpeed caches a clone of the world group for the first engine of a process; when a group is
-    created anew in the same process (``main`` called twice, e.g. from the tests) the cached clone is
-    stale and ``deepspeed.initialize`` fails with "Group ... is not registered"."""
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is not None and hasattr(groups, "_WORLD_GROUP"):
-        groups._WORLD_GROUP = None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -394,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-            _forget_deepspeed_world_group()
+            forget_deepspeed_world_group()
     result = {
         "config": {
             "preset": args.preset,

@@ -7,6 +7,9 @@ engine a run trains.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import sys
 from typing import Any
 
 from model.lfllm import LFLLMForCausalLM
@@ -40,3 +43,37 @@ def build_engine(
     # from_pretrained returns eval mode: without this, LoRA dropout and gradient checkpointing are off.
     engine.train()
     return engine, ds_config
+
+
+def setup_single_process(on_cpu: bool):
+    """One-rank process group through ``utils.distributed.init_distributed`` (as a plain ``python``
+    ``train_ds.py`` run). On CPU the shared-memory comm op DeepSpeed JIT-builds at init is skipped: one
+    rank never uses it. Returns (DistInfo, whether this call created the group)."""
+    import torch.distributed as dist
+
+    if not ("RANK" in os.environ and "MASTER_PORT" in os.environ):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    import deepspeed.comm.torch  # noqa: F401  (the module whose build_shm_op is replaced)
+
+    if on_cpu:
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    from utils.distributed import init_distributed
+
+    created = not dist.is_initialized()
+    if created:
+        forget_deepspeed_world_group()
+    return init_distributed(), created
+
+
+def forget_deepspeed_world_group() -> None:
+    """DeepSpeed caches a clone of the world group for the first engine of a process; when a group is
+    created anew in the same process (``main`` called twice, e.g. from the tests) the cached clone is
+    stale and ``deepspeed.initialize`` fails with "Group ... is not registered"."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_WORLD_GROUP"):
+        groups._WORLD_GROUP = None
