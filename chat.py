@@ -24,11 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dataset.errors import DataError
-from dataset.options import DataOptions, PromptOptions
-from model.build import DTYPES
-from model.options import GenerationOptions
-from training.config import add_option_flags
-from training.predict import Segmenter, run_batch, run_one, safe_name
+from training.predict import Segmenter, add_segmenter_flags, run_batch, run_one, safe_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,16 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LFLLM chat: light field + referring expression -> answer, mask and overlay.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--version", required=True, help="merged LFLLM dir (or a base LLaVA dir + SAM)")
-    p.add_argument("--vision_pretrained", default=None, help="SAM checkpoint, only with a base LLaVA dir")
-    p.add_argument(
-        "--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, else fp32"
-    )
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    # conv_type / model_max_length: default None = what the merged model recorded (merge_info.json)
-    add_option_flags(p, PromptOptions, unset=True)
-    add_option_flags(p, GenerationOptions)
-    add_option_flags(p, DataOptions)
+    add_segmenter_flags(p)
     p.add_argument("--out", "--vis_save_path", dest="out", default="./vis_output", help="output folder")
     one = p.add_argument_group("one-shot")
     one.add_argument("--lf_dir", default=None, help="light-field scene folder (views + disparity)")

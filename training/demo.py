@@ -25,15 +25,12 @@ import torch
 from dataset.disparity.cache import estimate_scenes
 from dataset.disparity.config import DisparityConfig
 from dataset.errors import DataError
-from dataset.options import DEFAULT_ESTIMATED_NAME, DataOptions, PromptOptions
+from dataset.options import DEFAULT_ESTIMATED_NAME
 from dataset.single_scene import SceneQuery
 from dataset.upload import UploadError, UploadLimits, read_upload, write_uploaded_scene
-from model.build import DTYPES
 from model.inference import Generated
 from model.lfllm import LFLLMForCausalLM
-from model.options import GenerationOptions
-from training.config import add_option_flags
-from training.predict import Segmenter, result_images
+from training.predict import Segmenter, add_segmenter_flags, result_images
 from training.visualize import (
     colorize_disparity,
     font_scale,
@@ -199,15 +196,7 @@ def build_parser(version_default: str, examples_default: str) -> argparse.Argume
         description="LFLLM web demo: pick or upload a light field, type an expression, see the mask.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--version", default=version_default, help="merged LFLLM dir (or a base LLaVA dir + SAM)")
-    p.add_argument("--vision_pretrained", default=None, help="SAM checkpoint, only with a base LLaVA dir")
-    p.add_argument(
-        "--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, else fp32"
-    )
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    add_option_flags(p, PromptOptions, unset=True)
-    add_option_flags(p, GenerationOptions)
-    add_option_flags(p, DataOptions)
+    add_segmenter_flags(p, version_default)
     p.add_argument("--examples", default=examples_default, help="folder with examples.json + scene folders")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)

@@ -27,16 +27,40 @@ from tqdm import tqdm
 from dataset.collate import TokenSpec, collate_batch, move_batch
 from dataset.errors import DataError
 from dataset.lightfield import LightFieldLayout, read_rgb
-from dataset.options import DEFAULT_PROMPT_OPTIONS, DepthSource
+from dataset.options import DEFAULT_PROMPT_OPTIONS, DataOptions, DepthSource, PromptOptions
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.single_scene import SceneQueries, SceneQuery
 from model.build import DTYPES, build_lfllm
 from model.inference import Generated, generate_masks
-from training.config import data_options
+from model.options import GenerationOptions
+from training.config import add_option_flags, data_options
 from training.evaluate import scene_disparity
 from training.visualize import annotated_overlay, colorize_disparity, side_by_side, write_png
 from utils.batch import Batch
 from utils.mask_scores import DEFAULT_SCORE, scores_of_one
+
+
+def add_segmenter_flags(parser: argparse.ArgumentParser, version_default: str | None = None) -> None:
+    """The flags of a :class:`Segmenter` (``chat.py`` and ``app.py``): the model, its device and
+    precision, and the prompt, generation and data options (derived from their dataclasses;
+    ``conv_type`` / ``model_max_length`` default to what a merged model recorded in ``merge_info.json``).
+    ``--version`` is required unless ``version_default`` is given."""
+    parser.add_argument(
+        "--version",
+        default=version_default,
+        required=version_default is None,
+        help="merged LFLLM dir (or a base LLaVA dir + SAM)",
+    )
+    parser.add_argument(
+        "--vision_pretrained", default=None, help="SAM checkpoint, only with a base LLaVA dir"
+    )
+    parser.add_argument(
+        "--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, else fp32"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_option_flags(parser, PromptOptions, unset=True)
+    add_option_flags(parser, GenerationOptions)
+    add_option_flags(parser, DataOptions)
 
 
 def recorded_prompt(version: str | Path, key: str) -> Any:
