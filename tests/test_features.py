@@ -182,3 +182,15 @@ def test_the_benchmark_times_the_cached_step_and_its_masks_equal_the_uncached(mo
     )
     descs = [row["desc"] for row in result["rows"]]
     assert descs[1] == descs[0] + " (feature cache)" and result["rows"][1]["images_per_s"] > 0
+
+
+def test_in_bf16_cached_and_uncached_losses_agree_within_bf16_noise(tiny_base, tiny_dataset, tmp_path):
+    torch.manual_seed(0)
+    m, tok = build_lfllm(tiny_base["llava"], tiny_base["sam"], ModelOptions(), dtype=torch.bfloat16)
+    args = _args(tiny_base, tiny_dataset, tmp_path / "c", "--precision", "bf16")
+    store = prepare_feature_cache(args, m, tok, CPU, train=True, val=False)
+    assert store.storage_dtype == torch.bfloat16
+    batches = [next(iter(build_train_loader(args, m.config, tok, 0, store=s)[0])) for s in (None, store)]
+    with torch.no_grad():
+        plain, cached = (float(m.forward_lf(b)["loss"]) for b in batches)
+    assert abs(plain - cached) / abs(plain) < 2e-2  # bf16 has 8 bits of mantissa
