@@ -43,7 +43,7 @@ from utils.mask_scores import DEFAULT_SCORE, scores_of_one
 def add_segmenter_flags(parser: argparse.ArgumentParser, version_default: str | None = None) -> None:
     """The flags of a :class:`Segmenter` (``chat.py`` and ``app.py``): the model, its device and
     precision, and the prompt, generation and data options (derived from their dataclasses;
-    ``conv_type`` / ``model_max_length`` default to what a merged model recorded in ``merge_info.json``).
+    ``conv_type`` defaults to what a merged model recorded in ``merge_info.json``).
     ``--version`` is required unless ``version_default`` is given."""
     parser.add_argument(
         "--version",
@@ -58,14 +58,14 @@ def add_segmenter_flags(parser: argparse.ArgumentParser, version_default: str | 
         "--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, else fp32"
     )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    add_option_flags(parser, PromptOptions, unset=True)
+    add_option_flags(parser, PromptOptions, unset=True, skip=("model_max_length",))
+    add_option_flags(parser, PromptOptions, skip=("conv_type",))
     add_option_flags(parser, GenerationOptions)
     add_option_flags(parser, DataOptions)
 
 
 def recorded_prompt(version: str | Path, key: str) -> Any:
-    """A prompt option (``conv_type``, ``model_max_length``) a merged model recorded in its
-    ``merge_info.json``, or None."""
+    """A prompt option (e.g. ``conv_type``) a merged model recorded in its ``merge_info.json``, or None."""
     info = Path(version) / "merge_info.json"
     if not info.is_file():
         return None
@@ -94,12 +94,7 @@ class Segmenter:
             args.conv_type or recorded_conv_type(args.version) or DEFAULT_PROMPT_OPTIONS.conv_type
         )
         self.spec = SampleSpec.from_model_config(config, self.conv_type)
-        max_length = (
-            args.model_max_length
-            or recorded_prompt(args.version, "model_max_length")
-            or DEFAULT_PROMPT_OPTIONS.model_max_length
-        )
-        self.tokens = TokenSpec.from_tokenizer(tokenizer, config.image_seq_length, max_length)
+        self.tokens = TokenSpec.from_tokenizer(tokenizer, config.image_seq_length, args.model_max_length)
         self.data = data_options(args)
         self.depth_source = self.data.depth_source
         self.layout = LightFieldLayout(
