@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -178,10 +179,13 @@ def test_the_benchmark_times_the_cached_step_and_its_masks_equal_the_uncached(mo
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, cached, strict=True))
     bench = importlib.import_module("training.bench_step")
     result = bench.main(
-        ["--preset", "tiny", "--steps", "1", "--warmup", "0", "--eval", "--no_train", "--feature_cache"]
+        ["--preset", "tiny", "--steps", "2", "--warmup", "0", "--eval", "--no_flops", "--feature_cache"]
     )
     descs = [row["desc"] for row in result["rows"]]
-    assert descs[1] == descs[0] + " (feature cache)" and result["rows"][1]["images_per_s"] > 0
+    assert descs == [descs[0], descs[0] + " (feature cache)", "train step", "train step (feature cache)"]
+    cached_train = result["rows"][3]
+    assert cached_train["images_per_s"] > 0 and cached_train["speedup_vs_uncached"] > 0
+    assert len(cached_train["losses"]) == 2 and all(math.isfinite(v) for v in cached_train["losses"])
 
 
 def test_in_bf16_cached_and_uncached_losses_agree_within_bf16_noise(tiny_base, tiny_dataset, tmp_path):
