@@ -26,7 +26,7 @@ import torch
 
 from dataset.errors import DataError
 from dataset.refer_seg import SampleSpec
-from model.build import DTYPES, OptionMismatchError, build_lfllm
+from model.build import DTYPES, OptionMismatchError, build_lfllm, check_pretrained_dir
 from model.options import ModelOptions
 from model.trainable import unwrap
 from training.baselines import baseline_metrics, summary_line
@@ -212,6 +212,11 @@ def run(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; a user error (bad flag, file or data) ends with one ``error:`` line and status 2."""
     args = parse_args(argv)
+    try:  # a wrong --version is named before any process group or model exists
+        check_pretrained_dir(args.version)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     dist_info = init_distributed(args.local_rank)
     run_dir = Path(args.log_base_dir) / args.exp_name
     try:
