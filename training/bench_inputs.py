@@ -18,64 +18,11 @@ from dataset.transforms import longest_side_shape
 from model.build import build_lfllm, cast_model, option_fields
 from model.lfllm import LFLLMConfig, LFLLMForCausalLM
 from model.options import ModelOptions
-from model.presets import PRESETS, get_preset, llava_config
+from model.presets import get_preset, llava_config
 from model.sam import reset_sam_buffers, sam_config
-from training.config import add_option_flags, options_from_args
+from training.config import options_from_args
 from training.tiny_base import write_tiny_base
 from utils.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN
-
-GiB = 2**30
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="as train_ds.py's switch")
-    p.add_argument("--pack_conversations", action="store_true", help="one multi-turn conversation per scene")
-    p.add_argument(
-        "--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU"
-    )
-    p.add_argument("--eval", action="store_true", help="add the teacher-forced validation row")
-    p.add_argument("--chat", action="store_true", help="add the chat latency row")
-    p.add_argument("--no_train", action="store_true", help="skip the training rows (with --eval/--chat)")
-    p.add_argument("--no_flops", action="store_true", help="skip the FLOP-counted step")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--images", type=int, default=2, help="scenes per training micro-batch")
-    p.add_argument("--expressions", type=int, default=3, help="expressions per scene")
-    p.add_argument("--text_tokens", type=int, default=80, help="text tokens of a one-expression conversation")
-    p.add_argument("--original_hw", default="480,640", help="original image size H,W (UrbanLF: 480,640)")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="chat: tokens generated per query")
-    p.add_argument("--chat_queries", type=int, default=5, help="chat: timed queries (after --warmup)")
-    p.add_argument(
-        "--torch_adam", action="store_true", help="plain torch AdamW on a GPU (no FusedAdam build)"
-    )
-    p.add_argument(
-        "--build",
-        default="auto",
-        choices=["auto", "files", "direct"],
-        help="files: write/load through build_lfllm; direct: random init in memory (auto: files for tiny)",
-    )
-    p.add_argument("--version", default=None, help="load this LLaVA dir (with --vision_pretrained) instead")
-    p.add_argument("--vision_pretrained", default=None, help="SAM checkpoint for --version")
-    p.add_argument("--seed", type=int, default=0)
-    add_option_flags(p.add_argument_group("model options (train_ds.py's)"), ModelOptions)
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.no_train and not (args.eval or args.chat):
-        p.error("--no_train leaves nothing to measure: add --eval and/or --chat")
-    try:
-        args.original_hw = tuple(int(v) for v in args.original_hw.split(","))
-        assert len(args.original_hw) == 2
-    except (ValueError, AssertionError):
-        p.error(f"--original_hw {args.original_hw!r}: expected H,W")
-    if args.build == "auto":
-        args.build = "files" if (args.preset == "tiny" or args.version) else "direct"
-    if args.build == "direct" and args.version:
-        p.error("--version loads files: it cannot be combined with --build direct")
-    return args
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -61,8 +61,6 @@ from training.engine import build_engine, forget_deepspeed_world_group, setup_si
 from training.features import cached_batch
 from training.trainer import train_micro_step
 
-GiB = 2**30
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
