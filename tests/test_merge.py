@@ -23,7 +23,7 @@ from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import model_batch
 from tests.test_trust import _Payload
 from training.checkpoint import TRAINABLE_FILE, export_trainable, load_checkpoint, save_checkpoint
-from training.safe_load import UnsafeCheckpointError
+from training.safe_load import UnsafeCheckpointError, deepspeed_records, verify_torch_file
 from training.trainer import resume_source
 from training.weights import WeightSource, open_weights, select_trainable
 
@@ -167,11 +167,8 @@ def single_process_group(monkeypatch):
     torch.distributed.destroy_process_group()
 
 
-def test_deepspeed_checkpoint_and_zero_to_fp32_inputs(trained, merged_dir, tmp_path, single_process_group):
-    deepspeed = single_process_group
-    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
-
-    wrapped = trained[0]
+def _zero2_engine(deepspeed, wrapped):
+    """A one-rank ZeRO-2 engine over the trainable parameters (the training format of checkpoints)."""
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
@@ -179,6 +176,15 @@ def test_deepspeed_checkpoint_and_zero_to_fp32_inputs(trained, merged_dir, tmp_p
     }
     params = [p for p in wrapped.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=params, config=config)
+    return engine
+
+
+def test_deepspeed_checkpoint_and_zero_to_fp32_inputs(trained, merged_dir, tmp_path, single_process_group):
+    deepspeed = single_process_group
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+    wrapped = trained[0]
+    engine = _zero2_engine(deepspeed, wrapped)
     ckpt = tmp_path / "run" / "ckpt_model"
     save_checkpoint(engine, ckpt, "best", {})  # the training format: trainable parameters only
     convert_zero_checkpoint_to_fp32_state_dict(
@@ -301,17 +307,12 @@ def test_pickle_payloads_are_refused_in_every_weight_form(trained, tiny_base, tm
     deepspeed = single_process_group
     marker = tmp_path / "PWNED"
     wrapped = trained[0]
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-        "zero_optimization": {"stage": 2},
-    }
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=params, config=config)
+    engine = _zero2_engine(deepspeed, wrapped)
     ckpt = tmp_path / "run" / "ckpt_model"
     save_checkpoint(engine, ckpt, "last", {"global_step": 3})
     optim = next((ckpt / "last").glob("*optim_states.pt"))
-    state = torch.load(optim, weights_only=False)  # our own file, written just above
+    clean = shutil.copy(optim, tmp_path / "clean.pt")  # read memory-mapped: rewrite another file than it
+    state = verify_torch_file(clean, deepspeed_records())  # passes the gate: a clean checkpoint
     state["payload"] = _Payload(marker)
     torch.save(state, optim)
     with pytest.raises(

@@ -6,20 +6,15 @@ sampling and rendering of every view), ``expressions.py`` (unambiguous referring
 """
 
 from dataset.synthetic.config import SyntheticConfig
+from dataset.synthetic.expressions import DEPTH_KINDS, DEPTH_MARGIN, NEAR_DISPARITY, Expression, SceneObject
 from dataset.synthetic.generator import (
-    CATEGORIES,
-    DEPTH_KINDS,
-    DEPTH_MARGIN,
-    NEAR_DISPARITY,
     OCCLUSION_THRESHOLDS,
-    PALETTE,
-    Expression,
-    SceneObject,
     SyntheticScene,
     occlusion_tag,
     render_scene,
     write_dataset,
 )
+from dataset.synthetic.shapes import CATEGORIES, PALETTE
 
 __all__ = [
     "CATEGORIES",

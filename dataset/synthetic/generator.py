@@ -52,30 +52,12 @@ from tqdm import tqdm
 from dataset.synthetic.config import SyntheticConfig
 from dataset.synthetic.expressions import (
     DEPTH_KINDS,
-    DEPTH_MARGIN,
-    NEAR_DISPARITY,
     Expression,
     SceneObject,
     generate_expressions,
 )
 from dataset.synthetic.layout import Layer, full_area, render_view, sample_background, sample_layers
-from dataset.synthetic.shapes import CATEGORIES, PALETTE
-
-__all__ = [
-    "CATEGORIES",
-    "DEPTH_KINDS",
-    "DEPTH_MARGIN",
-    "NEAR_DISPARITY",
-    "OCCLUSION_THRESHOLDS",
-    "PALETTE",
-    "Expression",
-    "SceneObject",
-    "SyntheticConfig",
-    "SyntheticScene",
-    "occlusion_tag",
-    "render_scene",
-    "write_dataset",
-]
+from dataset.synthetic.shapes import CATEGORIES
 
 OCCLUSION_THRESHOLDS: tuple[tuple[str, float], ...] = (
     ("no-o", 0.95),
