@@ -66,6 +66,30 @@ PRESETS: dict[str, Preset] = {
         sam_variant="tiny",
         vocab_size=1024,
     ),
+    # The pretrained tiny base shipped in pretrained/tiny_base (scripts/pretrain_tiny_base.py): a wider LM
+    # and an 8x8 CLIP grid (112 px, patch 14), fine enough to locate the benchmark's objects.
+    "tiny-base": Preset(
+        text=dict(
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+            initializer_range=0.02 * (4096 / 128) ** 0.5,
+        ),
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=112,
+            patch_size=14,
+            projection_dim=32,
+        ),
+        sam_variant="tiny160",
+        vocab_size=1024,
+    ),
     "7b": Preset(
         text=dict(
             hidden_size=4096,

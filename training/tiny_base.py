@@ -33,7 +33,7 @@ from dataset.prompts import ANSWER_TEMPLATES, QUESTION_TEMPLATES
 from dataset.scenes import SceneDataset, split_datasets
 from dataset.transforms import sam_geometry
 from model.losses import mask_losses
-from model.presets import get_preset, llava_config
+from model.presets import Preset, get_preset, llava_config
 from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, sam_config
 from utils.conversation import SYSTEM_PROMPT
 from utils.metrics import mask_iou_stats
@@ -186,6 +186,33 @@ def pretrain_tiny_sam(
     }
 
 
+def new_llava(preset: Preset, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlavaForConditionalGeneration:
+    """A randomly initialised HF LLaVA of ``preset``'s shapes for ``tokenizer`` (seeded)."""
+    cfg = llava_config(
+        preset,
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(cfg)
+
+
+def save_llava(
+    llava: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, llava_dir: str | Path
+) -> Path:
+    """Write ``llava_dir`` in the layout of ``llava-hf/llava-1.5-7b-hf`` (config, safetensors, tokenizer,
+    ``preprocessor_config.json`` for the tower's input size). Returns ``llava_dir``."""
+    llava_dir = Path(llava_dir)
+    llava.save_pretrained(llava_dir)
+    tokenizer.save_pretrained(llava_dir)
+    size = llava.config.vision_config.image_size
+    CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    ).save_pretrained(llava_dir)
+    return llava_dir
+
+
 def write_tiny_base(
     out_dir: str | Path,
     corpus: Iterable[str],
@@ -204,21 +231,7 @@ def write_tiny_base(
     out_dir = Path(out_dir)
     preset = get_preset("tiny")
     tok = train_tiny_tokenizer(corpus, preset.vocab_size)
-    cfg = llava_config(
-        preset,
-        vocab_size=len(tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    llava = LlavaForConditionalGeneration(cfg)
-    llava_dir = out_dir / "llava"
-    llava.save_pretrained(llava_dir)
-    tok.save_pretrained(llava_dir)
-    size = preset.vision["image_size"]
-    CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    ).save_pretrained(llava_dir)
+    llava_dir = save_llava(new_llava(preset, tok, seed), tok, out_dir / "llava")
     torch.manual_seed(seed)
     sam = build_sam(sam_config(preset.sam_variant))
     if sam_pretrain is not None and sam_pretrain.steps > 0:

@@ -1,0 +1,207 @@
+"""The pretrained tiny base: its data (disjoint from the benchmark, true boxes and captions), resumable
+stages that learn, the script's formats, and the shipped base in pretrained/tiny_base."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from dataset.synthetic import SyntheticConfig, render_scene
+from dataset.synthetic.pretrain import (
+    PRETRAIN_SEED,
+    REC_QUESTIONS,
+    box_text,
+    caption,
+    grounding_pair,
+    parse_box,
+    pretrain_config,
+    pretrain_corpus,
+    pretrain_scene,
+)
+from model.presets import get_preset
+from model.sam import build_sam, load_sam, sam_config
+from training.pretrain_base import main as pretrain_main
+from training.pretrain_llava import LlavaStageOptions, ScenePool, encode_batch, run_llava_stage, token_spec
+from training.pretrain_sam import SamStageOptions, interior_point, run_sam_stage
+from training.tiny_base import new_llava, train_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "pretrained" / "tiny_base"
+SMALL = pretrain_config(height=48, width=64)
+
+
+def test_box_text_is_llava_rec_format_and_round_trips():
+    assert box_text((16, 12, 48, 36), 48, 64) == "[0.25, 0.25, 0.75, 0.75]"
+    assert box_text((-3, 0, 70, 48), 48, 64) == "[0.00, 0.00, 1.00, 1.00]"  # clipped to the image
+    assert parse_box("it is [0.25, 0.10, 0.75, 0.90]</s>") == (0.25, 0.10, 0.75, 0.90)
+    assert (
+        parse_box("[0.1, 0.2, 0.3]") is None
+        and parse_box("no box") is None
+        and parse_box("[a, b, c, d]") is None
+    )
+
+
+def test_pretraining_scenes_are_not_benchmark_scenes():
+    """The benchmark's default seed (0) and the quickstart's scene ids never produce a pretraining image."""
+    assert SyntheticConfig().seed != PRETRAIN_SEED
+    bench = SyntheticConfig(height=48, width=64, angular=3, num_train=0, num_val=0, seed=0)
+    c = bench.centre
+    bench_images = {render_scene(i, bench, views=[(c, c)]).views[(c, c)].tobytes() for i in range(1, 41)}
+    pre_images = {pretrain_scene(i, SMALL).image.tobytes() for i in range(1, 41)}
+    assert len(pre_images) == 40 and not bench_images & pre_images
+
+
+def test_scene_boxes_captions_and_rec_answers_are_true():
+    scene = pretrain_scene(7, SMALL)
+    assert scene.image.shape == (48, 64, 3) and scene.masks.shape[1:] == (48, 64)
+    for mask, box in zip(scene.masks, scene.boxes):
+        ys, xs = np.nonzero(mask)
+        assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    # the caption names every visible object, left to right
+    order = np.argsort(scene.centroids_x, kind="stable")
+    assert caption(scene).startswith(f"a {scene.names[order[0]]}")
+    assert all(f"a {n}" in caption(scene) for n in scene.names)
+    rng = np.random.default_rng(0)
+    found = 0
+    for _ in range(40):
+        q, a = grounding_pair(scene, rng)
+        m = re.fullmatch(r"Please give the bounding box of (.+)\.", q)
+        if m:  # a REC question: the answer is the box of the object the expression names
+            k = next(k for k, s in scene.expressions if s == m.group(1))
+            assert a == box_text(scene.boxes[k], 48, 64)
+            found += 1
+    assert found > 0
+    corpus = pretrain_corpus([scene])
+    assert caption(scene) in corpus and REC_QUESTIONS[0].format(expr=scene.expressions[0][1]) in corpus
+
+
+def test_interior_point_is_inside_and_deepest():
+    mask = np.zeros((20, 30), bool)
+    mask[5:15, 2:8] = True  # 10 x 6 block: its deepest pixels are in the middle
+    mask[0:2, 20:30] = True
+    x, y = interior_point(mask)
+    assert mask[int(y), int(x)] and 4 <= x <= 6 and 7 <= y <= 13  # 3 px from every edge
+
+
+def _tiny_llava(tmp_path):
+    pool = ScenePool.render(range(1, 25), SMALL, 56, progress=False)
+    tok = train_tiny_tokenizer(pretrain_corpus(pool.scenes), 400)
+    return pool, tok, new_llava(get_preset("tiny"), tok, seed=0)
+
+
+def test_encode_batch_labels_only_the_answer(tmp_path):
+    _, tok, model = _tiny_llava(tmp_path)
+    spec = token_spec(tok, model.config.image_seq_length)
+    enc = encode_batch(tok, spec, [("Describe the image briefly.", "a red pole."), ("List them.", "x")])
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert (enc["input_ids"] == image_id).sum(1).tolist() == [16, 16]  # 4x4 CLIP grid expanded
+    first = enc["labels"][0][enc["labels"][0] != -100]
+    assert tok.decode(first, skip_special_tokens=True).strip() == "a red pole."
+    assert enc["attention_mask"][1].sum() < enc["attention_mask"][0].sum()  # padded row
+
+
+def test_llava_stage_learns_and_resumes_exactly(tmp_path, one_torch_thread):
+    pool, tok, model = _tiny_llava(tmp_path)
+    opts = LlavaStageOptions(steps=40, batch_size=4, lr=3e-3, warmup=5, ckpt_every=5)
+    rec = run_llava_stage("caption", model, tok, pool, SMALL, opts, tmp_path / "a", seed=1, progress=False)
+    assert rec["steps_run"] == 40 and rec["last_loss"] < 0.7 * rec["first_loss"]
+    # killed after step 10, rerun: the same weights as the uninterrupted run
+    _, _, other = _tiny_llava(tmp_path)
+    short = LlavaStageOptions(steps=12, batch_size=4, lr=3e-3, warmup=5, ckpt_every=5)
+    run_llava_stage(
+        "caption", other, tok, pool, SMALL, short, tmp_path / "b", seed=1, progress=False, stop_at=10
+    )
+    _, _, resumed = _tiny_llava(tmp_path)
+    run_llava_stage("caption", resumed, tok, pool, SMALL, short, tmp_path / "b", seed=1, progress=False)
+    _, _, straight = _tiny_llava(tmp_path)
+    run_llava_stage("caption", straight, tok, pool, SMALL, short, tmp_path / "c", seed=1, progress=False)
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="unknown LLaVA stage"):
+        run_llava_stage("sft", model, tok, pool, SMALL, opts, tmp_path / "d", seed=1)
+
+
+def _tiny_sam():
+    torch.manual_seed(0)
+    return build_sam(sam_config("tiny"))
+
+
+def test_sam_stage_learns_resumes_and_keeps_the_best(tmp_path, one_torch_thread):
+    opts = SamStageOptions(
+        steps=8, images_per_step=2, max_objects=3, lr=3e-3, warmup=2, eval_every=4, held_out=3, ckpt_every=2
+    )
+    sam = _tiny_sam()
+    rec = run_sam_stage(sam, SMALL, opts, tmp_path / "a", seed=1, progress=False)
+    assert rec["steps_run"] == 8 and [h["step"] for h in rec["held_out"]] == [4, 8]
+    assert rec["best_point_iou"] == max(h["point_iou"] for h in rec["held_out"])
+    assert 0.0 <= rec["best_box_iou"] <= 1.0 and rec["last_loss"] < rec["first_loss"]
+    killed = _tiny_sam()
+    run_sam_stage(killed, SMALL, opts, tmp_path / "b", seed=1, progress=False, stop_at=6)
+    resumed = _tiny_sam()
+    rec2 = run_sam_stage(resumed, SMALL, opts, tmp_path / "b", seed=1, progress=False)
+    assert rec2["held_out"] == rec["held_out"]
+    for (name, a), b in zip(resumed.state_dict().items(), sam.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_script_writes_the_real_formats_and_a_record(tmp_path):
+    out = tmp_path / "base"
+    argv = [
+        "--out",
+        str(out),
+        "--no_parallel",
+        "--pool",
+        "24",
+        "--sam_steps",
+        "2",
+        "--sam_eval_every",
+        "2",
+        "--caption_steps",
+        "2",
+        "--instruct_steps",
+        "2",
+        "--instruct_eval_every",
+        "2",
+        "--held_out",
+        "2",
+    ]
+    record = pretrain_main(argv)
+    llava = LlavaForConditionalGeneration.from_pretrained(out / "llava")
+    assert llava.config.vision_config.image_size == 112 and llava.config.image_seq_length == 64
+    assert (
+        AutoTokenizer.from_pretrained(out / "llava").convert_tokens_to_ids("<image>")
+        == llava.config.image_token_id
+    )
+    sam, cfg = load_sam(out / "sam_tiny.pth")
+    assert cfg["variant"] == "tiny160" and sam.image_encoder.img_size == 160
+    saved = json.loads((out / "pretrain_record.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["command"].endswith(" ".join(argv)) and saved["seed"] == PRETRAIN_SEED
+    for key in ("commit", "threads", "wall_s_this_run"):
+        assert key in saved
+    assert saved["sam"]["steps_run"] == 2 and saved["llava"]["instruct"]["steps_run"] == 2
+    with pytest.raises(SystemExit):
+        pretrain_main(["--out", str(out), "--pool", "0"])
+
+
+@pytest.mark.skipif(
+    not (SHIPPED / "pretrain_record.json").is_file(), reason="the shipped base is not built yet"
+)
+def test_shipped_base_is_small_loadable_and_recorded():
+    files = [p for p in SHIPPED.rglob("*") if p.is_file() and ".work" not in p.parts]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    record = json.loads((SHIPPED / "pretrain_record.json").read_text())
+    assert (
+        record["command"].startswith("python scripts/pretrain_tiny_base.py") and record["commit"] != "unknown"
+    )
+    assert record["sam"]["best_point_iou"] > 0.3 and record["llava"]["final_held_out"]["rec_acc"] > 0.1
+    _, cfg = load_sam(SHIPPED / "sam_tiny.pth")
+    assert cfg["variant"] == get_preset("tiny-base").sam_variant
+    llava = LlavaForConditionalGeneration.from_pretrained(SHIPPED / "llava")
+    assert llava.config.text_config.hidden_size == get_preset("tiny-base").text["hidden_size"]

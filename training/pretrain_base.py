@@ -1,0 +1,227 @@
+"""The pretrained tiny base: a tiny SAM and a tiny LLaVA made the way the real ones were, in miniature.
+
+``scripts/pretrain_tiny_base.py`` is the command line (:func:`main`). It writes, into ``--out``:
+
+* ``llava/`` — an HF LLaVA directory (``tiny-base`` preset: 128-wide 4-layer LM, 8x8 CLIP grid) with a
+  tokenizer trained on the pretraining corpus, after two stages (:mod:`training.pretrain_llava`);
+* ``sam_tiny.pth`` — a Meta-format SAM state dict (``tiny160`` variant) after promptable-segmentation
+  pretraining (:mod:`training.pretrain_sam`);
+* ``pretrain_record.json`` — how it was made: command, commit, seeds, threads, wall times, losses,
+  held-out scores;
+* ``.work/`` — resumable stage checkpoints (rerun the same command after a kill to continue).
+
+All data are generated 2D centre views with the pretraining seed (:mod:`dataset.synthetic.pretrain`),
+disjoint from every benchmark scene. With ``--parallel`` (the default) the SAM stage runs in a second
+process, one thread each: the two models are too small for two threads to help one of them much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from dataset.synthetic.pretrain import PRETRAIN_SEED, pretrain_config, pretrain_corpus
+from model.presets import get_preset
+from model.sam import build_sam, sam_config
+from training.pretrain_llava import LlavaStageOptions, ScenePool, rec_scores, run_llava_stage
+from training.pretrain_sam import SamStageOptions, held_out_scores, run_sam_stage
+from training.tiny_base import new_llava, save_llava, train_tiny_tokenizer
+
+PRESET = "tiny-base"
+
+
+@dataclass(frozen=True)
+class PretrainOptions:
+    """Everything that decides the pretrained base (recorded in ``pretrain_record.json``)."""
+
+    seed: int = PRETRAIN_SEED
+    height: int = 120
+    width: int = 160
+    pool: int = 6000
+    threads: int = 1
+    parallel: bool = True
+    sam: SamStageOptions = field(default_factory=SamStageOptions)
+    caption: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=600))
+    instruct: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=3000))
+
+
+def git_commit() -> str:
+    """``HEAD``'s hash (+ ``-dirty`` when the tree has changes), or ``unknown`` outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def sam_job(out: Path, opts: PretrainOptions, progress: bool) -> dict[str, Any]:
+    """Build, pretrain and save the tiny SAM (``out/sam_tiny.pth``); returns its stage record."""
+    torch.set_num_threads(opts.threads)
+    cfg = pretrain_config(opts.height, opts.width, opts.seed)
+    torch.manual_seed(opts.seed)
+    sam = build_sam(sam_config(get_preset(PRESET).sam_variant))
+    record = run_sam_stage(sam, cfg, opts.sam, out / ".work", opts.seed, progress=progress)
+    record["final_held_out"] = held_out_scores(sam, cfg, opts.sam.held_out)
+    torch.save(sam.state_dict(), out / "sam_tiny.pth")
+    (out / ".work" / "sam_record.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _sam_process(out: str, opts: PretrainOptions) -> None:
+    sam_job(Path(out), opts, progress=True)
+
+
+def llava_job(out: Path, opts: PretrainOptions, progress: bool) -> dict[str, Any]:
+    """Tokenizer, tiny LLaVA, caption then instruct stage; saves ``out/llava``; returns the records."""
+    torch.set_num_threads(opts.threads)
+    cfg = pretrain_config(opts.height, opts.width, opts.seed)
+    preset = get_preset(PRESET)
+    work = out / ".work"
+    pool = ScenePool.render(range(1, opts.pool + 1), cfg, preset.vision["image_size"], progress=progress)
+    tok_dir = work / "tokenizer"
+    if (tok_dir / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        numbers = [f"[{a / 100:.2f}, {b / 100:.2f}]" for a in range(101) for b in range(0, 101, 7)]
+        tok = train_tiny_tokenizer(pretrain_corpus(pool.scenes) + numbers, preset.vocab_size)
+        tok.save_pretrained(tok_dir)
+    model: LlavaForConditionalGeneration = new_llava(preset, tok, opts.seed)
+    records = {}
+    for stage in ("caption", "instruct"):
+        stage_opts = getattr(opts, stage)
+        records[stage] = run_llava_stage(stage, model, tok, pool, cfg, stage_opts, work, opts.seed, progress)
+    records["final_held_out"] = rec_scores(model, tok, cfg, opts.instruct.held_out)
+    save_llava(model, tok, out / "llava")
+    return records
+
+
+def pretrain_base(
+    out: str | Path, opts: PretrainOptions, argv: Sequence[str] = (), progress: bool = True
+) -> dict[str, Any]:
+    """Run every stage (resuming what ``out/.work`` holds) and write the base + ``pretrain_record.json``."""
+    out = Path(out)
+    (out / ".work").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if opts.parallel:
+        ctx = mp.get_context("spawn")
+        proc = ctx.Process(target=_sam_process, args=(str(out), opts))
+        proc.start()
+        try:
+            llava = llava_job(out, opts, progress)
+        finally:
+            proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(
+                f"the SAM pretraining process failed (exit code {proc.exitcode}); rerun to resume"
+            )
+        sam = json.loads((out / ".work" / "sam_record.json").read_text())
+    else:
+        sam = sam_job(out, opts, progress)
+        llava = llava_job(out, opts, progress)
+    record = {
+        "command": "python scripts/pretrain_tiny_base.py " + " ".join(argv),
+        "commit": git_commit(),
+        "preset": PRESET,
+        "seed": opts.seed,
+        "threads": opts.threads,
+        "parallel": opts.parallel,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {mp.cpu_count()} CPUs",
+        "wall_s_this_run": round(time.perf_counter() - start, 1),
+        "sam": sam,
+        "llava": llava,
+    }
+    (out / "pretrain_record.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PretrainOptions()
+    p = argparse.ArgumentParser(description="Pretrain the tiny LLaVA + SAM base on generated 2D scenes.")
+    p.add_argument(
+        "--out", required=True, help="output folder (gets llava/, sam_tiny.pth, pretrain_record.json)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="generator + init seed of the pretraining scenes")
+    p.add_argument("--pool", type=int, default=d.pool, help="LLaVA pretraining scenes rendered once")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
+    p.add_argument("--no_parallel", action="store_true", help="run the SAM stage before the LLaVA stages")
+    p.add_argument("--sam_steps", type=int, default=d.sam.steps)
+    p.add_argument("--sam_eval_every", type=int, default=d.sam.eval_every)
+    p.add_argument("--caption_steps", type=int, default=d.caption.steps)
+    p.add_argument("--instruct_steps", type=int, default=d.instruct.steps)
+    p.add_argument("--instruct_eval_every", type=int, default=d.instruct.eval_every)
+    p.add_argument("--held_out", type=int, default=d.sam.held_out, help="held-out scenes per evaluation")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> PretrainOptions:
+    """:class:`PretrainOptions` from parsed flags; ``ValueError`` naming a bad flag."""
+    for name in (
+        "pool",
+        "threads",
+        "sam_steps",
+        "caption_steps",
+        "instruct_steps",
+        "held_out",
+        "sam_eval_every",
+        "instruct_eval_every",
+    ):
+        if getattr(args, name) < (0 if name.endswith("_steps") else 1):
+            raise ValueError(
+                f"--{name} must be {'>= 0' if name.endswith('_steps') else '>= 1'}, got {getattr(args, name)}"
+            )
+    return PretrainOptions(
+        seed=args.seed,
+        pool=args.pool,
+        threads=args.threads,
+        parallel=not args.no_parallel,
+        sam=SamStageOptions(steps=args.sam_steps, eval_every=args.sam_eval_every, held_out=args.held_out),
+        caption=LlavaStageOptions(steps=args.caption_steps, held_out=args.held_out),
+        instruct=LlavaStageOptions(
+            steps=args.instruct_steps, eval_every=args.instruct_eval_every, held_out=args.held_out
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point; returns the record written to ``pretrain_record.json``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        opts = options_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    record = pretrain_base(args.out, opts, argv)
+    sam, llava = record["sam"], record["llava"]
+    print(
+        f"tiny SAM: {sam['steps_run']} steps, held-out point IoU {sam['final_held_out']['point_iou']:.3f}, "
+        f"box IoU {sam['final_held_out']['box_iou']:.3f}\n"
+        f"tiny LLaVA: caption loss {llava['caption']['first_loss']:.3f} -> {llava['caption']['last_loss']:.3f}, "
+        f"instruct loss {llava['instruct']['first_loss']:.3f} -> {llava['instruct']['last_loss']:.3f}, "
+        f"held-out REC acc@0.5 {llava['final_held_out']['rec_acc']:.3f}\n"
+        f"--version {Path(args.out) / 'llava'} --vision_pretrained {Path(args.out) / 'sam_tiny.pth'}"
+    )
+    return record

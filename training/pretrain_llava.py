@@ -1,0 +1,261 @@
+"""Stages "caption" and "instruct" of the tiny-base pretraining: LLaVA's two stages in miniature.
+
+* ``caption`` (LLaVA's feature alignment): image -> a caption naming every object left to right.
+* ``instruct`` (LLaVA-1.5's instruction tuning with its REC/REG data): "Please give the bounding box of
+  the red car behind the tree." -> ``[0.12, 0.40, 0.30, 0.75]``; "What is the object at [box]?" -> "the
+  red vehicle."; "Which objects are in the image, from left to right?" -> the list.
+
+Both train the HF ``LlavaForConditionalGeneration`` on the answer tokens only (the project's own
+conversation template and placeholder expansion, as fine-tuning uses them). In miniature there is no
+contrastive CLIP and no text-pretrained LM to start from, so the vision tower and the LM train in both
+stages (LLaVA freezes CLIP and, in stage 1, the LM). Samples come from a pool of pretraining scenes
+rendered once; batches are a function of ``(seed, stage, step)`` so a resumed stage continues exactly.
+Held-out score: greedy-decoded REC boxes on held-out scenes, accuracy at box IoU >= 0.5 and mean IoU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from dataset.collate import TokenSpec, encode_conversation
+from dataset.synthetic.config import SyntheticConfig
+from dataset.synthetic.pretrain import (
+    HELD_OUT_START,
+    REC_QUESTIONS,
+    PretrainScene,
+    caption_pair,
+    grounding_pair,
+    parse_box,
+    pretrain_scene,
+)
+from dataset.transforms import clip_geometry
+from training.pretrain_state import clone_state, cosine_lr, load_stage, save_stage
+from utils.conversation import render_segments
+from utils.tokens import IGNORE_INDEX, IMAGE_TOKEN
+
+STAGES = ("caption", "instruct")
+
+
+@dataclass(frozen=True)
+class LlavaStageOptions:
+    """Settings of one LLaVA stage."""
+
+    steps: int
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 50
+    eval_every: int = 500
+    held_out: int = 64
+    ckpt_every: int = 50
+
+
+@dataclass
+class ScenePool:
+    """Pretraining scenes rendered once: CLIP crops ``pixels`` (N, 3, S, S) float normalised, and the
+    scenes' metadata (images dropped to keep memory low)."""
+
+    pixels: torch.Tensor
+    scenes: list[PretrainScene]
+
+    @classmethod
+    def render(cls, ids: range, cfg: SyntheticConfig, size: int, progress: bool = True) -> ScenePool:
+        mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+        std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+        pixels, scenes = [], []
+        for i in tqdm(ids, desc="render pretraining scenes", unit="scene", disable=not progress):
+            s = pretrain_scene(i, cfg)
+            crop, _, _ = clip_geometry(s.image[None], None, size)
+            pixels.append(((torch.from_numpy(crop[0]).permute(2, 0, 1).float() / 255 - mean) / std).half())
+            h, w = s.image.shape[:2]  # keep the image's size, drop its pixels and masks
+            scenes.append(replace(s, image=np.empty((h, w, 0), np.uint8), masks=np.empty((0, 0, 0), bool)))
+        return cls(torch.stack(pixels), scenes)
+
+
+def token_spec(tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> TokenSpec:
+    """The placeholder expansion of fine-tuning, for a base without ``[SEG]`` / ``<depth>`` yet."""
+    return TokenSpec(
+        bos_id=tokenizer.bos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        image_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        depth_id=-1,
+        seg_id=-1,
+        num_image_tokens=num_image_tokens,
+        num_depth_tokens=0,
+        model_max_length=1024,
+    )
+
+
+def encode_batch(
+    tokenizer: PreTrainedTokenizerBase, spec: TokenSpec, pairs: list[tuple[str, str | None]]
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` (B, L) for (question, answer) pairs
+    (``answer=None``: a generation prompt, no labels)."""
+    rows = [
+        encode_conversation(tokenizer, render_segments("llava_v1", [(f"{IMAGE_TOKEN}\n{q}", a)]), spec)
+        for q, a in pairs
+    ]
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), spec.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, (i, lab) in enumerate(rows):
+        ids[r, : len(i)] = torch.tensor(i)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        mask[r, : len(i)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def rec_scores(
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: SyntheticConfig,
+    count: int,
+    max_new_tokens: int = 24,
+) -> dict[str, float]:
+    """Greedy REC on ``count`` held-out scenes (one expression each): ``rec_acc`` (box IoU >= 0.5),
+    ``rec_iou`` (mean box IoU; 0 when no box could be parsed) and ``parsed`` (share of parseable answers)."""
+    model.eval()
+    size = model.config.vision_config.image_size
+    spec = token_spec(tokenizer, model.config.image_seq_length)
+    pool = ScenePool.render(range(HELD_OUT_START, HELD_OUT_START + count), cfg, size, progress=False)
+    ious, parsed = [], 0
+    for k, scene in enumerate(pool.scenes):
+        if not scene.expressions:
+            continue
+        obj, sent = scene.expressions[k % len(scene.expressions)]
+        enc = encode_batch(tokenizer, spec, [(REC_QUESTIONS[0].format(expr=sent), None)])
+        out = model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            pixel_values=pool.pixels[k : k + 1].float(),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        box = parse_box(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+        h, w = scene.image.shape[:2]
+        gt = scene.boxes[obj] / np.array([w, h, w, h], np.float32)
+        ious.append(0.0 if box is None else box_iou(np.asarray(box), gt))
+        parsed += box is not None
+    model.train()
+    n = max(1, len(ious))
+    return {
+        "rec_acc": float(np.mean(np.asarray(ious) >= 0.5)),
+        "rec_iou": float(np.mean(ious)),
+        "parsed": parsed / n,
+    }
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two xyxy boxes (any consistent units)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def run_llava_stage(
+    stage: str,
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: ScenePool,
+    cfg: SyntheticConfig,
+    opts: LlavaStageOptions,
+    work: Path,
+    seed: int,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place for one stage (resuming from ``work/<stage>.pt``).
+
+    The instruct stage keeps the weights of its best held-out REC accuracy. ``stop_at`` ends the call at
+    that step as a kill would (after the last checkpoint), for resume tests. Returns the stage record.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown LLaVA stage {stage!r}; choose one of {STAGES}")
+    ckpt = work / f"{stage}.pt"
+    spec = token_spec(tokenizer, model.config.image_seq_length)
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
+    state = load_stage(ckpt)
+    step, log, history, best, best_state, wall = 0, [], [], -1.0, None, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        step, log, history, best, wall = (
+            state["step"],
+            state["log"],
+            state["history"],
+            state["best"],
+            state["wall"],
+        )
+        best_state = state["best_model"]
+    model.train()
+    start = time.perf_counter() - wall
+    make_pair = caption_pair if stage == "caption" else grounding_pair
+    stage_id = STAGES.index(stage) + 2
+
+    def checkpoint(finished: bool) -> None:
+        save_stage(
+            ckpt,
+            {
+                "model": model.state_dict(),
+                "optim": opt.state_dict(),
+                "step": step,
+                "log": log,
+                "history": history,
+                "best": best,
+                "best_model": best_state or clone_state(model),
+                "wall": time.perf_counter() - start,
+                "done": finished,
+            },
+        )
+
+    bar = tqdm(
+        total=opts.steps, initial=step, desc=f"pretrain LLaVA ({stage})", unit="step", disable=not progress
+    )
+    while step < opts.steps and step != stop_at:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, opts.steps, opts.lr, opts.warmup)
+        rng = np.random.default_rng([seed, stage_id, step])
+        idx = rng.choice(len(pool.scenes), size=opts.batch_size, replace=False)
+        enc = encode_batch(tokenizer, spec, [make_pair(pool.scenes[i], rng) for i in idx])
+        loss = model(pixel_values=pool.pixels[idx].float(), **enc).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.append(loss.item())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{log[-1]:.3f}", best=f"{best:.3f}")
+        if stage == "instruct" and (step % opts.eval_every == 0 or step == opts.steps):
+            scores = rec_scores(model, tokenizer, cfg, opts.held_out)
+            history.append({"step": step, **scores})
+            if scores["rec_acc"] > best:
+                best, best_state = scores["rec_acc"], clone_state(model)
+        if step % opts.ckpt_every == 0 or step == opts.steps:
+            checkpoint(finished=step == opts.steps)
+    bar.close()
+    if best_state is not None and stage == "instruct":
+        model.load_state_dict(best_state)
+    n = max(1, len(log) // 10)
+    return {
+        "options": asdict(opts),
+        "steps_run": step,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "first_loss": float(np.mean(log[:n])) if log else float("nan"),
+        "last_loss": float(np.mean(log[-n:])) if log else float("nan"),
+        "held_out": history,
+        **({"best_rec_acc": best} if stage == "instruct" else {}),
+    }

@@ -1,0 +1,259 @@
+"""Stage "sam" of the tiny-base pretraining: promptable segmentation on generated 2D scenes (SA-1B in miniature).
+
+Every step draws ``images_per_step`` fresh pretraining scenes (:mod:`dataset.synthetic.pretrain`; never a
+benchmark scene), prompts up to ``max_objects`` objects of each with either one foreground point (uniform
+inside the mask) or a jittered box, as SAM's training does, and trains the whole SAM (image encoder,
+prompt encoder, mask decoder) on sigmoid BCE + dice of the single-mask output at the image's own
+resolution, plus SAM's IoU-prediction MSE. Held-out score: mask IoU from one interior point (the maximum of
+the distance transform) and from the exact box, on held-out scenes; the best weights are kept and the
+stage stops early when the point IoU has not improved for ``patience`` evaluations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from tqdm import tqdm
+
+from dataset.synthetic.config import SyntheticConfig
+from dataset.synthetic.pretrain import HELD_OUT_START, pretrain_scene
+from dataset.transforms import sam_geometry
+from model.losses import mask_losses
+from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from training.pretrain_state import clone_state, cosine_lr, load_stage, save_stage
+from utils.metrics import mask_iou_stats
+
+
+@dataclass(frozen=True)
+class SamStageOptions:
+    """Settings of the SAM stage (see the module docstring)."""
+
+    steps: int = 4000
+    images_per_step: int = 4
+    max_objects: int = 4
+    lr: float = 3e-3
+    warmup: int = 50
+    box_prob: float = 0.5
+    eval_every: int = 250
+    held_out: int = 48
+    patience: int = 4
+    ckpt_every: int = 50
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """One image ready for SAM: ``x`` (3, T, T) normalised, ``masks`` (K, H, W) float, SAM-frame prompts
+    ``points`` (K, 1, 2) or ``boxes`` (K, 4), and the resized (h, w)."""
+
+    x: torch.Tensor
+    masks: torch.Tensor
+    points: torch.Tensor | None
+    boxes: torch.Tensor | None
+    size: tuple[int, int]
+
+
+def _normalise(image: np.ndarray, target: int) -> tuple[torch.Tensor, tuple[int, int], float]:
+    views, _, (h, w), scale = sam_geometry(image[None], None, target)
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    x = (torch.from_numpy(views[0]).permute(2, 0, 1).float() - mean) / std
+    x[:, h:] = 0
+    x[:, :, w:] = 0
+    return x, (h, w), scale
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) pixel centre of the maximum of ``mask``'s distance transform (deepest interior point)."""
+    dist = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x) + 0.5, float(y) + 0.5
+
+
+def training_image(
+    image_id: int, cfg: SyntheticConfig, opts: SamStageOptions, target: int, rng: np.random.Generator
+) -> Prompted | None:
+    """Scene ``image_id`` with up to ``max_objects`` random objects prompted by a point or a jittered box."""
+    scene = pretrain_scene(image_id, cfg)
+    if not len(scene.masks):
+        return None
+    x, size, scale = _normalise(scene.image, target)
+    pick = rng.permutation(len(scene.masks))[: opts.max_objects]
+    masks = scene.masks[pick]
+    if rng.random() < opts.box_prob:
+        boxes = scene.boxes[pick].copy()
+        side = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1).repeat(2, 1)
+        boxes += rng.normal(0.0, 0.1, boxes.shape) * np.minimum(side, 20.0)  # SAM: 10 % of the side, capped
+        return Prompted(
+            x, torch.from_numpy(masks).float(), None, torch.from_numpy(boxes * scale).float(), size
+        )
+    pts = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        k = int(rng.integers(len(ys)))
+        pts.append([(xs[k] + 0.5) * scale, (ys[k] + 0.5) * scale])
+    points = torch.tensor(pts, dtype=torch.float32).view(-1, 1, 2)
+    return Prompted(x, torch.from_numpy(masks).float(), points, None, size)
+
+
+def predict(sam: Sam, embedding: torch.Tensor, item: Prompted) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-mask logits (K, H, W) at the image's resolution and predicted IoUs (K,) for ``item``."""
+    pe = sam.prompt_encoder
+    points = None
+    if item.points is not None:
+        points = (item.points, torch.ones(len(item.points), 1, dtype=torch.int))
+    sparse, dense = pe(points=points, boxes=item.boxes, masks=None)
+    low_res, iou = sam.mask_decoder(
+        image_embeddings=embedding[None],
+        image_pe=pe.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    return sam.postprocess_masks(low_res, item.size, tuple(item.masks.shape[-2:]))[:, 0], iou[:, 0]
+
+
+def sam_loss(sam: Sam, items: list[Prompted]) -> tuple[torch.Tensor, float]:
+    """BCE + dice + IoU-head MSE over ``items``; also returns the batch's mean mask IoU."""
+    embeddings = sam.image_encoder(torch.stack([it.x for it in items]))
+    preds, gts, ious, true_ious = [], [], [], []
+    for emb, it in zip(embeddings, items):
+        logits, iou = predict(sam, emb, it)
+        inter, union = mask_iou_stats(logits.detach(), it.masks)
+        preds.append(logits)
+        gts.append(it.masks)
+        ious.append(iou)
+        true_ious.append(inter / union.clamp(min=1))
+    bce, dice = mask_losses(preds, gts)
+    true = torch.cat(true_ious)
+    mse = torch.nn.functional.mse_loss(torch.cat(ious), true)
+    return bce + dice + mse, float(true.mean())
+
+
+@torch.no_grad()
+def held_out_scores(sam: Sam, cfg: SyntheticConfig, count: int) -> dict[str, float]:
+    """Mean mask IoU on ``count`` held-out scenes, every object prompted by its deepest interior point
+    (``point_iou``) and by its exact box (``box_iou``)."""
+    sam.eval()
+    target = sam.image_encoder.img_size
+    point_ious, box_ious = [], []
+    for i in range(count):
+        scene = pretrain_scene(HELD_OUT_START + i, cfg)
+        if not len(scene.masks):
+            continue
+        x, size, scale = _normalise(scene.image, target)
+        masks = torch.from_numpy(scene.masks).float()
+        emb = sam.image_encoder(x[None])[0]
+        pts = torch.tensor([interior_point(m) for m in scene.masks], dtype=torch.float32).view(-1, 1, 2)
+        boxes = torch.from_numpy(scene.boxes).float()
+        for points, box, out in ((pts * scale, None, point_ious), (None, boxes * scale, box_ious)):
+            logits, _ = predict(sam, emb, Prompted(x, masks, points, box, size))
+            inter, union = mask_iou_stats(logits, masks)
+            out.append(inter / union.clamp(min=1))
+    sam.train()
+    return {"point_iou": float(torch.cat(point_ious).mean()), "box_iou": float(torch.cat(box_ious).mean())}
+
+
+def run_sam_stage(
+    sam: Sam,
+    cfg: SyntheticConfig,
+    opts: SamStageOptions,
+    work: Path,
+    seed: int,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
+    """Train ``sam`` in place (resuming from ``work/sam.pt``); leaves the best held-out weights in ``sam``.
+
+    ``stop_at`` ends the call at that step as a kill would (after the last checkpoint), for resume tests.
+
+    Returns the stage record: options, steps run, wall time, first/last train loss and IoU, held-out
+    history and the best held-out scores.
+    """
+    ckpt = work / "sam.pt"
+    target = sam.image_encoder.img_size
+    opt = torch.optim.AdamW(sam.parameters(), lr=opts.lr, weight_decay=0.0)
+    state = load_stage(ckpt)
+    step, log, history, best, best_state, wall = 0, [], [], -1.0, None, 0.0
+    if state is not None:
+        sam.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        step, log, history, best, wall = (
+            state["step"],
+            state["log"],
+            state["history"],
+            state["best"],
+            state["wall"],
+        )
+        best_state = state["best_model"]
+    done = state is not None and state.get("done", False)
+    sam.train()
+    start = time.perf_counter() - wall
+
+    def checkpoint(finished: bool = False) -> None:
+        save_stage(
+            ckpt,
+            {
+                "model": sam.state_dict(),
+                "optim": opt.state_dict(),
+                "step": step,
+                "log": log,
+                "history": history,
+                "best": best,
+                "best_model": best_state or clone_state(sam),
+                "wall": time.perf_counter() - start,
+                "done": finished,
+            },
+        )
+
+    bar = tqdm(total=opts.steps, initial=step, desc="pretrain SAM", unit="step", disable=not progress or done)
+    while not done and step < opts.steps and step != stop_at:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, opts.steps, opts.lr, opts.warmup)
+        items = []
+        for j in range(opts.images_per_step):
+            rng = np.random.default_rng([seed, 1, step, j])
+            item = training_image(step * opts.images_per_step + j + 1, cfg, opts, target, rng)
+            if item is not None:
+                items.append(item)
+        loss, iou = sam_loss(sam, items)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.append([loss.item(), iou])
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{log[-1][0]:.3f}", iou=f"{iou:.3f}", best=f"{best:.3f}")
+        if step % opts.eval_every == 0 or step == opts.steps:
+            scores = held_out_scores(sam, cfg, opts.held_out)
+            history.append({"step": step, **scores})
+            if scores["point_iou"] > best:
+                best, best_state = scores["point_iou"], clone_state(sam)
+            best_at = max(range(len(history)), key=lambda i: history[i]["point_iou"])
+            done = len(history) - 1 - best_at >= opts.patience  # no gain in the last `patience` evaluations
+        if step % opts.ckpt_every == 0 or done or step == opts.steps:
+            checkpoint(finished=done or step == opts.steps)
+    bar.close()
+    if best_state is not None:
+        sam.load_state_dict(best_state)
+    sam.eval()
+    n = max(1, len(log) // 10)
+    head, tail = log[:n], log[-n:]
+    return {
+        "options": asdict(opts),
+        "steps_run": step,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "first_loss": float(np.mean([v[0] for v in head])) if head else float("nan"),
+        "last_loss": float(np.mean([v[0] for v in tail])) if tail else float("nan"),
+        "first_train_iou": float(np.mean([v[1] for v in head])) if head else float("nan"),
+        "last_train_iou": float(np.mean([v[1] for v in tail])) if tail else float("nan"),
+        "held_out": history,
+        "best_point_iou": best,
+        "best_box_iou": max((h["box_iou"] for h in history if h["point_iou"] == best), default=float("nan")),
+    }
