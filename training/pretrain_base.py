@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,7 +91,15 @@ def sam_job(out: Path, opts: PretrainOptions, progress: bool) -> dict[str, Any]:
     return record
 
 
-def _sam_process(out: str, opts: PretrainOptions) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Stop this process once ``parent`` is gone (killed): an orphaned stage must not keep writing."""
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(1)
+
+
+def _sam_process(out: str, opts: PretrainOptions, parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     sam_job(Path(out), opts, progress=True)
 
 
@@ -123,15 +133,18 @@ def pretrain_base(
     """Run every stage (resuming what ``out/.work`` holds) and write the base + ``pretrain_record.json``."""
     out = Path(out)
     (out / ".work").mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_commit()  # the code this run starts from
     if opts.parallel:
         ctx = mp.get_context("spawn")
-        proc = ctx.Process(target=_sam_process, args=(str(out), opts))
+        proc = ctx.Process(target=_sam_process, args=(str(out), opts, os.getpid()))
         proc.start()
         try:
             llava = llava_job(out, opts, progress)
-        finally:
+        except BaseException:
+            proc.terminate()  # its checkpoint stays; a rerun resumes both
             proc.join()
+            raise
+        proc.join()
         if proc.exitcode != 0:
             raise RuntimeError(
                 f"the SAM pretraining process failed (exit code {proc.exitcode}); rerun to resume"
@@ -142,7 +155,7 @@ def pretrain_base(
         llava = llava_job(out, opts, progress)
     record = {
         "command": "python scripts/pretrain_tiny_base.py " + " ".join(argv),
-        "commit": git_commit(),
+        "commit": commit,
         "preset": PRESET,
         "seed": opts.seed,
         "threads": opts.threads,

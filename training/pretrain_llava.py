@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -145,7 +146,8 @@ def rec_scores(
         box = parse_box(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
         h, w = scene.image.shape[:2]
         gt = scene.boxes[obj] / np.array([w, h, w, h], np.float32)
-        ious.append(0.0 if box is None else box_iou(np.asarray(box), gt))
+        valid = box is not None and box[2] > box[0] and box[3] > box[1]
+        ious.append(float(box_iou(torch.tensor([box]), torch.from_numpy(gt)[None])[0, 0]) if valid else 0.0)
         parsed += box is not None
     model.train()
     n = max(1, len(ious))
@@ -154,15 +156,6 @@ def rec_scores(
         "rec_iou": float(np.mean(ious)),
         "parsed": parsed / n,
     }
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two xyxy boxes (any consistent units)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def run_llava_stage(
