@@ -12,13 +12,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from dataset.synthetic import SyntheticConfig, render_scene
+from dataset.synthetic import CATEGORIES, PALETTE, SyntheticConfig, render_scene
 from dataset.synthetic.pretrain import (
+    NUM_PATCH_CLASSES,
     PRETRAIN_SEED,
     REC_QUESTIONS,
     box_text,
     caption,
     grounding_pair,
+    label_map,
     parse_box,
     pretrain_config,
     pretrain_corpus,
@@ -81,6 +83,30 @@ def test_scene_boxes_captions_and_rec_answers_are_true():
     assert caption(scene) in corpus and REC_QUESTIONS[0].format(expr=scene.expressions[0][1]) in corpus
 
 
+def test_label_map_and_patch_targets_name_the_visible_object():
+    scene = pretrain_scene(7, SMALL)
+    labels = label_map(scene)
+    for mask, name in zip(scene.masks, scene.names):
+        colour, category = name.split(" ", 1)
+        assert (
+            labels[mask] == 1 + CATEGORIES.index(category) * len(PALETTE) + list(PALETTE).index(colour)
+        ).all()
+    assert (labels[~scene.masks.any(0)] == 0).all() and labels.max() < NUM_PATCH_CLASSES
+    pool = ScenePool.render(range(7, 8), SMALL, 56, 14, progress=False)
+    assert pool.targets.shape == (1, 16, NUM_PATCH_CLASSES)
+    assert torch.allclose(pool.targets.float().sum(-1), torch.ones(1, 16), atol=1e-2)  # histograms
+
+
+def test_vision_stage_learns_patch_content(tmp_path, one_torch_thread):
+    pool, tok, model = _tiny_llava(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opts = LlavaStageOptions(steps=40, batch_size=8, lr=3e-3, warmup=5)
+    rec = run_llava_stage("vision", model, tok, pool, SMALL, opts, tmp_path / "v", seed=1, progress=False)
+    assert rec["last_loss"] < 0.8 * rec["first_loss"]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("vision_tower" in k for k in changed)  # only CLIP trains in this stage
+
+
 def test_interior_point_is_inside_and_deepest():
     mask = np.zeros((20, 30), bool)
     mask[5:15, 2:8] = True  # 10 x 6 block: its deepest pixels are in the middle
@@ -90,7 +116,7 @@ def test_interior_point_is_inside_and_deepest():
 
 
 def _tiny_llava(tmp_path):
-    pool = ScenePool.render(range(1, 25), SMALL, 56, progress=False)
+    pool = ScenePool.render(range(1, 25), SMALL, 56, 14, progress=False)
     tok = train_tiny_tokenizer(pretrain_corpus(pool.scenes), 400)
     return pool, tok, new_llava(get_preset("tiny"), tok, seed=0)
 
@@ -152,25 +178,10 @@ def test_sam_stage_learns_resumes_and_keeps_the_best(tmp_path, one_torch_thread)
 
 def test_script_writes_the_real_formats_and_a_record(tmp_path):
     out = tmp_path / "base"
-    argv = [
-        "--out",
-        str(out),
-        "--no_parallel",
-        "--pool",
-        "24",
-        "--sam_steps",
-        "2",
-        "--sam_eval_every",
-        "2",
-        "--caption_steps",
-        "2",
-        "--instruct_steps",
-        "2",
-        "--instruct_eval_every",
-        "2",
-        "--held_out",
-        "2",
-    ]
+    argv = ["--out", str(out), "--no_parallel", "--pool", "32", "--held_out", "2"]
+    for stage in ("sam", "vision", "caption", "instruct"):
+        argv += [f"--{stage}_steps", "2"]
+    argv += ["--sam_eval_every", "2", "--instruct_eval_every", "2"]
     record = pretrain_main(argv)
     llava = LlavaForConditionalGeneration.from_pretrained(out / "llava")
     assert llava.config.vision_config.image_size == 112 and llava.config.image_seq_length == 64
@@ -187,7 +198,7 @@ def test_script_writes_the_real_formats_and_a_record(tmp_path):
         assert key in saved
     assert saved["sam"]["steps_run"] == 2 and saved["llava"]["instruct"]["steps_run"] == 2
     with pytest.raises(SystemExit):
-        pretrain_main(["--out", str(out), "--pool", "0"])
+        pretrain_main(["--out", str(out), "--pool", "31"])
 
 
 @pytest.mark.skipif(

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 from dataset.synthetic.pretrain import PRETRAIN_SEED, pretrain_config, pretrain_corpus
 from model.presets import get_preset
 from model.sam import build_sam, sam_config
-from training.pretrain_llava import LlavaStageOptions, ScenePool, rec_scores, run_llava_stage
+from training.pretrain_llava import STAGES, LlavaStageOptions, ScenePool, rec_scores, run_llava_stage
 from training.pretrain_sam import SamStageOptions, held_out_scores, run_sam_stage
 from training.tiny_base import new_llava, save_llava, train_tiny_tokenizer
 
@@ -55,6 +55,7 @@ class PretrainOptions:
     threads: int = 1
     parallel: bool = True
     sam: SamStageOptions = field(default_factory=SamStageOptions)
+    vision: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=1000, batch_size=32))
     caption: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=600))
     instruct: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=3000))
 
@@ -109,7 +110,10 @@ def llava_job(out: Path, opts: PretrainOptions, progress: bool) -> dict[str, Any
     cfg = pretrain_config(opts.height, opts.width, opts.seed)
     preset = get_preset(PRESET)
     work = out / ".work"
-    pool = ScenePool.render(range(1, opts.pool + 1), cfg, preset.vision["image_size"], progress=progress)
+    vision = preset.vision
+    pool = ScenePool.render(
+        range(1, opts.pool + 1), cfg, vision["image_size"], vision["patch_size"], progress
+    )
     tok_dir = work / "tokenizer"
     if (tok_dir / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -119,7 +123,7 @@ def llava_job(out: Path, opts: PretrainOptions, progress: bool) -> dict[str, Any
         tok.save_pretrained(tok_dir)
     model: LlavaForConditionalGeneration = new_llava(preset, tok, opts.seed)
     records = {}
-    for stage in ("caption", "instruct"):
+    for stage in STAGES:
         stage_opts = getattr(opts, stage)
         records[stage] = run_llava_stage(stage, model, tok, pool, cfg, stage_opts, work, opts.seed, progress)
     records["final_held_out"] = rec_scores(model, tok, cfg, opts.instruct.held_out)
@@ -182,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_parallel", action="store_true", help="run the SAM stage before the LLaVA stages")
     p.add_argument("--sam_steps", type=int, default=d.sam.steps)
     p.add_argument("--sam_eval_every", type=int, default=d.sam.eval_every)
+    p.add_argument(
+        "--vision_steps", type=int, default=d.vision.steps, help="dense patch-content steps of CLIP"
+    )
     p.add_argument("--caption_steps", type=int, default=d.caption.steps)
     p.add_argument("--instruct_steps", type=int, default=d.instruct.steps)
     p.add_argument("--instruct_eval_every", type=int, default=d.instruct.eval_every)
@@ -205,12 +212,16 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
             raise ValueError(
                 f"--{name} must be {'>= 0' if name.endswith('_steps') else '>= 1'}, got {getattr(args, name)}"
             )
+    batch = max(PretrainOptions().vision.batch_size, PretrainOptions().instruct.batch_size)
+    if args.pool < batch:
+        raise ValueError(f"--pool must be >= {batch} (the largest batch of the LLaVA stages), got {args.pool}")
     return PretrainOptions(
         seed=args.seed,
         pool=args.pool,
         threads=args.threads,
         parallel=not args.no_parallel,
         sam=SamStageOptions(steps=args.sam_steps, eval_every=args.sam_eval_every, held_out=args.held_out),
+        vision=LlavaStageOptions(steps=args.vision_steps, batch_size=32, held_out=args.held_out),
         caption=LlavaStageOptions(steps=args.caption_steps, held_out=args.held_out),
         instruct=LlavaStageOptions(
             steps=args.instruct_steps, eval_every=args.instruct_eval_every, held_out=args.held_out

@@ -1,14 +1,18 @@
-"""Stages "caption" and "instruct" of the tiny-base pretraining: LLaVA's two stages in miniature.
+"""Stages "vision", "caption" and "instruct" of the tiny-base pretraining: CLIP and LLaVA's two stages in
+miniature.
 
+* ``vision`` (standing in for CLIP's own pretraining): the vision tower alone, with a linear head on the
+  layer LLaVA reads (``vision_feature_layer``), learns the dense (category, colour) content of every
+  patch (soft targets: the label histogram of the patch). The head is dropped afterwards.
 * ``caption`` (LLaVA's feature alignment): image -> a caption naming every object left to right.
 * ``instruct`` (LLaVA-1.5's instruction tuning with its REC/REG data): "Please give the bounding box of
   the red car behind the tree." -> ``[0.12, 0.40, 0.30, 0.75]``; "What is the object at [box]?" -> "the
   red vehicle."; "Which objects are in the image, from left to right?" -> the list.
 
-Both train the HF ``LlavaForConditionalGeneration`` on the answer tokens only (the project's own
+The last two train the HF ``LlavaForConditionalGeneration`` on the answer tokens only (the project's own
 conversation template and placeholder expansion, as fine-tuning uses them). In miniature there is no
 contrastive CLIP and no text-pretrained LM to start from, so the vision tower and the LM train in both
-stages (LLaVA freezes CLIP and, in stage 1, the LM). Samples come from a pool of pretraining scenes
+LLaVA stages (LLaVA freezes CLIP and, in stage 1, the LM). Samples come from a pool of pretraining scenes
 rendered once; batches are a function of ``(seed, stage, step)`` so a resumed stage continues exactly.
 Held-out score: greedy-decoded REC boxes on held-out scenes, accuracy at box IoU >= 0.5 and mean IoU.
 """
@@ -31,10 +35,12 @@ from dataset.collate import TokenSpec, encode_conversation
 from dataset.synthetic.config import SyntheticConfig
 from dataset.synthetic.pretrain import (
     HELD_OUT_START,
+    NUM_PATCH_CLASSES,
     REC_QUESTIONS,
     PretrainScene,
     caption_pair,
     grounding_pair,
+    label_map,
     parse_box,
     pretrain_scene,
 )
@@ -43,7 +49,7 @@ from training.pretrain_state import clone_state, cosine_lr, load_stage, save_sta
 from utils.conversation import render_segments
 from utils.tokens import IGNORE_INDEX, IMAGE_TOKEN
 
-STAGES = ("caption", "instruct")
+STAGES = ("vision", "caption", "instruct")
 
 
 @dataclass(frozen=True)
@@ -61,24 +67,32 @@ class LlavaStageOptions:
 
 @dataclass
 class ScenePool:
-    """Pretraining scenes rendered once: CLIP crops ``pixels`` (N, 3, S, S) float normalised, and the
-    scenes' metadata (images dropped to keep memory low)."""
+    """Pretraining scenes rendered once: CLIP crops ``pixels`` (N, 3, S, S) float normalised, dense patch
+    targets ``targets`` (N, P, C) (label histogram of each of the P CLIP patches over
+    :data:`NUM_PATCH_CLASSES` classes), and the scenes' metadata (images dropped to keep memory low)."""
 
     pixels: torch.Tensor
+    targets: torch.Tensor
     scenes: list[PretrainScene]
 
     @classmethod
-    def render(cls, ids: range, cfg: SyntheticConfig, size: int, progress: bool = True) -> ScenePool:
+    def render(
+        cls, ids: range, cfg: SyntheticConfig, size: int, patch: int, progress: bool = True
+    ) -> ScenePool:
         mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
         std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
-        pixels, scenes = [], []
+        pixels, targets, scenes = [], [], []
+        grid, onehot = size // patch, np.eye(NUM_PATCH_CLASSES, dtype=np.float32)
         for i in tqdm(ids, desc="render pretraining scenes", unit="scene", disable=not progress):
             s = pretrain_scene(i, cfg)
-            crop, _, _ = clip_geometry(s.image[None], None, size)
+            crop, labels, _ = clip_geometry(s.image[None], label_map(s).astype(np.float32), size)
+            hist = onehot[labels.astype(np.int64)[: grid * patch, : grid * patch]]
+            hist = hist.reshape(grid, patch, grid, patch, -1).mean((1, 3)).reshape(grid * grid, -1)
+            targets.append(torch.from_numpy(hist).half())
             pixels.append(((torch.from_numpy(crop[0]).permute(2, 0, 1).float() / 255 - mean) / std).half())
             h, w = s.image.shape[:2]  # keep the image's size, drop its pixels and masks
             scenes.append(replace(s, image=np.empty((h, w, 0), np.uint8), masks=np.empty((0, 0, 0), bool)))
-        return cls(torch.stack(pixels), scenes)
+        return cls(torch.stack(pixels), torch.stack(targets), scenes)
 
 
 def token_spec(tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> TokenSpec:
@@ -128,7 +142,8 @@ def rec_scores(
     model.eval()
     size = model.config.vision_config.image_size
     spec = token_spec(tokenizer, model.config.image_seq_length)
-    pool = ScenePool.render(range(HELD_OUT_START, HELD_OUT_START + count), cfg, size, progress=False)
+    patch = model.config.vision_config.patch_size
+    pool = ScenePool.render(range(HELD_OUT_START, HELD_OUT_START + count), cfg, size, patch, progress=False)
     ious, parsed = [], 0
     for k, scene in enumerate(pool.scenes):
         if not scene.expressions:
@@ -158,6 +173,16 @@ def rec_scores(
     }
 
 
+def patch_loss(
+    model: LlavaForConditionalGeneration, head: torch.nn.Module, pixels: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Soft-target cross-entropy of ``head`` on the patch features LLaVA reads (``vision_feature_layer``,
+    CLS dropped): ``pixels`` (B, 3, S, S), ``targets`` (B, P, C) label histograms."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    return -(targets * head(feats).log_softmax(-1)).sum(-1).mean()
+
+
 def run_llava_stage(
     stage: str,
     model: LlavaForConditionalGeneration,
@@ -179,7 +204,14 @@ def run_llava_stage(
         raise ValueError(f"unknown LLaVA stage {stage!r}; choose one of {STAGES}")
     ckpt = work / f"{stage}.pt"
     spec = token_spec(tokenizer, model.config.image_seq_length)
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, NUM_PATCH_CLASSES)  # vision stage only
+    params = (
+        [*model.model.vision_tower.parameters(), *head.parameters()]
+        if stage == "vision"
+        else model.parameters()
+    )
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     state = load_stage(ckpt)
     step, log, history, best, best_state, wall = 0, [], [], -1.0, None, 0.0
     if state is not None:
@@ -196,13 +228,14 @@ def run_llava_stage(
     model.train()
     start = time.perf_counter() - wall
     make_pair = caption_pair if stage == "caption" else grounding_pair
-    stage_id = STAGES.index(stage) + 2
+    stage_id = STAGES.index(stage) + 2 if stage != "vision" else 5
 
     def checkpoint(finished: bool) -> None:
         save_stage(
             ckpt,
             {
                 "model": model.state_dict(),
+                "head": head.state_dict(),
                 "optim": opt.state_dict(),
                 "step": step,
                 "log": log,
@@ -222,8 +255,11 @@ def run_llava_stage(
             group["lr"] = cosine_lr(step, opts.steps, opts.lr, opts.warmup)
         rng = np.random.default_rng([seed, stage_id, step])
         idx = rng.choice(len(pool.scenes), size=opts.batch_size, replace=False)
-        enc = encode_batch(tokenizer, spec, [make_pair(pool.scenes[i], rng) for i in idx])
-        loss = model(pixel_values=pool.pixels[idx].float(), **enc).loss
+        if stage == "vision":
+            loss = patch_loss(model, head, pool.pixels[idx].float(), pool.targets[idx].float())
+        else:
+            enc = encode_batch(tokenizer, spec, [make_pair(pool.scenes[i], rng) for i in idx])
+            loss = model(pixel_values=pool.pixels[idx].float(), **enc).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

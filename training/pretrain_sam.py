@@ -35,7 +35,7 @@ from utils.metrics import mask_iou_stats
 class SamStageOptions:
     """Settings of the SAM stage (see the module docstring)."""
 
-    steps: int = 4000
+    steps: int = 3000
     images_per_step: int = 4
     max_objects: int = 4
     lr: float = 3e-3

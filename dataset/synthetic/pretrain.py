@@ -18,12 +18,16 @@ import numpy as np
 from dataset.synthetic.config import SyntheticConfig
 from dataset.synthetic.expressions import SceneObject, candidate_expressions
 from dataset.synthetic.generator import render_scene
+from dataset.synthetic.shapes import CATEGORIES, PALETTE
 
 PRETRAIN_SEED = 1_000_003
 """Generator seed of the pretraining scenes (the benchmark uses ``--seed`` 0 by default; any seed other
 than this one gives disjoint scenes, since a scene is a function of ``(seed, image_id)``)."""
 HELD_OUT_START = 1_000_000
 """Scene ids from here on are the pretraining *held-out* scenes (scores only, never trained on)."""
+
+NUM_PATCH_CLASSES = 1 + len(CATEGORIES) * len(PALETTE)
+"""Dense labels of the vision stage: background + every (category, colour)."""
 
 CAPTION_QUESTIONS: tuple[str, ...] = (
     "Describe the image briefly.",
@@ -90,6 +94,17 @@ def pretrain_scene(image_id: int, cfg: SyntheticConfig) -> PretrainScene:
         centroids_x=tuple(float(o.centroid[0]) for o in visible),
         expressions=tuple(exprs),
     )
+
+
+def label_map(scene: PretrainScene) -> np.ndarray:
+    """(H, W) int64 dense label of the centre view: 0 = background, else ``1 + category * 7 + colour``
+    of the visible object (see :data:`NUM_PATCH_CLASSES`)."""
+    colours = list(PALETTE)
+    out = np.zeros(scene.masks.shape[1:], np.int64)
+    for mask, name in zip(scene.masks, scene.names):
+        colour, category = name.split(" ", 1)
+        out[mask] = 1 + CATEGORIES.index(category) * len(colours) + colours.index(colour)
+    return out
 
 
 def box_text(box: np.ndarray | tuple[float, ...], height: int, width: int) -> str:
