@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole LFLLM loop on the embedded default, on a laptop-class CPU (or a GPU when there is one):
-#   synthetic light fields -> tiny LLaVA + SAM base -> deepspeed train_ds.py -> merge -> eval -> predict.
+#   synthetic light fields -> pretrained tiny LLaVA + SAM base -> deepspeed train_ds.py -> merge -> eval -> predict.
 # Everything lands in $LFLLM_QUICKSTART (default ./quickstart). Settings below are the knobs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,15 +34,30 @@ if [ ! -f "$OUT/dataset/refer_seg/$DS/$DS.json" ]; then
     --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --seed 0 --workers 2
 fi
 
-stamp "2/5 tiny LLaVA + SAM base (tokenizer trained on the corpus; SAM pretrained on train-split point prompts) -> $OUT/tiny_base"
-if [ ! -f "$OUT/tiny_base/sam_tiny.pth" ]; then
-  $PY scripts/make_tiny_base.py --out "$OUT/tiny_base" --dataset_dir "$OUT/dataset" --ds $DS \
-    --sam_pretrain_steps "$SAM_PRETRAIN_STEPS"
+# The base: the shipped pretrained tiny LLaVA + SAM (pretrained/tiny_base, made by scripts/pretrain_tiny_base.py on
+# generated 2D scenes disjoint from this benchmark; its record is pretrained/tiny_base/pretrain_record.json), or
+# BASE=random for the random-init tiny base of the tests (SAM pretrained SAM_PRETRAIN_STEPS on train-split points).
+BASE=${BASE:-pretrained/tiny_base}
+if [ "$BASE" = random ]; then
+  stamp "2/5 random tiny LLaVA + SAM base (tokenizer trained on the corpus; SAM pretrained on train-split point prompts) -> $OUT/tiny_base"
+  if [ ! -f "$OUT/tiny_base/sam_tiny.pth" ]; then
+    $PY scripts/make_tiny_base.py --out "$OUT/tiny_base" --dataset_dir "$OUT/dataset" --ds $DS \
+      --sam_pretrain_steps "$SAM_PRETRAIN_STEPS"
+  fi
+  BASE="$OUT/tiny_base"
+else
+  stamp "2/5 pretrained tiny base: $BASE"
+  for f in "$BASE/llava/config.json" "$BASE/sam_tiny.pth"; do
+    if [ ! -f "$f" ]; then
+      echo "error: $f not found: BASE must hold llava/ and sam_tiny.pth (python scripts/pretrain_tiny_base.py --out $BASE rebuilds it)" >&2
+      exit 2
+    fi
+  done
 fi
 
 stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM + depth on)"
 .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py \
-  --version "$OUT/tiny_base/llava" --vision_pretrained "$OUT/tiny_base/sam_tiny.pth" \
+  --version "$BASE/llava" --vision_pretrained "$BASE/sam_tiny.pth" \
   --dataset_dir "$OUT/dataset" --refer_seg_data $DS --val_dataset "$DS|syn|val" \
   --log_base_dir "$OUT/runs" --exp_name quickstart --precision $PRECISION \
   --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size 2 --grad_accumulation_steps 1 \
@@ -50,8 +65,8 @@ stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM +
   --feature_cache "$OUT/feature_cache"
 
 stamp "4/5 merge LoRA into a Hugging Face model -> $OUT/merged, then evaluate it"
-$PY merge_lora_weights_and_save_hf_model.py --version "$OUT/tiny_base/llava" \
-  --vision_pretrained "$OUT/tiny_base/sam_tiny.pth" \
+$PY merge_lora_weights_and_save_hf_model.py --version "$BASE/llava" \
+  --vision_pretrained "$BASE/sam_tiny.pth" \
   --weight "$OUT/runs/quickstart/export/last" --save_path "$OUT/merged" --precision $PRECISION
 .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py --eval_only \
   --version "$OUT/merged" --dataset_dir "$OUT/dataset" --val_dataset "$DS|syn|val" \

@@ -211,7 +211,16 @@ def test_shipped_base_is_small_loadable_and_recorded():
     assert (
         record["command"].startswith("python scripts/pretrain_tiny_base.py") and record["commit"] != "unknown"
     )
-    assert record["sam"]["best_point_iou"] > 0.3 and record["llava"]["final_held_out"]["rec_acc"] > 0.1
+    sam_rec, llava_rec = record["sam"], record["llava"]
+    assert (
+        sam_rec["final_held_out"]["point_iou"] == sam_rec["best_point_iou"] > 0.3
+    )  # the best weights shipped
+    assert (
+        sam_rec["last_loss"] < sam_rec["first_loss"]
+        and llava_rec["instruct"]["last_loss"] < llava_rec["instruct"]["first_loss"]
+    )
+    assert llava_rec["final_held_out"]["parsed"] > 0.9  # the LM answers a REC question with a box
+    assert llava_rec["final_held_out"]["rec_acc"] == llava_rec["instruct"]["best_rec_acc"]
     _, cfg = load_sam(SHIPPED / "sam_tiny.pth")
     assert cfg["variant"] == get_preset("tiny-base").sam_variant
     llava = LlavaForConditionalGeneration.from_pretrained(SHIPPED / "llava")
