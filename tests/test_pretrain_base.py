@@ -220,7 +220,8 @@ def test_shipped_base_is_small_loadable_and_recorded():
         and llava_rec["instruct"]["last_loss"] < llava_rec["instruct"]["first_loss"]
     )
     assert llava_rec["final_held_out"]["parsed"] > 0.9  # the LM answers a REC question with a box
-    assert llava_rec["final_held_out"]["rec_acc"] == llava_rec["instruct"]["best_rec_acc"]
+    scored = [{k: v for k, v in h.items() if k != "step"} for h in llava_rec["instruct"]["held_out"]]
+    assert llava_rec["final_held_out"] in scored  # the shipped LM is one of the evaluated checkpoints
     _, cfg = load_sam(SHIPPED / "sam_tiny.pth")
     assert cfg["variant"] == get_preset("tiny-base").sam_variant
     llava = LlavaForConditionalGeneration.from_pretrained(SHIPPED / "llava")

@@ -214,7 +214,9 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
             )
     batch = max(PretrainOptions().vision.batch_size, PretrainOptions().instruct.batch_size)
     if args.pool < batch:
-        raise ValueError(f"--pool must be >= {batch} (the largest batch of the LLaVA stages), got {args.pool}")
+        raise ValueError(
+            f"--pool must be >= {batch} (the largest batch of the LLaVA stages), got {args.pool}"
+        )
     return PretrainOptions(
         seed=args.seed,
         pool=args.pool,
