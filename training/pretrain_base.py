@@ -57,7 +57,7 @@ class PretrainOptions:
     sam: SamStageOptions = field(default_factory=SamStageOptions)
     vision: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=1000, batch_size=32))
     caption: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=600))
-    instruct: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=3000))
+    instruct: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=1500))
 
 
 def git_commit() -> str:
