@@ -137,18 +137,18 @@ def test_llava_stage_learns_and_resumes_exactly(tmp_path, one_torch_thread):
     opts = LlavaStageOptions(steps=40, batch_size=4, lr=3e-3, warmup=5, ckpt_every=5)
     rec = run_llava_stage("caption", model, tok, pool, SMALL, opts, tmp_path / "a", seed=1, progress=False)
     assert rec["steps_run"] == 40 and rec["last_loss"] < 0.7 * rec["first_loss"]
-    # killed after step 10, rerun: the same weights as the uninterrupted run
-    _, _, other = _tiny_llava(tmp_path)
+    # killed after step 10, rerun: the same weights as the uninterrupted run (vision: its head is restored too)
     short = LlavaStageOptions(steps=12, batch_size=4, lr=3e-3, warmup=5, ckpt_every=5)
-    run_llava_stage(
-        "caption", other, tok, pool, SMALL, short, tmp_path / "b", seed=1, progress=False, stop_at=10
-    )
-    _, _, resumed = _tiny_llava(tmp_path)
-    run_llava_stage("caption", resumed, tok, pool, SMALL, short, tmp_path / "b", seed=1, progress=False)
-    _, _, straight = _tiny_llava(tmp_path)
-    run_llava_stage("caption", straight, tok, pool, SMALL, short, tmp_path / "c", seed=1, progress=False)
-    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
-        assert torch.equal(a, b), name
+    for stage in ("vision", "caption"):
+        _, _, other = _tiny_llava(tmp_path)
+        killed, fresh = tmp_path / f"{stage}_b", tmp_path / f"{stage}_c"
+        run_llava_stage(stage, other, tok, pool, SMALL, short, killed, seed=1, progress=False, stop_at=10)
+        _, _, resumed = _tiny_llava(tmp_path)
+        run_llava_stage(stage, resumed, tok, pool, SMALL, short, killed, seed=1, progress=False)
+        _, _, straight = _tiny_llava(tmp_path)
+        run_llava_stage(stage, straight, tok, pool, SMALL, short, fresh, seed=1, progress=False)
+        for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+            assert torch.equal(a, b), (stage, name)
     with pytest.raises(ValueError, match="unknown LLaVA stage"):
         run_llava_stage("sft", model, tok, pool, SMALL, opts, tmp_path / "d", seed=1)
 

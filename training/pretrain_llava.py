@@ -19,7 +19,6 @@ Held-out score: greedy-decoded REC boxes on held-out scenes, accuracy at box IoU
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from dataset.synthetic.pretrain import (
     pretrain_scene,
 )
 from dataset.transforms import clip_geometry
-from training.pretrain_state import clone_state, cosine_lr, load_stage, save_stage
+from training.pretrain_state import StageRun, cosine_lr
 from utils.conversation import render_segments
 from utils.tokens import IGNORE_INDEX, IMAGE_TOKEN
 
@@ -212,48 +211,22 @@ def run_llava_stage(
         else model.parameters()
     )
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    state = load_stage(ckpt)
-    step, log, history, best, best_state, wall = 0, [], [], -1.0, None, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        step, log, history, best, wall = (
-            state["step"],
-            state["log"],
-            state["history"],
-            state["best"],
-            state["wall"],
-        )
-        best_state = state["best_model"]
+    run = StageRun(ckpt, {"model": model, "head": head}, opt)
     model.train()
-    start = time.perf_counter() - wall
     make_pair = caption_pair if stage == "caption" else grounding_pair
     stage_id = STAGES.index(stage) + 2 if stage != "vision" else 5
 
-    def checkpoint(finished: bool) -> None:
-        save_stage(
-            ckpt,
-            {
-                "model": model.state_dict(),
-                "head": head.state_dict(),
-                "optim": opt.state_dict(),
-                "step": step,
-                "log": log,
-                "history": history,
-                "best": best,
-                "best_model": best_state or clone_state(model),
-                "wall": time.perf_counter() - start,
-                "done": finished,
-            },
-        )
-
     bar = tqdm(
-        total=opts.steps, initial=step, desc=f"pretrain LLaVA ({stage})", unit="step", disable=not progress
+        total=opts.steps,
+        initial=run.step,
+        desc=f"pretrain LLaVA ({stage})",
+        unit="step",
+        disable=not progress,
     )
-    while step < opts.steps and step != stop_at:
+    while run.step < opts.steps and run.step != stop_at:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, opts.steps, opts.lr, opts.warmup)
-        rng = np.random.default_rng([seed, stage_id, step])
+            group["lr"] = cosine_lr(run.step, opts.steps, opts.lr, opts.warmup)
+        rng = np.random.default_rng([seed, stage_id, run.step])
         idx = rng.choice(len(pool.scenes), size=opts.batch_size, replace=False)
         if stage == "vision":
             loss = patch_loss(model, head, pool.pixels[idx].float(), pool.targets[idx].float())
@@ -264,27 +237,26 @@ def run_llava_stage(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        log.append(loss.item())
-        step += 1
+        run.log.append(loss.item())
+        run.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{log[-1]:.3f}", best=f"{best:.3f}")
-        if stage == "instruct" and (step % opts.eval_every == 0 or step == opts.steps):
+        bar.set_postfix(loss=f"{run.log[-1]:.3f}", best=f"{run.best:.3f}")
+        if stage == "instruct" and (run.step % opts.eval_every == 0 or run.step == opts.steps):
             scores = rec_scores(model, tokenizer, cfg, opts.held_out)
-            history.append({"step": step, **scores})
-            if scores["rec_iou"] > best:  # mean box IoU: steadier than accuracy on a few dozen expressions
-                best, best_state = scores["rec_iou"], clone_state(model)
-        if step % opts.ckpt_every == 0 or step == opts.steps:
-            checkpoint(finished=step == opts.steps)
+            run.history.append({"step": run.step, **scores})
+            run.keep_if_best(scores["rec_iou"])  # mean box IoU: steadier than accuracy on few expressions
+        if run.step % opts.ckpt_every == 0 or run.step == opts.steps:
+            run.save(finished=run.step == opts.steps)
     bar.close()
-    if best_state is not None and stage == "instruct":
-        model.load_state_dict(best_state)
-    n = max(1, len(log) // 10)
+    if run.best_state is not None and stage == "instruct":
+        model.load_state_dict(run.best_state)
+    n = max(1, len(run.log) // 10)
     return {
         "options": asdict(opts),
-        "steps_run": step,
-        "wall_s": round(time.perf_counter() - start, 1),
-        "first_loss": float(np.mean(log[:n])) if log else float("nan"),
-        "last_loss": float(np.mean(log[-n:])) if log else float("nan"),
-        "held_out": history,
-        **({"best_rec_iou": best} if stage == "instruct" else {}),
+        "steps_run": run.step,
+        "wall_s": round(run.wall, 1),
+        "first_loss": float(np.mean(run.log[:n])) if run.log else float("nan"),
+        "last_loss": float(np.mean(run.log[-n:])) if run.log else float("nan"),
+        "held_out": run.history,
+        **({"best_rec_iou": run.best} if stage == "instruct" else {}),
     }

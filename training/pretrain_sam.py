@@ -11,7 +11,6 @@ stage stops early when the point IoU has not improved for ``patience`` evaluatio
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from dataset.synthetic.pretrain import HELD_OUT_START, pretrain_scene
 from dataset.transforms import sam_geometry
 from model.losses import mask_losses
 from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-from training.pretrain_state import clone_state, cosine_lr, load_stage, save_stage
+from training.pretrain_state import StageRun, cosine_lr
 from utils.metrics import mask_iou_stats
 
 
@@ -179,41 +178,14 @@ def run_sam_stage(
     ckpt = work / "sam.pt"
     target = sam.image_encoder.img_size
     opt = torch.optim.AdamW(sam.parameters(), lr=opts.lr, weight_decay=0.0)
-    state = load_stage(ckpt)
-    step, log, history, best, best_state, wall = 0, [], [], -1.0, None, 0.0
-    if state is not None:
-        sam.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        step, log, history, best, wall = (
-            state["step"],
-            state["log"],
-            state["history"],
-            state["best"],
-            state["wall"],
-        )
-        best_state = state["best_model"]
-    done = state is not None and state.get("done", False)
+    run = StageRun(ckpt, {"model": sam}, opt)
     sam.train()
-    start = time.perf_counter() - wall
 
-    def checkpoint(finished: bool = False) -> None:
-        save_stage(
-            ckpt,
-            {
-                "model": sam.state_dict(),
-                "optim": opt.state_dict(),
-                "step": step,
-                "log": log,
-                "history": history,
-                "best": best,
-                "best_model": best_state or clone_state(sam),
-                "wall": time.perf_counter() - start,
-                "done": finished,
-            },
-        )
-
-    bar = tqdm(total=opts.steps, initial=step, desc="pretrain SAM", unit="step", disable=not progress or done)
-    while not done and step < opts.steps and step != stop_at:
+    bar = tqdm(
+        total=opts.steps, initial=run.step, desc="pretrain SAM", unit="step", disable=not progress or run.done
+    )
+    while not run.done and run.step < opts.steps and run.step != stop_at:
+        step = run.step
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, opts.steps, opts.lr, opts.warmup)
         items = []
@@ -226,29 +198,29 @@ def run_sam_stage(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append([loss.item(), iou])
-        step += 1
+        run.log.append([loss.item(), iou])
+        run.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{log[-1][0]:.3f}", iou=f"{iou:.3f}", best=f"{best:.3f}")
-        if step % opts.eval_every == 0 or step == opts.steps:
+        bar.set_postfix(loss=f"{run.log[-1][0]:.3f}", iou=f"{iou:.3f}", best=f"{run.best:.3f}")
+        if run.step % opts.eval_every == 0 or run.step == opts.steps:
             scores = held_out_scores(sam, cfg, opts.held_out)
-            history.append({"step": step, **scores})
-            if scores["point_iou"] > best:
-                best, best_state = scores["point_iou"], clone_state(sam)
-            best_at = max(range(len(history)), key=lambda i: history[i]["point_iou"])
-            done = len(history) - 1 - best_at >= opts.patience  # no gain in the last `patience` evaluations
-        if step % opts.ckpt_every == 0 or done or step == opts.steps:
-            checkpoint(finished=done or step == opts.steps)
+            run.history.append({"step": run.step, **scores})
+            run.keep_if_best(scores["point_iou"])
+            best_at = max(range(len(run.history)), key=lambda i: run.history[i]["point_iou"])
+            run.done = len(run.history) - 1 - best_at >= opts.patience  # no gain in `patience` evaluations
+        if run.step % opts.ckpt_every == 0 or run.done or run.step == opts.steps:
+            run.save(finished=run.done or run.step == opts.steps)
     bar.close()
-    if best_state is not None:
-        sam.load_state_dict(best_state)
+    if run.best_state is not None:
+        sam.load_state_dict(run.best_state)
     sam.eval()
+    log, history, best = run.log, run.history, run.best
     n = max(1, len(log) // 10)
     head, tail = log[:n], log[-n:]
     return {
         "options": asdict(opts),
-        "steps_run": step,
-        "wall_s": round(time.perf_counter() - start, 1),
+        "steps_run": run.step,
+        "wall_s": round(run.wall, 1),
         "first_loss": float(np.mean([v[0] for v in head])) if head else float("nan"),
         "last_loss": float(np.mean([v[0] for v in tail])) if tail else float("nan"),
         "first_train_iou": float(np.mean([v[1] for v in head])) if head else float("nan"),
