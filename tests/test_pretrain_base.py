@@ -29,7 +29,15 @@ from dataset.synthetic.pretrain import (
 from model.presets import get_preset
 from model.sam import build_sam, load_sam, sam_config
 from training.pretrain_base import main as pretrain_main
-from training.pretrain_llava import LlavaStageOptions, ScenePool, encode_batch, run_llava_stage, token_spec
+from training.pretrain_llava import (
+    LlavaStageOptions,
+    ScenePool,
+    encode_batch,
+    patch_loss,
+    patch_positions,
+    run_llava_stage,
+    token_spec,
+)
 from training.pretrain_sam import SamStageOptions, interior_point, run_sam_stage
 from training.tiny_base import new_llava, train_tiny_tokenizer
 
@@ -105,6 +113,57 @@ def test_vision_stage_learns_patch_content(tmp_path, one_torch_thread):
     assert rec["last_loss"] < 0.8 * rec["first_loss"]
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("vision_tower" in k for k in changed)  # only CLIP trains in this stage
+
+
+def test_patch_positions_are_the_row_major_patch_centres():
+    pos = patch_positions(4)
+    assert pos.shape == (16, 2)
+    assert torch.allclose(pos[0], torch.tensor([-0.75, -0.75])) and torch.allclose(
+        pos[1], torch.tensor([-0.25, -0.75])
+    )
+    assert torch.allclose(pos[4], torch.tensor([-0.75, -0.25])) and torch.allclose(
+        pos[15], torch.tensor([0.75, 0.75])
+    )
+
+
+def test_vision_stage_teaches_the_tokens_where_they_are(tmp_path, one_torch_thread):
+    """The position term: after the stage a linear read-out of each token gives its patch centre (a
+    content-only loss leaves x undecodable, so an LM with rotary positions could not ground)."""
+    pool, tok, model = _tiny_llava(tmp_path)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    x = pool.pixels[:8].float()
+
+    def position_error() -> float:  # least-squares read-out of (x, y) from the tokens LLaVA reads
+        with torch.no_grad():
+            hs = model.model.vision_tower(x, output_hidden_states=True).hidden_states
+            feats = hs[model.config.vision_feature_layer][:, 1:].reshape(-1, hs[-1].shape[-1])
+        a = torch.cat([feats, torch.ones(len(feats), 1)], 1)
+        target = patch_positions(grid).repeat(len(x), 1)
+        coef = torch.linalg.lstsq(a, target).solution
+        return float((a @ coef - target).pow(2).mean())
+
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, 9)
+    with torch.no_grad():  # the loss is content CE + weight x position MSE, checked by hand
+        hs = model.model.vision_tower(x, output_hidden_states=True).hidden_states
+        out = head(hs[model.config.vision_feature_layer][:, 1:])
+    targets = torch.full((8, grid * grid, 7), 1 / 7)
+    by_hand = (
+        -(targets * out[..., :7].log_softmax(-1)).sum(-1).mean()
+        + 2.0 * (out[..., 7:] - patch_positions(grid)).pow(2).mean()
+    )
+    with torch.no_grad():
+        assert torch.allclose(patch_loss(model, head, x, targets, position_weight=2.0), by_hand, atol=1e-5)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    errors = {}
+    for weight in (0.0, 1.0):  # content only, then content + position, from the same start
+        model.load_state_dict(state)
+        opts = LlavaStageOptions(steps=150, batch_size=8, lr=3e-3, warmup=5, position_weight=weight)
+        run_llava_stage(
+            "vision", model, tok, pool, SMALL, opts, tmp_path / f"v{weight}", seed=1, progress=False
+        )
+        errors[weight] = position_error()
+    assert errors[1.0] < 0.5 * errors[0.0]
 
 
 def test_interior_point_is_inside_and_deepest():
