@@ -240,8 +240,9 @@ def test_script_writes_the_real_formats_and_a_record(tmp_path):
     argv = ["--out", str(out), "--no_parallel", "--pool", "32", "--held_out", "2"]
     for stage in ("sam", "vision", "caption", "instruct"):
         argv += [f"--{stage}_steps", "2"]
-    argv += ["--sam_eval_every", "2", "--instruct_eval_every", "2"]
+    argv += ["--sam_eval_every", "2", "--instruct_eval_every", "2", "--vision_position_weight", "0.5"]
     record = pretrain_main(argv)
+    assert record["llava"]["vision"]["options"]["position_weight"] == 0.5  # the flag acts and is recorded
     llava = LlavaForConditionalGeneration.from_pretrained(out / "llava")
     assert llava.config.vision_config.image_size == 112 and llava.config.image_seq_length == 64
     assert (
@@ -256,8 +257,9 @@ def test_script_writes_the_real_formats_and_a_record(tmp_path):
     for key in ("commit", "threads", "wall_s_this_run"):
         assert key in saved
     assert saved["sam"]["steps_run"] == 2 and saved["llava"]["instruct"]["steps_run"] == 2
-    with pytest.raises(SystemExit):
-        pretrain_main(["--out", str(out), "--pool", "31"])
+    for bad in (["--pool", "31"], ["--vision_position_weight", "-1"]):
+        with pytest.raises(SystemExit):
+            pretrain_main(["--out", str(out), *bad])
 
 
 def test_shipped_base_is_small_loadable_and_recorded():

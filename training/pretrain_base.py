@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vision_steps", type=int, default=d.vision.steps, help="dense patch-content steps of CLIP"
     )
+    p.add_argument(
+        "--vision_position_weight",
+        type=float,
+        default=d.vision.position_weight,
+        help="weight of the vision stage's patch-position term (0: content only, the shipped base's recipe)",
+    )
     p.add_argument("--caption_steps", type=int, default=d.caption.steps)
     p.add_argument("--instruct_steps", type=int, default=d.instruct.steps)
     p.add_argument("--instruct_eval_every", type=int, default=d.instruct.eval_every)
@@ -212,6 +218,8 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
             raise ValueError(
                 f"--{name} must be {'>= 0' if name.endswith('_steps') else '>= 1'}, got {getattr(args, name)}"
             )
+    if not args.vision_position_weight >= 0:
+        raise ValueError(f"--vision_position_weight must be >= 0, got {args.vision_position_weight}")
     batch = max(PretrainOptions().vision.batch_size, PretrainOptions().instruct.batch_size)
     if args.pool < batch:
         raise ValueError(
@@ -223,7 +231,12 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
         threads=args.threads,
         parallel=not args.no_parallel,
         sam=SamStageOptions(steps=args.sam_steps, eval_every=args.sam_eval_every, held_out=args.held_out),
-        vision=LlavaStageOptions(steps=args.vision_steps, batch_size=32, held_out=args.held_out),
+        vision=LlavaStageOptions(
+            steps=args.vision_steps,
+            batch_size=32,
+            held_out=args.held_out,
+            position_weight=args.vision_position_weight,
+        ),
         caption=LlavaStageOptions(steps=args.caption_steps, held_out=args.held_out),
         instruct=LlavaStageOptions(
             steps=args.instruct_steps, eval_every=args.instruct_eval_every, held_out=args.held_out

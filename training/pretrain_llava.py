@@ -63,8 +63,10 @@ class LlavaStageOptions:
     eval_every: int = 500
     held_out: int = 64
     ckpt_every: int = 50
-    position_weight: float = 1.0
-    """Vision stage: weight of the patch-position term of :func:`patch_loss` (0: content only)."""
+    position_weight: float = 0.0
+    """Vision stage: weight of the patch-position term of :func:`patch_loss`. 0 (content only) is the
+    recipe of the shipped base; 1 makes every token's x position decodable (docs/RESULTS.md) but did not,
+    on its own, make the tiny LM ground within the shipped schedule."""
 
 
 @dataclass
@@ -191,7 +193,8 @@ def patch_loss(
 ) -> torch.Tensor:
     """The vision stage's loss on the patch features LLaVA reads (``vision_feature_layer``, CLS dropped):
     soft-target cross-entropy of the (category, colour) content, plus ``position_weight`` x the MSE of each
-    patch's own centre (x, y) in [-1, 1], read out by the same linear ``head`` (its last two outputs).
+    patch's own centre (x, y) in [-1, 1], read out by the same linear ``head`` (two outputs after the C
+    class logits; only needed when ``position_weight > 0``).
     ``pixels`` (B, 3, S, S), ``targets`` (B, P, C) label histograms.
 
     The position term is what a pretrained CLIP's tokens have and a content-only objective erases: with
@@ -201,10 +204,16 @@ def patch_loss(
     """
     out = model.model.vision_tower(pixels, output_hidden_states=True)
     feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
-    logits = head(feats)
-    content = -(targets * logits[..., :-2].log_softmax(-1)).sum(-1).mean()
+    logits, classes = head(feats), targets.shape[-1]
+    content = -(targets * logits[..., :classes].log_softmax(-1)).sum(-1).mean()
+    if position_weight == 0:
+        return content
+    if logits.shape[-1] != classes + 2:
+        raise ValueError(f"the position term needs a head with {classes} + 2 outputs, got {logits.shape[-1]}")
     grid = round(feats.shape[1] ** 0.5)
-    where = torch.nn.functional.mse_loss(logits[..., -2:], patch_positions(grid).expand_as(logits[..., -2:]))
+    where = torch.nn.functional.mse_loss(
+        logits[..., classes:], patch_positions(grid).expand_as(logits[..., classes:])
+    )
     return content + position_weight * where
 
 
@@ -230,7 +239,8 @@ def run_llava_stage(
     ckpt = work / f"{stage}.pt"
     spec = token_spec(tokenizer, model.config.image_seq_length)
     torch.manual_seed(seed)
-    head = torch.nn.Linear(model.config.vision_config.hidden_size, NUM_PATCH_CLASSES + 2)  # vision stage only
+    outputs = NUM_PATCH_CLASSES + (2 if opts.position_weight > 0 else 0)  # classes (+ the patch's x, y)
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, outputs)  # vision stage only
     params = (
         [*model.model.vision_tower.parameters(), *head.parameters()]
         if stage == "vision"
