@@ -155,15 +155,21 @@ def test_vision_stage_teaches_the_tokens_where_they_are(tmp_path, one_torch_thre
         assert torch.allclose(patch_loss(model, head, x, targets, position_weight=2.0), by_hand, atol=1e-5)
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    errors = {}
+    errors, held_out = {}, {}
     for weight in (0.0, 1.0):  # content only, then content + position, from the same start
         model.load_state_dict(state)
-        opts = LlavaStageOptions(steps=150, batch_size=8, lr=3e-3, warmup=5, position_weight=weight)
-        run_llava_stage(
+        opts = LlavaStageOptions(
+            steps=150, batch_size=8, lr=3e-3, warmup=5, position_weight=weight, held_out=16
+        )
+        rec = run_llava_stage(
             "vision", model, tok, pool, SMALL, opts, tmp_path / f"v{weight}", seed=1, progress=False
         )
         errors[weight] = position_error()
+        (held_out[weight],) = rec["held_out"]  # the record's held-out read-out of the same thing
+        assert held_out[weight]["step"] == 150
     assert errors[1.0] < 0.5 * errors[0.0]
+    assert held_out[1.0]["position_r2_x"] > held_out[0.0]["position_r2_x"] + 0.2
+    assert held_out[1.0]["position_r2_x"] <= 1.0
 
 
 def test_interior_point_is_inside_and_deepest():

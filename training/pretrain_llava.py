@@ -184,6 +184,24 @@ def patch_positions(grid: int) -> torch.Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
 
 
+@torch.no_grad()
+def position_r2(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> dict[str, float]:
+    """How well a linear read-out of the tokens LLaVA reads gives their own patch centre: least squares
+    fitted on the first half of ``pixels`` (N, 3, S, S), R^2 of x and y on the second half (1: exact,
+    <= 0: no better than the mean). A pretrained CLIP's tokens know where they are; a rotary-position LM
+    can only ground through this, since its positions never reach the values it reads."""
+    out = model.model.vision_tower(pixels.float(), output_hidden_states=True)
+    feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    n, p, _ = feats.shape
+    pos = patch_positions(round(p**0.5)).expand(n, p, 2)
+    a = torch.cat([feats, torch.ones(n, p, 1)], -1)
+    half = max(1, n // 2)
+    coef = torch.linalg.lstsq(a[:half].reshape(-1, a.shape[-1]), pos[:half].reshape(-1, 2)).solution
+    pred, true = a[half:].reshape(-1, a.shape[-1]) @ coef, pos[half:].reshape(-1, 2)
+    r2 = 1 - (pred - true).pow(2).sum(0) / (true - true.mean(0)).pow(2).sum(0)
+    return {"position_r2_x": float(r2[0]), "position_r2_y": float(r2[1])}
+
+
 def patch_loss(
     model: LlavaForConditionalGeneration,
     head: torch.nn.Module,
@@ -286,6 +304,15 @@ def run_llava_stage(
         if run.step % opts.ckpt_every == 0 or run.step == opts.steps:
             run.save(finished=run.step == opts.steps)
     bar.close()
+    if stage == "vision":  # held-out: do the tokens still know where they are?
+        held = ScenePool.render(
+            range(HELD_OUT_START, HELD_OUT_START + opts.held_out),
+            cfg,
+            pool.pixels.shape[-1],
+            model.config.vision_config.patch_size,
+            progress=False,
+        )
+        run.history = [{"step": run.step, **position_r2(model, held.pixels)}]
     if run.best_state is not None and stage == "instruct":
         model.load_state_dict(run.best_state)
     n = max(1, len(run.log) // 10)
