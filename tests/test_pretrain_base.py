@@ -50,6 +50,19 @@ def test_box_text_is_llava_rec_format_and_round_trips():
     assert box_text((16, 12, 48, 36), 48, 64) == "[0.25, 0.25, 0.75, 0.75]"
     assert box_text((-3, 0, 70, 48), 48, 64) == "[0.00, 0.00, 1.00, 1.00]"  # clipped to the image
     assert parse_box("it is [0.25, 0.10, 0.75, 0.90]</s>") == (0.25, 0.10, 0.75, 0.90)
+    # a coarse grid: grown outwards to the 0.1 grid, still covering the box
+    assert box_text((16, 12, 48, 36), 48, 64, step=0.1) == "[0.20, 0.20, 0.80, 0.80]"
+    assert box_text((10, 5, 20, 30), 48, 64, step=0.1) == "[0.10, 0.10, 0.40, 0.70]"
+    assert box_text((12.8, 24, 51.2, 48), 48, 64, step=0.1) == "[0.20, 0.50, 0.80, 1.00]"  # on the grid
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x0, y0 = rng.uniform(0, 60), rng.uniform(0, 44)
+        box = (x0, y0, x0 + rng.uniform(1, 64 - x0), y0 + rng.uniform(1, 48 - y0))
+        fine, coarse = parse_box(box_text(box, 48, 64)), parse_box(box_text(box, 48, 64, step=0.1))
+        assert all(abs(v * 10 - round(v * 10)) < 1e-9 for v in coarse)
+        assert coarse[0] <= fine[0] + 0.005 and coarse[1] <= fine[1] + 0.005  # grown, never shrunk
+        assert coarse[2] >= fine[2] - 0.005 and coarse[3] >= fine[3] - 0.005
+        assert coarse[2] - coarse[0] <= fine[2] - fine[0] + 0.2 + 0.01  # by less than one cell a side
     assert (
         parse_box("[0.1, 0.2, 0.3]") is None
         and parse_box("no box") is None
@@ -195,6 +208,25 @@ def test_encode_batch_labels_only_the_answer(tmp_path):
     first = enc["labels"][0][enc["labels"][0] != -100]
     assert tok.decode(first, skip_special_tokens=True).strip() == "a red pole."
     assert enc["attention_mask"][1].sum() < enc["attention_mask"][0].sum()  # padded row
+    # expression first: the same answer labels, the image placeholders after the question's words
+    late = encode_batch(tok, spec, [("Describe the image briefly.", "a red pole.")], image_first=False)
+    assert torch.equal(late["labels"][late["labels"] != -100], first)
+    row = late["input_ids"][0].tolist()
+    question = tok("Describe the image briefly.", add_special_tokens=False).input_ids
+    image_at = row.index(image_id)
+    words = [row[i : i + len(question)] for i in range(image_at - len(question) + 1)]
+    assert row.count(image_id) == 16 and question in words  # every word of the question comes first
+
+
+def test_frozen_clip_stays_put_in_the_llava_stages(tmp_path, one_torch_thread):
+    pool, tok, model = _tiny_llava(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opts = LlavaStageOptions(steps=6, batch_size=4, warmup=1, train_vision=False, image_first=False)
+    run_llava_stage("caption", model, tok, pool, SMALL, opts, tmp_path / "c", seed=1, progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and not any("vision_tower" in k for k in changed)  # the LM and projector train
+    assert any("multi_modal_projector" in k for k in changed)
+    assert all(p.requires_grad for p in model.parameters())  # restored after the stage
 
 
 def test_llava_stage_learns_and_resumes_exactly(tmp_path, one_torch_thread):
@@ -247,8 +279,12 @@ def test_script_writes_the_real_formats_and_a_record(tmp_path):
     for stage in ("sam", "vision", "caption", "instruct"):
         argv += [f"--{stage}_steps", "2"]
     argv += ["--sam_eval_every", "2", "--instruct_eval_every", "2", "--vision_position_weight", "0.5"]
+    argv += ["--freeze_clip", "--expression_first", "--box_step", "0.1"]
     record = pretrain_main(argv)
-    assert record["llava"]["vision"]["options"]["position_weight"] == 0.5  # the flag acts and is recorded
+    options = {stage: record["llava"][stage]["options"] for stage in ("vision", "caption", "instruct")}
+    assert options["vision"]["position_weight"] == 0.5  # the flags act and are recorded
+    assert not options["caption"]["train_vision"] and not options["instruct"]["image_first"]
+    assert options["instruct"]["box_step"] == 0.1
     llava = LlavaForConditionalGeneration.from_pretrained(out / "llava")
     assert llava.config.vision_config.image_size == 112 and llava.config.image_seq_length == 64
     assert (
@@ -263,7 +299,12 @@ def test_script_writes_the_real_formats_and_a_record(tmp_path):
     for key in ("commit", "threads", "wall_s_this_run"):
         assert key in saved
     assert saved["sam"]["steps_run"] == 2 and saved["llava"]["instruct"]["steps_run"] == 2
-    for bad in (["--pool", "31"], ["--vision_position_weight", "-1"]):
+    for bad in (
+        ["--pool", "31"],
+        ["--vision_position_weight", "-1"],
+        ["--box_step", "0.3"],
+        ["--box_step", "0"],
+    ):
         with pytest.raises(SystemExit):
             pretrain_main(["--out", str(out), *bad])
 

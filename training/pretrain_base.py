@@ -126,7 +126,9 @@ def llava_job(out: Path, opts: PretrainOptions, progress: bool) -> dict[str, Any
     for stage in STAGES:
         stage_opts = getattr(opts, stage)
         records[stage] = run_llava_stage(stage, model, tok, pool, cfg, stage_opts, work, opts.seed, progress)
-    records["final_held_out"] = rec_scores(model, tok, cfg, opts.instruct.held_out)
+    records["final_held_out"] = rec_scores(
+        model, tok, cfg, opts.instruct.held_out, image_first=opts.instruct.image_first
+    )
     save_llava(model, tok, out / "llava")
     return records
 
@@ -195,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.vision.position_weight,
         help="weight of the vision stage's patch-position term (0: content only, the shipped base's recipe)",
     )
+    p.add_argument(
+        "--freeze_clip",
+        action="store_true",
+        help="freeze the vision tower in the caption and instruct stages (as LLaVA does; keeps its positions)",
+    )
+    p.add_argument(
+        "--expression_first",
+        action="store_true",
+        help="caption / instruct prompts put <image> after the question (LLaVA's order: before it)",
+    )
+    p.add_argument(
+        "--box_step",
+        type=float,
+        default=d.instruct.box_step,
+        help="grid of the REC/REG box coordinates: 0.01 (LLaVA-1.5's 2 decimals) or 1/n, e.g. 0.1 (grown outwards)",
+    )
     p.add_argument("--caption_steps", type=int, default=d.caption.steps)
     p.add_argument("--instruct_steps", type=int, default=d.instruct.steps)
     p.add_argument("--instruct_eval_every", type=int, default=d.instruct.eval_every)
@@ -220,6 +238,12 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
             )
     if not args.vision_position_weight >= 0:
         raise ValueError(f"--vision_position_weight must be >= 0, got {args.vision_position_weight}")
+    n = round(1 / args.box_step) if args.box_step > 0 else 0
+    if not (2 <= n <= 100 and abs(n * args.box_step - 1) < 1e-6):
+        raise ValueError(
+            f"--box_step must be 1/n for an integer n in 2..100 (0.01, 0.1, ...), got {args.box_step}"
+        )
+    llava = {"train_vision": not args.freeze_clip, "image_first": not args.expression_first}
     batch = max(PretrainOptions().vision.batch_size, PretrainOptions().instruct.batch_size)
     if args.pool < batch:
         raise ValueError(
@@ -237,9 +261,13 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
             held_out=args.held_out,
             position_weight=args.vision_position_weight,
         ),
-        caption=LlavaStageOptions(steps=args.caption_steps, held_out=args.held_out),
+        caption=LlavaStageOptions(steps=args.caption_steps, held_out=args.held_out, **llava),
         instruct=LlavaStageOptions(
-            steps=args.instruct_steps, eval_every=args.instruct_eval_every, held_out=args.held_out
+            steps=args.instruct_steps,
+            eval_every=args.instruct_eval_every,
+            held_out=args.held_out,
+            box_step=args.box_step,
+            **llava,
         ),
     )
 

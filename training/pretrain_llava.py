@@ -20,7 +20,10 @@ Held-out score: greedy-decoded REC boxes on held-out scenes, accuracy at box IoU
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,13 @@ class LlavaStageOptions:
     """Vision stage: weight of the patch-position term of :func:`patch_loss`. 0 (content only) is the
     recipe of the shipped base; 1 makes every token's x position decodable (docs/RESULTS.md) but did not,
     on its own, make the tiny LM ground within the shipped schedule."""
+    train_vision: bool = True
+    """Caption / instruct: train the vision tower with the LM (the shipped recipe). False freezes it, as
+    LLaVA does; that keeps the position the vision stage taught (docs/RESULTS.md, the REC probes)."""
+    image_first: bool = True
+    """Caption / instruct: ``<image>`` before the question (LLaVA's order); False puts it after."""
+    box_step: float = 0.01
+    """Instruct: grid of the box coordinates (0.01: LLaVA-1.5's 2 decimals; 0.1: 11 values, grown outwards)."""
 
 
 @dataclass
@@ -114,14 +124,16 @@ def token_spec(tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Tok
 
 
 def encode_batch(
-    tokenizer: PreTrainedTokenizerBase, spec: TokenSpec, pairs: list[tuple[str, str | None]]
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TokenSpec,
+    pairs: list[tuple[str, str | None]],
+    image_first: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` (B, L) for (question, answer) pairs
-    (``answer=None``: a generation prompt, no labels)."""
-    rows = [
-        encode_conversation(tokenizer, render_segments("llava_v1", [(f"{IMAGE_TOKEN}\n{q}", a)]), spec)
-        for q, a in pairs
-    ]
+    (``answer=None``: a generation prompt, no labels); the image placeholder goes before the question
+    (``image_first``, LLaVA's order) or after it."""
+    turns = [(f"{IMAGE_TOKEN}\n{q}" if image_first else f"{q}\n{IMAGE_TOKEN}", a) for q, a in pairs]
+    rows = [encode_conversation(tokenizer, render_segments("llava_v1", [t]), spec) for t in turns]
     length = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), length), spec.pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
@@ -140,9 +152,11 @@ def rec_scores(
     cfg: SyntheticConfig,
     count: int,
     max_new_tokens: int = 24,
+    image_first: bool = True,
 ) -> dict[str, float]:
-    """Greedy REC on ``count`` held-out scenes (one expression each): ``rec_acc`` (box IoU >= 0.5),
-    ``rec_iou`` (mean box IoU; 0 when no box could be parsed) and ``parsed`` (share of parseable answers)."""
+    """Greedy REC on ``count`` held-out scenes (one expression each), asked in the prompt order the model
+    was trained with: ``rec_acc`` (box IoU >= 0.5), ``rec_iou`` (mean box IoU; 0 when no box could be
+    parsed) and ``parsed`` (share of parseable answers)."""
     model.eval()
     size = model.config.vision_config.image_size
     spec = token_spec(tokenizer, model.config.image_seq_length)
@@ -153,7 +167,7 @@ def rec_scores(
         if not scene.expressions:
             continue
         obj, sent = scene.expressions[k % len(scene.expressions)]
-        enc = encode_batch(tokenizer, spec, [(REC_QUESTIONS[0].format(expr=sent), None)])
+        enc = encode_batch(tokenizer, spec, [(REC_QUESTIONS[0].format(expr=sent), None)], image_first)
         out = model.generate(
             input_ids=enc["input_ids"],
             attention_mask=enc["attention_mask"],
@@ -235,6 +249,16 @@ def patch_loss(
     return content + position_weight * where
 
 
+@contextmanager
+def _trainable(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """``module``'s parameters require grad as ``enabled`` says inside the block, and again after it."""
+    module.requires_grad_(enabled)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
+
+
 def run_llava_stage(
     stage: str,
     model: LlavaForConditionalGeneration,
@@ -267,61 +291,64 @@ def run_llava_stage(
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     run = StageRun(ckpt, {"model": model, "head": head}, opt)
     model.train()
-    make_pair = caption_pair if stage == "caption" else grounding_pair
-    stage_id = STAGES.index(stage) + 2 if stage != "vision" else 5
+    frozen = stage != "vision" and not opts.train_vision  # frozen: no gradient, AdamW skips it
+    with _trainable(model.model.vision_tower, not frozen):
+        make_pair = caption_pair if stage == "caption" else partial(grounding_pair, box_step=opts.box_step)
+        stage_id = STAGES.index(stage) + 2 if stage != "vision" else 5
 
-    bar = tqdm(
-        total=opts.steps,
-        initial=run.step,
-        desc=f"pretrain LLaVA ({stage})",
-        unit="step",
-        disable=not progress,
-    )
-    while run.step < opts.steps and run.step != stop_at:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(run.step, opts.steps, opts.lr, opts.warmup)
-        rng = np.random.default_rng([seed, stage_id, run.step])
-        idx = rng.choice(len(pool.scenes), size=opts.batch_size, replace=False)
-        if stage == "vision":
-            loss = patch_loss(
-                model, head, pool.pixels[idx].float(), pool.targets[idx].float(), opts.position_weight
-            )
-        else:
-            enc = encode_batch(tokenizer, spec, [make_pair(pool.scenes[i], rng) for i in idx])
-            loss = model(pixel_values=pool.pixels[idx].float(), **enc).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        run.log.append(loss.item())
-        run.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{run.log[-1]:.3f}", best=f"{run.best:.3f}")
-        if stage == "instruct" and (run.step % opts.eval_every == 0 or run.step == opts.steps):
-            scores = rec_scores(model, tokenizer, cfg, opts.held_out)
-            run.history.append({"step": run.step, **scores})
-            run.keep_if_best(scores["rec_iou"])  # mean box IoU: steadier than accuracy on few expressions
-        if run.step % opts.ckpt_every == 0 or run.step == opts.steps:
-            run.save(finished=run.step == opts.steps)
-    bar.close()
-    if stage == "vision":  # held-out: do the tokens still know where they are?
-        held = ScenePool.render(
-            range(HELD_OUT_START, HELD_OUT_START + opts.held_out),
-            cfg,
-            pool.pixels.shape[-1],
-            model.config.vision_config.patch_size,
-            progress=False,
+        bar = tqdm(
+            total=opts.steps,
+            initial=run.step,
+            desc=f"pretrain LLaVA ({stage})",
+            unit="step",
+            disable=not progress,
         )
-        run.history = [{"step": run.step, **position_r2(model, held.pixels)}]
-    if run.best_state is not None and stage == "instruct":
-        model.load_state_dict(run.best_state)
-    n = max(1, len(run.log) // 10)
-    return {
-        "options": asdict(opts),
-        "steps_run": run.step,
-        "wall_s": round(run.wall, 1),
-        "first_loss": float(np.mean(run.log[:n])) if run.log else float("nan"),
-        "last_loss": float(np.mean(run.log[-n:])) if run.log else float("nan"),
-        "held_out": run.history,
-        **({"best_rec_iou": run.best} if stage == "instruct" else {}),
-    }
+        while run.step < opts.steps and run.step != stop_at:
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(run.step, opts.steps, opts.lr, opts.warmup)
+            rng = np.random.default_rng([seed, stage_id, run.step])
+            idx = rng.choice(len(pool.scenes), size=opts.batch_size, replace=False)
+            if stage == "vision":
+                loss = patch_loss(
+                    model, head, pool.pixels[idx].float(), pool.targets[idx].float(), opts.position_weight
+                )
+            else:
+                pairs = [make_pair(pool.scenes[i], rng) for i in idx]
+                enc = encode_batch(tokenizer, spec, pairs, opts.image_first)
+                loss = model(pixel_values=pool.pixels[idx].float(), **enc).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            run.log.append(loss.item())
+            run.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.log[-1]:.3f}", best=f"{run.best:.3f}")
+            if stage == "instruct" and (run.step % opts.eval_every == 0 or run.step == opts.steps):
+                scores = rec_scores(model, tokenizer, cfg, opts.held_out, image_first=opts.image_first)
+                run.history.append({"step": run.step, **scores})
+                run.keep_if_best(scores["rec_iou"])  # mean box IoU: steadier than accuracy on few expressions
+            if run.step % opts.ckpt_every == 0 or run.step == opts.steps:
+                run.save(finished=run.step == opts.steps)
+        bar.close()
+        if stage == "vision":  # held-out: do the tokens still know where they are?
+            held = ScenePool.render(
+                range(HELD_OUT_START, HELD_OUT_START + opts.held_out),
+                cfg,
+                pool.pixels.shape[-1],
+                model.config.vision_config.patch_size,
+                progress=False,
+            )
+            run.history = [{"step": run.step, **position_r2(model, held.pixels)}]
+        if run.best_state is not None and stage == "instruct":
+            model.load_state_dict(run.best_state)
+        n = max(1, len(run.log) // 10)
+        return {
+            "options": asdict(opts),
+            "steps_run": run.step,
+            "wall_s": round(run.wall, 1),
+            "first_loss": float(np.mean(run.log[:n])) if run.log else float("nan"),
+            "last_loss": float(np.mean(run.log[-n:])) if run.log else float("nan"),
+            "held_out": run.history,
+            **({"best_rec_iou": run.best} if stage == "instruct" else {}),
+        }

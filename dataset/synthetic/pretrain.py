@@ -107,11 +107,19 @@ def label_map(scene: PretrainScene) -> np.ndarray:
     return out
 
 
-def box_text(box: np.ndarray | tuple[float, ...], height: int, width: int) -> str:
-    """``[x0, y0, x1, y1]`` of an xyxy pixel box, normalised to the image and rounded to 2 decimals."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    vals = (x0 / width, y0 / height, x1 / width, y1 / height)
-    return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in vals) + "]"
+def box_text(box: np.ndarray | tuple[float, ...], height: int, width: int, step: float = 0.01) -> str:
+    """``[x0, y0, x1, y1]`` of an xyxy pixel box, normalised to the image, written with 2 decimals.
+
+    ``step`` 0.01 is LLaVA-1.5's format (each coordinate rounded). A coarser ``step`` (e.g. 0.1, 11 values a
+    coordinate) puts the box on that grid *grown outwards* (x0, y0 floored, x1, y1 ceiled), so that it
+    still covers the object.
+    """
+    x0, y0, x1, y1 = (min(max(float(v) / s, 0.0), 1.0) for v, s in zip(box, (width, height, width, height)))
+    if step != 0.01:
+        n = round(1 / step)
+        x0, y0 = (np.floor(v * n + 1e-6) / n for v in (x0, y0))
+        x1, y1 = (np.ceil(v * n - 1e-6) / n for v in (x1, y1))
+    return "[" + ", ".join(f"{v:.2f}" for v in (x0, y0, x1, y1)) + "]"
 
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
@@ -145,18 +153,21 @@ def caption_pair(scene: PretrainScene, rng: np.random.Generator) -> tuple[str, s
     return CAPTION_QUESTIONS[int(rng.integers(len(CAPTION_QUESTIONS)))], caption(scene)
 
 
-def grounding_pair(scene: PretrainScene, rng: np.random.Generator) -> tuple[str, str]:
+def grounding_pair(scene: PretrainScene, rng: np.random.Generator, box_step: float = 0.01) -> tuple[str, str]:
     """Stage-2 (instruction tuning) sample: REC (expression -> box) most of the time, else REG
-    (box -> name) or the left-to-right object list. Falls back to the list when no expression exists."""
+    (box -> name) or the left-to-right object list. Falls back to the list when no expression exists.
+    Boxes are written on the grid ``box_step`` (see :func:`box_text`)."""
     h, w = scene.image.shape[:2]
     kind = rng.random()
     if scene.expressions and kind < 0.7:
         k, sent = scene.expressions[int(rng.integers(len(scene.expressions)))]
         q = REC_QUESTIONS[int(rng.integers(len(REC_QUESTIONS)))].format(expr=sent)
-        return q, box_text(scene.boxes[k], h, w)
+        return q, box_text(scene.boxes[k], h, w, box_step)
     if len(scene.names) and kind < 0.85:
         k = int(rng.integers(len(scene.names)))
-        q = REG_QUESTIONS[int(rng.integers(len(REG_QUESTIONS)))].format(box=box_text(scene.boxes[k], h, w))
+        q = REG_QUESTIONS[int(rng.integers(len(REG_QUESTIONS)))].format(
+            box=box_text(scene.boxes[k], h, w, box_step)
+        )
         return q, f"the {scene.names[k]}."
     return LIST_QUESTIONS[int(rng.integers(len(LIST_QUESTIONS)))], _listing(scene)
 
