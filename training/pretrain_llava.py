@@ -12,8 +12,10 @@ miniature.
 
 The last two train the HF ``LlavaForConditionalGeneration`` on the answer tokens only (the project's own
 conversation template and placeholder expansion, as fine-tuning uses them). In miniature there is no
-contrastive CLIP and no text-pretrained LM to start from, so the vision tower and the LM train in both
-LLaVA stages (LLaVA freezes CLIP and, in stage 1, the LM). Samples come from a pool of pretraining scenes
+contrastive CLIP and no text-pretrained LM to start from, so in the shipped recipe the vision tower and
+the LM train in both LLaVA stages (LLaVA freezes CLIP and, in stage 1, the LM). The options of
+:class:`LlavaStageOptions` give the recipe that grounds better (docs/RESULTS.md): a position term in the
+vision stage, CLIP frozen afterwards, the expression before the image, coarse boxes. Samples come from a pool of pretraining scenes
 rendered once; batches are a function of ``(seed, stage, step)`` so a resumed stage continues exactly.
 Held-out score: greedy-decoded REC boxes on held-out scenes, accuracy at box IoU >= 0.5 and mean IoU.
 """
