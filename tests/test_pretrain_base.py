@@ -32,6 +32,7 @@ from training.pretrain_base import main as pretrain_main
 from training.pretrain_llava import (
     LlavaStageOptions,
     ScenePool,
+    clip_tokens,
     encode_batch,
     patch_loss,
     patch_positions,
@@ -148,8 +149,7 @@ def test_vision_stage_teaches_the_tokens_where_they_are(tmp_path, one_torch_thre
 
     def position_error() -> float:  # least-squares read-out of (x, y) from the tokens LLaVA reads
         with torch.no_grad():
-            hs = model.model.vision_tower(x, output_hidden_states=True).hidden_states
-            feats = hs[model.config.vision_feature_layer][:, 1:].reshape(-1, hs[-1].shape[-1])
+            feats = clip_tokens(model, x).flatten(0, 1)
         a = torch.cat([feats, torch.ones(len(feats), 1)], 1)
         target = patch_positions(grid).repeat(len(x), 1)
         coef = torch.linalg.lstsq(a, target).solution
@@ -157,8 +157,7 @@ def test_vision_stage_teaches_the_tokens_where_they_are(tmp_path, one_torch_thre
 
     head = torch.nn.Linear(model.config.vision_config.hidden_size, 9)
     with torch.no_grad():  # the loss is content CE + weight x position MSE, checked by hand
-        hs = model.model.vision_tower(x, output_hidden_states=True).hidden_states
-        out = head(hs[model.config.vision_feature_layer][:, 1:])
+        out = head(clip_tokens(model, x))
     targets = torch.full((8, grid * grid, 7), 1 / 7)
     by_hand = (
         -(targets * out[..., :7].log_softmax(-1)).sum(-1).mean()

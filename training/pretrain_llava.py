@@ -15,8 +15,8 @@ conversation template and placeholder expansion, as fine-tuning uses them). In m
 contrastive CLIP and no text-pretrained LM to start from, so in the shipped recipe the vision tower and
 the LM train in both LLaVA stages (LLaVA freezes CLIP and, in stage 1, the LM). The options of
 :class:`LlavaStageOptions` give the recipe that grounds better (docs/RESULTS.md): a position term in the
-vision stage, CLIP frozen afterwards, the expression before the image, coarse boxes. Samples come from a pool of pretraining scenes
-rendered once; batches are a function of ``(seed, stage, step)`` so a resumed stage continues exactly.
+vision stage, CLIP frozen afterwards, the expression before the image, coarse boxes. Samples come from a
+pool of pretraining scenes rendered once; batches are a function of ``(seed, stage, step)`` so a resumed stage continues exactly.
 Held-out score: greedy-decoded REC boxes on held-out scenes, accuracy at box IoU >= 0.5 and mean IoU.
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -193,11 +193,19 @@ def rec_scores(
     }
 
 
+@lru_cache(maxsize=8)
 def patch_positions(grid: int) -> torch.Tensor:
-    """(grid * grid, 2) centre (x, y) of every CLIP patch in row-major order, in [-1, 1]."""
+    """(grid * grid, 2) centre (x, y) of every CLIP patch in row-major order, in [-1, 1] (built once per
+    grid; read-only)."""
     c = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
     ys, xs = torch.meshgrid(c, c, indexing="ij")
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+
+
+def clip_tokens(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, P, D) patch features LLaVA reads (``vision_feature_layer``, CLS dropped) of ``pixels`` (B, 3, S, S)."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
 @torch.no_grad()
@@ -206,8 +214,7 @@ def position_r2(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> d
     fitted on the first half of ``pixels`` (N, 3, S, S), R^2 of x and y on the second half (1: exact,
     <= 0: no better than the mean). A pretrained CLIP's tokens know where they are; a rotary-position LM
     can only ground through this, since its positions never reach the values it reads."""
-    out = model.model.vision_tower(pixels.float(), output_hidden_states=True)
-    feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    feats = clip_tokens(model, pixels.float())
     n, p, _ = feats.shape
     pos = patch_positions(round(p**0.5)).expand(n, p, 2)
     a = torch.cat([feats, torch.ones(n, p, 1)], -1)
@@ -223,7 +230,7 @@ def patch_loss(
     head: torch.nn.Module,
     pixels: torch.Tensor,
     targets: torch.Tensor,
-    position_weight: float = 1.0,
+    position_weight: float = 0.0,
 ) -> torch.Tensor:
     """The vision stage's loss on the patch features LLaVA reads (``vision_feature_layer``, CLS dropped):
     soft-target cross-entropy of the (category, colour) content, plus ``position_weight`` x the MSE of each
@@ -236,8 +243,7 @@ def patch_loss(
     positions are rotary (they rotate queries and keys, never values) cannot read where the token it
     attends to is, so it cannot ground.
     """
-    out = model.model.vision_tower(pixels, output_hidden_states=True)
-    feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    feats = clip_tokens(model, pixels)
     logits, classes = head(feats), targets.shape[-1]
     content = -(targets * logits[..., :classes].log_softmax(-1)).sum(-1).mean()
     if position_weight == 0:
