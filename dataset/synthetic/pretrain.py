@@ -19,6 +19,7 @@ from dataset.synthetic.config import SyntheticConfig
 from dataset.synthetic.expressions import SceneObject, candidate_expressions
 from dataset.synthetic.generator import render_scene
 from dataset.synthetic.shapes import CATEGORIES, PALETTE
+from utils.boxes import grid_box
 
 PRETRAIN_SEED = 1_000_003
 """Generator seed of the pretraining scenes (the benchmark uses ``--seed`` 0 by default; any seed other
@@ -108,18 +109,9 @@ def label_map(scene: PretrainScene) -> np.ndarray:
 
 
 def box_text(box: np.ndarray | tuple[float, ...], height: int, width: int, step: float = 0.01) -> str:
-    """``[x0, y0, x1, y1]`` of an xyxy pixel box, normalised to the image, written with 2 decimals.
-
-    ``step`` 0.01 is LLaVA-1.5's format (each coordinate rounded). A coarser ``step`` (e.g. 0.1, 11 values a
-    coordinate) puts the box on that grid *grown outwards* (x0, y0 floored, x1, y1 ceiled), so that it
-    still covers the object.
-    """
-    x0, y0, x1, y1 = (min(max(float(v) / s, 0.0), 1.0) for v, s in zip(box, (width, height, width, height)))
-    if step != 0.01:
-        n = round(1 / step)
-        x0, y0 = (np.floor(v * n + 1e-6) / n for v in (x0, y0))
-        x1, y1 = (np.ceil(v * n - 1e-6) / n for v in (x1, y1))
-    return "[" + ", ".join(f"{v:.2f}" for v in (x0, y0, x1, y1)) + "]"
+    """``[x0, y0, x1, y1]`` of an xyxy pixel box, normalised to the image, written with 2 decimals; ``step``
+    as in :func:`utils.boxes.grid_box` (0.01: LLaVA-1.5's format; coarser: on that grid, grown outwards)."""
+    return "[" + ", ".join(f"{v:.2f}" for v in grid_box(box, height, width, step)) + "]"
 
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
