@@ -33,7 +33,7 @@ from training.baselines import baseline_metrics, summary_line
 from training.checkpoint import atomic_write_text
 from training.config import given_fields, model_options, parse_args, trainable_options
 from training.engine import build_engine
-from training.evaluate import evaluate
+from training.evaluate import check_protocol, evaluate
 from training.features import prepare_feature_cache
 from training.loaders import build_train_loader, build_val_loader, prepare_estimated_disparity, val_scenes
 from training.preflight import preflight
@@ -100,6 +100,7 @@ def run_eval_only(
     model, tokenizer = build_lfllm(
         args.version, args.vision_pretrained, model_options(args), DTYPES[args.precision], given=_given(args)
     )
+    check_protocol(model.config, args.eval_protocol)
     model.to(dist_info.device)
     prepare_disparity(args, model.config, dist_info, train=False)
     store = prepare_feature_cache(args, model, tokenizer, dist_info, train=False, val=True)
@@ -134,6 +135,8 @@ def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, l
     model, tokenizer = build_lfllm(
         args.version, args.vision_pretrained, m_opts, DTYPES[args.precision], given=_given(args)
     )
+    if not args.no_eval:
+        check_protocol(model.config, args.eval_protocol)  # before any training step
     engine, ds_config = build_engine(model, args, t_opts, on_cpu=dist_info.device.type == "cpu")
     logger.write_run_files(args, ds_config)
     config = unwrap(engine.module).config

@@ -1,14 +1,19 @@
 """The one source of question/answer templates and placeholder tokens (train, eval and chat use these).
 
-A question reads ``<depth>\\n<image>\\n`` + a request that names the expression: the depth placeholder
-comes before the image placeholder, both are single special tokens that the collator expands to the
-real number of visual tokens. The answer contains one ``[SEG]`` per requested mask.
+A question reads ``<depth>\\n<image>\\n`` + a request that names the expression (``image_first``, LLaVA's
+order), or the request then ``\\n<depth>\\n<image>`` (``expression_first``, for a base pretrained so: a
+causal LM's image tokens can then attend to the expression). The depth placeholder comes before the image
+placeholder; both are single special tokens that the collator expands to the real number of visual
+tokens. The answer contains one ``[SEG]`` per requested mask; with ``answer_box`` it first states the
+target's box (``[x0, y0, x1, y1]`` on a 0.1 grid, the pretraining's REC format), so ``[SEG]`` follows the
+location the LM has just written.
 """
 
 from __future__ import annotations
 
 import random
 
+from utils.conversation import PROMPT_ORDERS
 from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 
 QUESTION_TEMPLATES: tuple[str, ...] = (
@@ -24,8 +29,16 @@ ANSWER_TEMPLATES: tuple[str, ...] = (
     "Sure, the segmentation result is [SEG].",
     "[SEG].",
 )
+BOX_ANSWER_TEMPLATES: tuple[str, ...] = (
+    "Sure, {box} [SEG].",
+    "It is at {box}: [SEG].",
+    "{box} [SEG].",
+)
 VAL_QUESTION = QUESTION_TEMPLATES[0]
 VAL_ANSWER = ANSWER_TEMPLATES[1]
+VAL_BOX_ANSWER = BOX_ANSWER_TEMPLATES[0]
+BOX_STEP = 0.1
+"""Grid of the boxes that ``answer_box`` answers state (11 values a coordinate, as the tiny base's REC)."""
 
 
 def visual_prefix(use_depth: bool, use_mm_start_end: bool) -> str:
@@ -55,9 +68,12 @@ def question(expr: str, rng: random.Random | None = None) -> str:
     return tpl.format(expr=clean_expression(expr))
 
 
-def answer(rng: random.Random | None = None) -> str:
-    """An answer with one ``[SEG]``; random variant in training, the fixed form otherwise."""
-    return rng.choice(ANSWER_TEMPLATES) if rng is not None else VAL_ANSWER
+def answer(rng: random.Random | None = None, box: str | None = None) -> str:
+    """An answer with one ``[SEG]``, stating ``box`` (``[x0, y0, x1, y1]`` text) first when given; random
+    variant in training, the fixed form otherwise."""
+    if box is None:
+        return rng.choice(ANSWER_TEMPLATES) if rng is not None else VAL_ANSWER
+    return (rng.choice(BOX_ANSWER_TEMPLATES) if rng is not None else VAL_BOX_ANSWER).format(box=box)
 
 
 def build_turns(
@@ -68,16 +84,32 @@ def build_turns(
     pack: bool,
     rng: random.Random | None = None,
     with_answer: bool = True,
+    order: str = "image_first",
+    boxes: list[str] | None = None,
 ) -> list[list[tuple[str, str | None]]]:
     """Conversations for one scene.
 
-    ``pack=False`` (the paper): one single-turn conversation per expression, each starting with the
-    visual placeholders. ``pack=True``: one multi-turn conversation, visual placeholders once, one
-    ``[SEG]`` per turn. Returns a list of conversations, each a list of (question, answer) turns.
+    ``pack=False`` (the paper): one single-turn conversation per expression, each with the visual
+    placeholders. ``pack=True``: one multi-turn conversation, visual placeholders once (in the first
+    turn), one ``[SEG]`` per turn. ``order``: the placeholders before the question (``image_first``) or
+    after it (``expression_first``). ``boxes``: one ``[x0, y0, x1, y1]`` text per expression, stated by
+    the answer before its ``[SEG]`` (``answer_box`` models). Returns a list of conversations, each a list
+    of (question, answer) turns.
     """
+    if order not in PROMPT_ORDERS:
+        raise ValueError(f"prompt order {order!r}: expected one of {PROMPT_ORDERS}")
+    if boxes is not None and len(boxes) != len(expressions):
+        raise ValueError(f"{len(boxes)} boxes for {len(expressions)} expressions")
     prefix = visual_prefix(use_depth, use_mm_start_end)
-    turns = [(question(e, rng), answer(rng) if with_answer else None) for e in expressions]
+    turns = []
+    for k, e in enumerate(expressions):  # question then answer per expression: the rng's draw order
+        q = question(e, rng)
+        turns.append((q, answer(rng, None if boxes is None else boxes[k]) if with_answer else None))
+
+    def visual(q: str) -> str:
+        return prefix + q if order == "image_first" else q + "\n" + prefix.rstrip("\n")
+
     if pack:
         first_q, first_a = turns[0]
-        return [[(prefix + first_q, first_a), *turns[1:]]]
-    return [[(prefix + q, a)] for q, a in turns]
+        return [[(visual(first_q), first_a), *turns[1:]]]
+    return [[(visual(q), a)] for q, a in turns]

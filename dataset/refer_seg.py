@@ -20,9 +20,10 @@ from transformers import PreTrainedTokenizerBase
 
 from dataset.collate import TokenSpec, encode_conversation
 from dataset.errors import LightFieldError
-from dataset.prompts import build_turns
+from dataset.prompts import BOX_STEP, build_turns
 from dataset.scenes import SceneDataset
 from dataset.transforms import clip_geometry, longest_side_shape, sam_geometry
+from utils.boxes import box_text, mask_box, parse_box
 from utils.conversation import render_segments
 
 
@@ -38,6 +39,8 @@ class SampleSpec:
     use_mm_start_end: bool
     conv_type: str = "llava_v1"
     pack_conversations: bool = False
+    prompt_order: str = "image_first"
+    answer_box: bool = False
 
     @classmethod
     def from_model_config(cls, config: Any, conv_type: str = "llava_v1", pack: bool = False) -> SampleSpec:
@@ -52,11 +55,26 @@ class SampleSpec:
             use_mm_start_end=bool(config.use_mm_start_end),
             conv_type=conv_type,
             pack_conversations=pack,
+            prompt_order=str(config.prompt_order),
+            answer_box=bool(config.answer_box),
         )
 
     @property
     def needs_disparity(self) -> bool:
         return self.use_depth or self.caam_clip or self.caam_sam
+
+
+def check_box_text(tokenizer: PreTrainedTokenizerBase) -> None:
+    """``ValueError`` unless ``tokenizer`` writes box text back unchanged (``answer_box`` answers hold
+    ``[x0, y0, x1, y1]``; a tokenizer without digits would turn them into unknown tokens)."""
+    probe = "[0.10, 0.25, 0.60, 0.90]"
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    back = tokenizer.decode(ids, skip_special_tokens=True)
+    if parse_box(back) != parse_box(probe):
+        raise ValueError(
+            f"answer_box: the tokenizer cannot write box coordinates ({probe!r} decodes as {back!r}); "
+            "use a tokenizer with digits (every LLaVA's has them) or drop --answer_box"
+        )
 
 
 def _chw(views: np.ndarray) -> torch.Tensor:
@@ -84,6 +102,8 @@ class ReferSegDataset(torch.utils.data.Dataset):
         self.scenes, self.tokenizer, self.spec, self.tokens = scenes, tokenizer, spec, tokens
         self.features = features
         self.train, self.with_answers, self.seed, self.epoch = train, with_answers, seed, 0
+        if spec.answer_box and with_answers:
+            check_box_text(tokenizer)
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -132,10 +152,17 @@ class ReferSegDataset(torch.utils.data.Dataset):
         }
 
     def conversations(
-        self, sentences: list[str], rng: random.Random | None
+        self, sentences: list[str], rng: random.Random | None, masks: np.ndarray | None = None
     ) -> list[tuple[list[int], list[int]]]:
-        """Tokenised conversations for ``sentences`` (one [SEG] each, in sentence order)."""
+        """Tokenised conversations for ``sentences`` (one [SEG] each, in sentence order); an
+        ``answer_box`` model's answers state the box of each of ``masks`` (k, H, W), one per sentence."""
         spec = self.spec
+        boxes = None
+        if spec.answer_box and self.with_answers:
+            if masks is None or len(masks) != len(sentences):
+                raise ValueError("answer_box: every expression needs its mask to state its box")
+            h, w = masks.shape[1:]
+            boxes = [box_text(mask_box(m), h, w, BOX_STEP) for m in masks]
         convs = build_turns(
             sentences,
             use_depth=spec.use_depth,
@@ -143,6 +170,8 @@ class ReferSegDataset(torch.utils.data.Dataset):
             pack=spec.pack_conversations,
             rng=rng,
             with_answer=self.with_answers,
+            order=spec.prompt_order,
+            boxes=boxes,
         )
         return [
             encode_conversation(self.tokenizer, render_segments(spec.conv_type, c), self.tokens)
@@ -157,7 +186,7 @@ class ReferSegDataset(torch.utils.data.Dataset):
         else:
             sample = self._images(raw)
         try:
-            sample["conversations"] = self.conversations(raw["sentences"], rng)
+            sample["conversations"] = self.conversations(raw["sentences"], rng, raw.get("masks"))
         except ValueError as exc:
             raise ValueError(f"{raw['scene_dir']}: {exc}") from exc
         masks = raw.get("masks")  # None for prediction-only scenes (chat)

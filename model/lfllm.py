@@ -51,6 +51,8 @@ class LFLLMConfig(LlavaConfig):
     depth_range: list | tuple = _OPTIONS.depth_range
     depth_projector: str = _OPTIONS.depth_projector
     use_mm_start_end: bool = _OPTIONS.use_mm_start_end
+    prompt_order: str = _OPTIONS.prompt_order
+    answer_box: bool = _OPTIONS.answer_box
     clip_image_mean: list | tuple = (0.48145466, 0.4578275, 0.40821073)
     clip_image_std: list | tuple = (0.26862954, 0.26130258, 0.27577711)
     ce_loss_weight: float = _OPTIONS.ce_loss_weight

@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from utils.conversation import PROMPT_ORDERS
 from utils.options import flag_name, option, parse_range, show_range, show_value
 from utils.views import parse_views
 
@@ -47,6 +48,15 @@ class ModelOptions:
     )
     depth_projector: str = option("shared", "projector of the <DEPTH> tokens", choices=DEPTH_PROJECTORS)
     use_mm_start_end: bool = option(True, "wrap visual placeholders in <im_start>/<im_end>")
+    prompt_order: str = option(
+        "image_first",
+        "visual placeholders before the question (LLaVA's order) or after it (for a base pretrained so)",
+        choices=PROMPT_ORDERS,
+    )
+    answer_box: bool = option(
+        False,
+        "answers state the target's box (0.1 grid) before [SEG]; evaluated with --eval_protocol generated",
+    )
     out_dim: int = option(
         256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)"
     )
@@ -63,6 +73,7 @@ class ModelOptions:
             ("caam_target", CAAM_TARGETS),
             ("caam_mode", CAAM_MODES),
             ("depth_projector", DEPTH_PROJECTORS),
+            ("prompt_order", PROMPT_ORDERS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {allowed}")

@@ -62,16 +62,18 @@ stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM +
   --log_base_dir "$OUT/runs" --exp_name quickstart --precision $PRECISION \
   --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size 2 --grad_accumulation_steps 1 \
   --lr "$LR" --warmup_steps 20 --workers 1 --no_gradient_checkpointing --no_eval \
-  --feature_cache "$OUT/feature_cache"
+  --feature_cache "$OUT/feature_cache" ${TRAIN_FLAGS:-}
 
 stamp "4/5 merge LoRA into a Hugging Face model -> $OUT/merged, then evaluate it"
 $PY merge_lora_weights_and_save_hf_model.py --version "$BASE/llava" \
   --vision_pretrained "$BASE/sam_tiny.pth" \
   --weight "$OUT/runs/quickstart/export/last" --save_path "$OUT/merged" --precision $PRECISION
+# A model whose answers state the box before [SEG] (--answer_box) is scored on what it generates.
+PROTOCOL=$($PY -c "import json,sys; print('generated' if json.load(open(sys.argv[1])).get('answer_box') else 'teacher_forced')" "$OUT/merged/config.json")
 .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py --eval_only \
   --version "$OUT/merged" --dataset_dir "$OUT/dataset" --val_dataset "$DS|syn|val" \
   --log_base_dir "$OUT/runs" --exp_name quickstart_eval --precision $PRECISION --workers 1 \
-  --feature_cache "$OUT/feature_cache" --vis_save_path "$OUT/vis" 2>&1 | tee "$OUT/eval_table.txt" | grep -v "^\[20" | grep -v "eval (teacher"
+  --feature_cache "$OUT/feature_cache" --vis_save_path "$OUT/vis" --eval_protocol "$PROTOCOL" 2>&1 | tee "$OUT/eval_table.txt" | grep -v "^\[20" | grep -v "^eval ("
 
 stamp "5/5 predict one expression on a validation light field -> $OUT/predict"
 SCENE=$($PY - "$OUT/dataset" $DS <<'EOF'

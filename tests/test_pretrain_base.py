@@ -17,11 +17,9 @@ from dataset.synthetic.pretrain import (
     NUM_PATCH_CLASSES,
     PRETRAIN_SEED,
     REC_QUESTIONS,
-    box_text,
     caption,
     grounding_pair,
     label_map,
-    parse_box,
     pretrain_config,
     pretrain_corpus,
     pretrain_scene,
@@ -39,8 +37,9 @@ from training.pretrain_llava import (
     run_llava_stage,
     token_spec,
 )
-from training.pretrain_sam import SamStageOptions, interior_point, run_sam_stage
+from training.pretrain_sam import SamStageOptions, run_sam_stage
 from training.tiny_base import new_llava, train_tiny_tokenizer
+from utils.boxes import box_text, interior_point, parse_box
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pretrained" / "tiny_base"

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from tests.conftest import TINY_DS, model_batch
-from training.seg_oracle import SegOracle, interior_point, main, oracle_targets, parse_mode
-from utils.boxes import grid_box, mask_box
+from training.seg_oracle import SegOracle, main, oracle_targets, parse_mode
+from utils.boxes import grid_box, interior_point, mask_box
 
 
 def test_interior_point_is_the_pixel_farthest_from_the_border():
     mask = np.zeros((20, 30), bool)
     mask[4:11, 10:17] = True  # 7 x 7 block: centre (13, 7)
     mask[0:20, 25] = True  # a thin pole elsewhere: never the interior point
-    assert interior_point(mask) == (13.0, 7.0)
+    assert interior_point(mask) == (13.5, 7.5)
     mask[4:11, 10:19] = True  # 7 x 9: the centre row ties over x = 13..15, the first is taken
-    assert interior_point(mask) == (13.0, 7.0)
+    assert interior_point(mask) == (13.5, 7.5)
     with pytest.raises(ValueError, match="empty"):
         interior_point(np.zeros((4, 4), bool))
 
@@ -71,7 +71,7 @@ def test_point_oracle_is_sams_own_point_prompt(tiny_model, tiny_dataset):
         sx, sy = rw / int(w), rh / int(h)  # per axis, as SAM's ResizeLongestSide.apply_coords
         for gt in gts:
             x, y = interior_point(gt.numpy() > 0)
-            coords = torch.tensor([[[(x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5]]])
+            coords = torch.tensor([[[x * sx - 0.5, y * sy - 0.5]]])
             ref, _ = model.sam.prompt_encoder(points=(coords, torch.ones(1, 1)), boxes=None, masks=None)
             assert torch.allclose(sparse[m], ref[0, 0], atol=1e-4)
             m += 1

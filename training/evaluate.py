@@ -140,6 +140,19 @@ def write_summary_sheet(
     return path
 
 
+def check_protocol(config: Any, protocol: str) -> None:
+    """``ValueError`` unless ``protocol`` is one ``evaluate`` runs and suits a model of ``config``: an
+    ``answer_box`` model states the target's box before ``[SEG]``, so a teacher-forced answer would hand
+    it the true box; it is scored with ``generated``."""
+    if protocol not in ("teacher_forced", "generated"):
+        raise ValueError(f"unknown eval protocol {protocol!r}")
+    if protocol == "teacher_forced" and bool(getattr(config, "answer_box", False)):
+        raise ValueError(
+            "--eval_protocol teacher_forced: this model's answers state the target's box (answer_box), so a "
+            "teacher-forced answer would give it the true box; use --eval_protocol generated"
+        )
+
+
 def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -159,8 +172,7 @@ def evaluate(
     """Evaluate over ``loader`` (this rank's shard) and reduce across ranks once. Returns the metrics
     (with every expression's record, see the module docstring); with ``vis_dir``, writes the overlays
     and, on rank 0, the summary sheet."""
-    if protocol not in ("teacher_forced", "generated"):
-        raise ValueError(f"unknown eval protocol {protocol!r}")
+    check_protocol(getattr(model, "config", None), protocol)
     was_training = model.training
     model.eval()
     metrics = SegMetrics()

@@ -46,11 +46,11 @@ from dataset.synthetic.pretrain import (
     caption_pair,
     grounding_pair,
     label_map,
-    parse_box,
     pretrain_scene,
 )
 from dataset.transforms import clip_geometry
 from training.pretrain_state import StageRun, cosine_lr
+from utils.boxes import parse_box
 from utils.conversation import render_segments
 from utils.tokens import IGNORE_INDEX, IMAGE_TOKEN
 

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
@@ -27,6 +26,7 @@ from dataset.transforms import sam_geometry
 from model.losses import mask_losses
 from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from training.pretrain_state import StageRun, cosine_lr
+from utils.boxes import interior_point
 from utils.metrics import mask_iou_stats
 
 
@@ -66,13 +66,6 @@ def _normalise(image: np.ndarray, target: int) -> tuple[torch.Tensor, tuple[int,
     x[:, h:] = 0
     x[:, :, w:] = 0
     return x, (h, w), scale
-
-
-def interior_point(mask: np.ndarray) -> tuple[float, float]:
-    """(x, y) pixel centre of the maximum of ``mask``'s distance transform (deepest interior point)."""
-    dist = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return float(x) + 0.5, float(y) + 0.5
 
 
 def training_image(

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -43,7 +42,7 @@ from training.evaluate import evaluate
 from training.features import prepare_feature_cache
 from training.loaders import build_train_loader, build_val_loader
 from utils.batch import Batch
-from utils.boxes import grid_box, mask_box
+from utils.boxes import grid_box, interior_point, mask_box
 from utils.distributed import DistInfo
 
 
@@ -57,17 +56,6 @@ def parse_mode(mode: str) -> tuple[str, int]:
     raise ValueError(f"--mode {mode!r}: expected point, code, cell:N or box:N (N an integer in 1..1000)")
 
 
-def interior_point(mask: np.ndarray) -> tuple[float, float]:
-    """``(x, y)`` pixel of a non-empty (H, W) mask farthest from its border (distance-transform maximum;
-    the first in raster order on ties); ``ValueError`` if empty."""
-    m = np.pad(np.asarray(mask, dtype=np.uint8), 1)
-    if not m.any():
-        raise ValueError("interior_point: the mask is empty")
-    dist = cv2.distanceTransform(m, cv2.DIST_L2, 3)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(dist.argmax()), dist.shape)
-    return float(x), float(y)
-
-
 def oracle_targets(masks: torch.Tensor, kind: str, n: int) -> torch.Tensor:
     """What the oracle knows of each (k, H, W) ground-truth mask, in image-normalised units:
     ``point`` / ``code``: (k, 2) centre of the interior pixel, ``cell:N``: (k, 2) centre of its cell on the
@@ -79,7 +67,7 @@ def oracle_targets(masks: torch.Tensor, kind: str, n: int) -> torch.Tensor:
             rows.append(grid_box(mask_box(m), h, w, 1.0 / n))
             continue
         x, y = interior_point(m)
-        u, v = (x + 0.5) / w, (y + 0.5) / h
+        u, v = x / w, y / h
         if kind == "cell":
             u, v = ((min(int(t * n), n - 1) + 0.5) / n for t in (u, v))
         rows.append((u, v))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PROMPT_ORDERS: tuple[str, ...] = ("image_first", "expression_first")
+"""Where a question's visual placeholders go: before the request (LLaVA's order) or after it."""
+
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."

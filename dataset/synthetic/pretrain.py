@@ -19,7 +19,7 @@ from dataset.synthetic.config import SyntheticConfig
 from dataset.synthetic.expressions import SceneObject, candidate_expressions
 from dataset.synthetic.generator import render_scene
 from dataset.synthetic.shapes import CATEGORIES, PALETTE
-from utils.boxes import grid_box
+from utils.boxes import box_text
 
 PRETRAIN_SEED = 1_000_003
 """Generator seed of the pretraining scenes (the benchmark uses ``--seed`` 0 by default; any seed other
@@ -106,25 +106,6 @@ def label_map(scene: PretrainScene) -> np.ndarray:
         colour, category = name.split(" ", 1)
         out[mask] = 1 + CATEGORIES.index(category) * len(colours) + colours.index(colour)
     return out
-
-
-def box_text(box: np.ndarray | tuple[float, ...], height: int, width: int, step: float = 0.01) -> str:
-    """``[x0, y0, x1, y1]`` of an xyxy pixel box, normalised to the image, written with 2 decimals; ``step``
-    as in :func:`utils.boxes.grid_box` (0.01: LLaVA-1.5's format; coarser: on that grid, grown outwards)."""
-    return "[" + ", ".join(f"{v:.2f}" for v in grid_box(box, height, width, step)) + "]"
-
-
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """The first ``[a, b, c, d]`` of normalised numbers in ``text``; ``None`` when there is none."""
-    start = text.find("[")
-    end = text.find("]", start + 1)
-    if start < 0 or end < 0:
-        return None
-    try:
-        vals = tuple(float(v) for v in text[start + 1 : end].split(","))
-    except ValueError:
-        return None
-    return vals if len(vals) == 4 else None  # type: ignore[return-value]
 
 
 def _listing(scene: PretrainScene) -> str:
