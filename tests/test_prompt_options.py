@@ -134,3 +134,59 @@ def test_mask_box_matches_the_mask():
     m[2:5, 3:9] = True
     assert mask_box(m) == (3, 2, 9, 5)
     assert box_text(mask_box(m), 10, 20, 0.1) == "[0.10, 0.20, 0.50, 0.50]"
+
+
+def test_training_an_answer_box_model_with_teacher_forced_validation_stops_before_a_step(
+    base_with_digits, tiny_dataset, tmp_path
+):
+    import train_ds
+    from training.config import parse_args
+    from utils.distributed import DistInfo
+
+    args = parse_args(
+        ["--version", str(base_with_digits["llava"]), "--vision_pretrained", str(base_with_digits["sam"]),
+         "--dataset_dir", str(tiny_dataset), "--refer_seg_data", "ref-urbanlf-syn",
+         "--val_dataset", "ref-urbanlf-syn|syn|val", "--precision", "fp32", "--answer_box",
+         "--log_base_dir", str(tmp_path), "--exp_name", "boxed", "--epochs", "1", "--steps_per_epoch", "2"]
+    )  # fmt: skip
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="use --eval_protocol generated"):
+        train_ds.run(args, cpu, tmp_path / "boxed")
+    assert not (tmp_path / "boxed" / "ckpt_model").exists()
+
+
+def test_merged_model_keeps_the_options_and_is_scored_on_generated_answers(
+    base_with_digits, tiny_dataset, tmp_path, one_torch_thread
+):
+    import dataclasses
+    import json
+
+    import merge_lora_weights_and_save_hf_model as merge_script
+    from model.trainable import TrainableOptions, make_trainable
+    from training.checkpoint import export_trainable
+    from training.config import parse_args
+    from training.loaders import build_val_loader
+
+    opts = ModelOptions(prompt_order="expression_first", answer_box=True)
+    model, _ = build_lfllm(base_with_digits["llava"], base_with_digits["sam"], opts)
+    wrapped = make_trainable(model, TrainableOptions())
+    meta = {"version": str(base_with_digits["llava"]), "vision_pretrained": str(base_with_digits["sam"]),
+            "model_options": dataclasses.asdict(opts), "trainable_options": dataclasses.asdict(TrainableOptions())}  # fmt: skip
+    export_trainable(wrapped, tmp_path / "export", json.loads(json.dumps(meta)))
+    out = merge_script.main(["--weight", str(tmp_path / "export"), "--save_path", str(tmp_path / "merged"),
+                             "--precision", "fp32"])  # fmt: skip
+    merged, tok = build_lfllm(out, None, ModelOptions())
+    assert merged.config.prompt_order == "expression_first" and merged.config.answer_box is True
+    args = parse_args(["--eval_only", "--version", str(out), "--dataset_dir", str(tiny_dataset),
+                       "--val_dataset", "ref-urbanlf-syn|syn|val", "--workers", "0", "--eval_protocol", "generated",
+                       "--max_new_tokens", "4"])  # fmt: skip
+    loader = build_val_loader(args, merged.config, tok, 0, 1, generated=True)
+    first = next(iter(loader))
+    image_id = tok.convert_tokens_to_ids("<image>")
+    ids = first["input_ids"][0].tolist()
+    assert "Can you segment" in tok.decode(ids[: ids.index(image_id)])  # the request, then the image
+    metrics = evaluate(merged, [first], torch.device("cpu"), protocol="generated", tokenizer=tok,
+                       max_new_tokens=4, show_progress=False)  # fmt: skip
+    assert metrics.compute()["All"]["n"] == sum(len(m) for m in first["gt_masks"])
+    with pytest.raises(ValueError, match="use --eval_protocol generated"):
+        evaluate(merged, [first], torch.device("cpu"), protocol="teacher_forced", show_progress=False)
