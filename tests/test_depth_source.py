@@ -19,6 +19,7 @@ import torch
 from dataset.disparity.config import DisparityConfig
 from dataset.disparity.estimator import disparity_for_scene
 from dataset.errors import LightFieldError
+from model.options import DEFAULT_MODEL_OPTIONS
 from tests.conftest import TINY_DS
 from training.config import disparity_config, parse_args
 from training.loaders import layout_from_args, prepare_estimated_disparity, used_scene_dirs, val_scenes
@@ -273,6 +274,8 @@ def _model_config(use_depth: bool, use_caam: bool):
         use_caam=use_caam,
         caam_target="both",
         use_mm_start_end=True,
+        prompt_order=DEFAULT_MODEL_OPTIONS.prompt_order,
+        answer_box=DEFAULT_MODEL_OPTIONS.answer_box,
         vision_config=SimpleNamespace(image_size=32),
         sam_config={"img_size": 64},
     )
