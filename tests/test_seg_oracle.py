@@ -120,7 +120,11 @@ def test_cli_writes_the_report(tiny_base, tiny_dataset, tmp_path, one_torch_thre
     assert "point" in table and "code" in table and str(out) in table
 
 
-def test_cli_refuses_a_bad_mode(capsys):
+def test_cli_refuses_a_bad_mode_and_flags_that_would_not_act(tiny_base, capsys):
     with pytest.raises(SystemExit):
         main(["--mode", "grid:3", "--version", "x"])
     assert "--mode 'grid:3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--version", str(tiny_base["llava"]), "--lora_r", "16", "--eval_protocol", "generated"])
+    err = capsys.readouterr().err
+    assert "--eval_protocol, --lora_r: not used by the oracle probe" in err

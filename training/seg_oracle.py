@@ -206,6 +206,16 @@ def run_oracle(
     return out
 
 
+#: ``train_ds.py`` flags that would not act here: refused rather than ignored.
+NOT_USED = (
+    "auto_resume", "ce_loss_weight", "depth_source", "eval_only", "eval_protocol", "exp_name",
+    "grad_accumulation_steps", "gradient_checkpointing", "local_rank", "log_base_dir", "lora_alpha",
+    "lora_dropout", "lora_r", "lora_target_modules", "max_new_tokens", "max_steps", "no_eval",
+    "print_freq", "resume", "resume_with_changes", "save_steps", "start_epoch", "torch_adam",
+    "train_mask_decoder", "vis_save_path", "zero_stage",
+)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI: ``--mode`` (repeatable), ``--eval_every``, ``--out`` plus ``train_ds.py``'s training flags
     (model, data, schedule); single process. Prints a table of the final scores; writes ``--out``."""
@@ -223,6 +233,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if known.eval_every < 1:
         parser.error(f"--eval_every must be >= 1, got {known.eval_every}")
     args = parse_args(rest)
+    unused = sorted(set(args.given) & set(NOT_USED))
+    if unused:
+        parser.error(
+            f"{', '.join('--' + d for d in unused)}: not used by the oracle probe (one process, no language "
+            "model: it trains only the [SEG] projector and SAM's mask decoder, and scores teacher-forced)"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = run_oracle(args, modes, known.eval_every, DistInfo(0, 1, 0, device))
     result.update(
