@@ -84,7 +84,7 @@ def build_turns(
     pack: bool,
     rng: random.Random | None = None,
     with_answer: bool = True,
-    order: str = "image_first",
+    order: str = PROMPT_ORDERS[0],
     boxes: list[str] | None = None,
 ) -> list[list[tuple[str, str | None]]]:
     """Conversations for one scene.

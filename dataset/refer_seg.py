@@ -24,7 +24,7 @@ from dataset.prompts import BOX_STEP, build_turns
 from dataset.scenes import SceneDataset
 from dataset.transforms import clip_geometry, longest_side_shape, sam_geometry
 from utils.boxes import box_text, mask_box, parse_box
-from utils.conversation import render_segments
+from utils.conversation import PROMPT_ORDERS, render_segments
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class SampleSpec:
     use_mm_start_end: bool
     conv_type: str = "llava_v1"
     pack_conversations: bool = False
-    prompt_order: str = "image_first"
+    prompt_order: str = PROMPT_ORDERS[0]  # the model option's default (model.options)
     answer_box: bool = False
 
     @classmethod
