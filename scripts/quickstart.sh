@@ -12,6 +12,7 @@ NUM_TRAIN=${NUM_TRAIN:-64}
 NUM_VAL=${NUM_VAL:-16}
 HEIGHT=${HEIGHT:-120}
 WIDTH=${WIDTH:-160}
+NUM_EXTRA=${NUM_EXTRA:-0}   # >0: a second generated training set of that many scenes (seed 1), sampled in proportion
 EPOCHS=${EPOCHS:-3}
 STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-250}
 LR=${LR:-1e-3}
@@ -32,6 +33,14 @@ stamp "1/5 synthetic light-field benchmark -> $OUT/dataset"
 if [ ! -f "$OUT/dataset/refer_seg/$DS/$DS.json" ]; then
   $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name $DS \
     --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --seed 0 --workers 2
+fi
+DATA_FLAGS=(--refer_seg_data $DS)
+if [ "$NUM_EXTRA" -gt 0 ]; then
+  if [ ! -f "$OUT/dataset/refer_seg/$DS-extra/$DS-extra.json" ]; then
+    $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name "$DS-extra" \
+      --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_EXTRA" --num_val 0 --seed 1 --workers 2
+  fi
+  DATA_FLAGS=(--refer_seg_data "$DS||$DS-extra" --sample_rates "1,$(( (NUM_EXTRA + NUM_TRAIN / 2) / NUM_TRAIN ))")
 fi
 
 # The base: the shipped pretrained tiny LLaVA + SAM (pretrained/tiny_base, made by scripts/pretrain_tiny_base.py on
@@ -58,7 +67,7 @@ fi
 stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM + depth on)"
 .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py \
   --version "$BASE/llava" --vision_pretrained "$BASE/sam_tiny.pth" \
-  --dataset_dir "$OUT/dataset" --refer_seg_data $DS --val_dataset "$DS|syn|val" \
+  --dataset_dir "$OUT/dataset" "${DATA_FLAGS[@]}" --val_dataset "$DS|syn|val" \
   --log_base_dir "$OUT/runs" --exp_name quickstart --precision $PRECISION \
   --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size 2 --grad_accumulation_steps 1 \
   --lr "$LR" --warmup_steps 20 --workers 1 --no_gradient_checkpointing --no_eval \
