@@ -13,7 +13,7 @@
 # streams them). Knobs (environment):
 #   OUT=./ablation  BASE=pretrained/tiny_base (llava/ + sam_tiny.pth; BASE=random: a random tiny base in $OUT,
 #   its SAM pretrained SAM_PRETRAIN_STEPS=0 steps, for smoke runs)  SEEDS="0 1 2"
-#   EPOCHS=3 STEPS=250 (optimiser steps per epoch; the quickstart's schedule)  LR=1e-3
+#   EPOCHS=3 STEPS=250 (optimiser steps per epoch; the first quickstart's schedule, 3 × 250)  LR=1e-3
 #   NUM_TRAIN=64 (train scenes, generator seed 0: the quickstart's)  NUM_VAL=600 VAL_SEED=1 (ablation val set)
 #   MIN_SUBSET=100  CAAM_MODES="" (e.g. "learned occlusion": one more LFLLM row per mode)  WORKERS=2
 #   KEEP_CKPT=0 (1 keeps each run's DeepSpeed checkpoint; its export/last is always kept)  MASTER_PORT=29527

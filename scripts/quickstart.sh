@@ -12,8 +12,8 @@ NUM_TRAIN=${NUM_TRAIN:-64}
 NUM_VAL=${NUM_VAL:-16}
 HEIGHT=${HEIGHT:-120}
 WIDTH=${WIDTH:-160}
-NUM_EXTRA=${NUM_EXTRA:-0}   # >0: a second generated training set of that many scenes (seed 1), sampled in proportion
-EPOCHS=${EPOCHS:-3}
+NUM_EXTRA=${NUM_EXTRA:-448}   # a second generated training set (seed 1, ~660 MB), sampled in proportion; 0: none
+EPOCHS=${EPOCHS:-10}
 STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-250}
 LR=${LR:-1e-3}
 SAM_PRETRAIN_STEPS=${SAM_PRETRAIN_STEPS:-600}
@@ -43,10 +43,20 @@ if [ "$NUM_EXTRA" -gt 0 ]; then
   DATA_FLAGS=(--refer_seg_data "$DS||$DS-extra" --sample_rates "1,$(( (NUM_EXTRA + NUM_TRAIN / 2) / NUM_TRAIN ))")
 fi
 
-# The base: the shipped pretrained tiny LLaVA + SAM (pretrained/tiny_base, made by scripts/pretrain_tiny_base.py on
-# generated 2D scenes disjoint from this benchmark; its record is pretrained/tiny_base/pretrain_record.json), or
-# BASE=random for the random-init tiny base of the tests (SAM pretrained SAM_PRETRAIN_STEPS on train-split points).
-BASE=${BASE:-pretrained/tiny_base}
+# The base: the shipped pretrained tiny LLaVA + SAM, made by scripts/pretrain_tiny_base.py on generated 2D scenes
+# disjoint from this benchmark, each with its record beside it: pretrained/tiny_base_v2 (the better-grounding
+# recipe, pretrained expression-first), pretrained/tiny_base (the first one, image-first), or BASE=random for
+# the random-init tiny base of the tests (SAM pretrained SAM_PRETRAIN_STEPS on train-split points).
+# PROMPT_ORDER must be the order the base was pretrained in.
+BASE=${BASE:-pretrained/tiny_base_v2}
+if [ "$BASE" = pretrained/tiny_base_v2 ]; then
+  PROMPT_ORDER=${PROMPT_ORDER:-expression_first}
+else
+  PROMPT_ORDER=${PROMPT_ORDER:-image_first}
+fi
+# The quickstart's LoRA: rank 32 on every linear layer of the LM, alpha/r = 2 as LISA's r 8 / alpha 16, no
+# dropout (a fifth of the CPU step; same score). LORA_FLAGS= (empty) trains with train_ds.py's defaults.
+LORA_FLAGS=${LORA_FLAGS-"--lora_r 32 --lora_alpha 64 --lora_dropout 0 --lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
 if [ "$BASE" = random ]; then
   stamp "2/5 random tiny LLaVA + SAM base (tokenizer trained on the corpus; SAM pretrained on train-split point prompts) -> $OUT/tiny_base"
   if [ ! -f "$OUT/tiny_base/sam_tiny.pth" ]; then
@@ -69,6 +79,7 @@ stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM +
   --version "$BASE/llava" --vision_pretrained "$BASE/sam_tiny.pth" \
   --dataset_dir "$OUT/dataset" "${DATA_FLAGS[@]}" --val_dataset "$DS|syn|val" \
   --log_base_dir "$OUT/runs" --exp_name quickstart --precision $PRECISION \
+  --prompt_order "$PROMPT_ORDER" $LORA_FLAGS \
   --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size 2 --grad_accumulation_steps 1 \
   --lr "$LR" --warmup_steps 20 --workers 1 --no_gradient_checkpointing --no_eval \
   --feature_cache "$OUT/feature_cache" ${TRAIN_FLAGS:-}
