@@ -12,13 +12,30 @@ NUM_TRAIN=${NUM_TRAIN:-64}
 NUM_VAL=${NUM_VAL:-16}
 HEIGHT=${HEIGHT:-120}
 WIDTH=${WIDTH:-160}
-NUM_EXTRA=${NUM_EXTRA:-448}   # a second generated training set (seed 1, ~660 MB), sampled in proportion; 0: none
+NUM_EXTRA=${NUM_EXTRA:-448}   # a second generated training set (seed 1, ~660 MB), sampled in proportion (≥ 1:1); 0: none
 EPOCHS=${EPOCHS:-10}
 STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-250}
 LR=${LR:-1e-3}
 SAM_PRETRAIN_STEPS=${SAM_PRETRAIN_STEPS:-600}
 PY=.venv/bin/python
 export TOKENIZERS_PARALLELISM=false
+for knob in NUM_TRAIN NUM_VAL NUM_EXTRA EPOCHS STEPS_PER_EPOCH; do
+  if ! [[ ${!knob} =~ ^[1-9][0-9]*$ || ( $knob = NUM_EXTRA && ${!knob} = 0 ) ]]; then
+    echo "error: $knob=${!knob}: expected a positive whole number$([ $knob = NUM_EXTRA ] && echo ' or 0')" >&2
+    exit 2
+  fi
+done
+# An existing dataset is reused only if it is the one asked for (NUM_TRAIN/NUM_VAL/NUM_EXTRA may have changed).
+reuse_dataset() {  # reuse_dataset NAME SCENES KNOBS -> 0: present with SCENES scenes, 1: absent, exit 2: other size
+  local inst="$OUT/dataset/refer_seg/$1/instances.json"
+  [ -f "$inst" ] || return 1
+  local have
+  have=$($PY -c "import json, sys; print(len(json.load(open(sys.argv[1]))['images']))" "$inst")
+  if [ "$have" != "$2" ]; then
+    echo "error: $inst holds $have scenes, $3 asks for $2: remove $OUT/dataset or set LFLLM_QUICKSTART to a new folder" >&2
+    exit 2
+  fi
+}
 
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   PRECISION=bf16
@@ -30,17 +47,17 @@ start=$(date +%s)
 stamp() { echo "[quickstart +$(( $(date +%s) - start ))s] $*"; }
 
 stamp "1/5 synthetic light-field benchmark -> $OUT/dataset"
-if [ ! -f "$OUT/dataset/refer_seg/$DS/$DS.json" ]; then
+if ! reuse_dataset $DS $(( NUM_TRAIN + NUM_VAL )) "NUM_TRAIN + NUM_VAL"; then
   $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name $DS \
     --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --seed 0 --workers 2
 fi
 DATA_FLAGS=(--refer_seg_data $DS)
 if [ "$NUM_EXTRA" -gt 0 ]; then
-  if [ ! -f "$OUT/dataset/refer_seg/$DS-extra/$DS-extra.json" ]; then
+  if ! reuse_dataset "$DS-extra" "$NUM_EXTRA" NUM_EXTRA; then
     $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name "$DS-extra" \
       --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_EXTRA" --num_val 0 --seed 1 --workers 2
   fi
-  DATA_FLAGS=(--refer_seg_data "$DS||$DS-extra" --sample_rates "1,$(( (NUM_EXTRA + NUM_TRAIN / 2) / NUM_TRAIN ))")
+  DATA_FLAGS=(--refer_seg_data "$DS||$DS-extra" --sample_rates "1,$(( NUM_EXTRA >= NUM_TRAIN ? (NUM_EXTRA + NUM_TRAIN / 2) / NUM_TRAIN : 1 ))")
 fi
 
 # The base: the shipped pretrained tiny LLaVA + SAM, made by scripts/pretrain_tiny_base.py on generated 2D scenes
