@@ -64,13 +64,7 @@ fi
 # disjoint from this benchmark, each with its record beside it: pretrained/tiny_base_v2 (the better-grounding
 # recipe, pretrained expression-first), pretrained/tiny_base (the first one, image-first), or BASE=random for
 # the random-init tiny base of the tests (SAM pretrained SAM_PRETRAIN_STEPS on train-split points).
-# PROMPT_ORDER must be the order the base was pretrained in.
 BASE=${BASE:-pretrained/tiny_base_v2}
-if [ "$BASE" = pretrained/tiny_base_v2 ]; then
-  PROMPT_ORDER=${PROMPT_ORDER:-expression_first}
-else
-  PROMPT_ORDER=${PROMPT_ORDER:-image_first}
-fi
 # The quickstart's LoRA: rank 32 on every linear layer of the LM, alpha/r = 2 as LISA's r 8 / alpha 16, no
 # dropout (a fifth of the CPU step; same score). LORA_FLAGS= (empty) trains with train_ds.py's defaults.
 LORA_FLAGS=${LORA_FLAGS-"--lora_r 32 --lora_alpha 64 --lora_dropout 0 --lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
@@ -90,6 +84,14 @@ else
     fi
   done
 fi
+# The prompt order the base was pretrained in (its record's instruct stage; LLaVA's image-first when not recorded).
+PROMPT_ORDER=${PROMPT_ORDER:-$($PY - "$BASE/pretrain_record.json" <<'EOF'
+import json, os, sys
+rec = json.load(open(sys.argv[1])) if os.path.exists(sys.argv[1]) else {}
+first = rec.get("llava", {}).get("instruct", {}).get("options", {}).get("image_first", True)
+print("image_first" if first else "expression_first")
+EOF
+)}
 
 stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM + depth on)"
 .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py \
