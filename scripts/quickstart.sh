@@ -66,7 +66,7 @@ fi
 # the random-init tiny base of the tests (SAM pretrained SAM_PRETRAIN_STEPS on train-split points).
 BASE=${BASE:-pretrained/tiny_base_v2}
 # The quickstart's LoRA: rank 32 on every linear layer of the LM, alpha/r = 2 as LISA's r 8 / alpha 16, no
-# dropout (a fifth of the CPU step; same score). LORA_FLAGS= (empty) trains with train_ds.py's defaults.
+# dropout (a fifth of the CPU step; the same score at seed 0, docs/RESULTS.md). LORA_FLAGS= (empty) trains with train_ds.py's defaults.
 LORA_FLAGS=${LORA_FLAGS-"--lora_r 32 --lora_alpha 64 --lora_dropout 0 --lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
 if [ "$BASE" = random ]; then
   stamp "2/5 random tiny LLaVA + SAM base (tokenizer trained on the corpus; SAM pretrained on train-split point prompts) -> $OUT/tiny_base"
