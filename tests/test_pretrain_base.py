@@ -271,7 +271,7 @@ def test_sam_stage_learns_resumes_and_keeps_the_best(tmp_path, one_torch_thread)
         assert torch.equal(a, b), name
 
 
-def test_script_writes_the_real_formats_and_a_record(tmp_path):
+def test_script_writes_the_real_formats_and_a_record(tmp_path, capsys):
     out = tmp_path / "base"
     argv = ["--out", str(out), "--no_parallel", "--pool", "32", "--held_out", "2"]
     for stage in ("sam", "vision", "caption", "instruct"):
@@ -305,6 +305,25 @@ def test_script_writes_the_real_formats_and_a_record(tmp_path):
     ):
         with pytest.raises(SystemExit):
             pretrain_main(["--out", str(out), *bad])
+
+    # --llava_from: only the SAM is pretrained; llava/ and its record are the source base's
+    again = tmp_path / "again"
+    argv2 = ["--out", str(again), "--llava_from", str(out), "--sam_steps", "3", "--sam_eval_every", "3"]
+    record2 = pretrain_main([*argv2, "--held_out", "2"])
+    for f in (out / "llava").iterdir():
+        assert (again / "llava" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert record2["sam"]["steps_run"] == 3 and (again / "sam_tiny.pth").is_file()
+    from_ = record2["llava"].pop("from")
+    assert record2["llava"] == saved["llava"]
+    assert from_["command"] == saved["command"] and from_["path"] == str(out)
+    for bad, says in (
+        (["--llava_from", str(out), "--instruct_steps", "5"], "--instruct_steps"),
+        (["--llava_from", str(out), "--expression_first"], "--expression_first"),
+        (["--llava_from", str(tmp_path / "nowhere")], "not a pretrained base"),
+    ):
+        with pytest.raises(SystemExit):
+            pretrain_main(["--out", str(tmp_path / "x"), *bad])
+        assert says in capsys.readouterr().err
 
 
 def test_shipped_base_is_small_loadable_and_recorded():

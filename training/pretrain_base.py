@@ -10,6 +10,10 @@
   held-out scores;
 * ``.work/`` — resumable stage checkpoints (rerun the same command after a kill to continue).
 
+``--llava_from BASE`` pretrains only the SAM and takes ``llava/`` from an existing base, with that base's
+LLaVA record and command (two builds of one LLaVA recipe fine-tune very differently, docs/RESULTS.md, so a
+better SAM is measured against the LLaVA it will ship with).
+
 All data are generated 2D centre views with the pretraining seed (:mod:`dataset.synthetic.pretrain`),
 disjoint from every benchmark scene. With ``--parallel`` (the default) the SAM stage runs in a second
 process, one thread each: the two models are too small for two threads to help one of them much.
@@ -22,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -42,6 +47,18 @@ from training.pretrain_sam import SamStageOptions, held_out_scores, run_sam_stag
 from training.tiny_base import new_llava, save_llava, train_tiny_tokenizer
 
 PRESET = "tiny-base"
+# flags that only shape the LLaVA stages (refused with --llava_from)
+LLAVA_FLAGS = (
+    "pool",
+    "vision_steps",
+    "vision_position_weight",
+    "freeze_clip",
+    "expression_first",
+    "box_step",
+    "caption_steps",
+    "instruct_steps",
+    "instruct_eval_every",
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class PretrainOptions:
     threads: int = 1
     parallel: bool = True
     sam: SamStageOptions = field(default_factory=SamStageOptions)
+    llava_from: Path | None = None
     vision: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=1000, batch_size=32))
     caption: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=600))
     instruct: LlavaStageOptions = field(default_factory=lambda: LlavaStageOptions(steps=1500))
@@ -140,7 +158,16 @@ def pretrain_base(
     out = Path(out)
     (out / ".work").mkdir(parents=True, exist_ok=True)
     start, commit = time.perf_counter(), git_commit()  # the code this run starts from
-    if opts.parallel:
+    if opts.llava_from is not None:
+        source = json.loads((opts.llava_from / "pretrain_record.json").read_text())
+        sam = sam_job(out, opts, progress)
+        shutil.copytree(opts.llava_from / "llava", out / "llava", dirs_exist_ok=True)
+        llava = {
+            **source["llava"],
+            "from": {key: source.get(key) for key in ("command", "commit", "seed", "wall_s_this_run")}
+            | {"path": str(opts.llava_from)},
+        }
+    elif opts.parallel:
         ctx = mp.get_context("spawn")
         proc = ctx.Process(target=_sam_process, args=(str(out), opts, os.getpid()))
         proc.start()
@@ -186,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=d.pool, help="LLaVA pretraining scenes rendered once")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
     p.add_argument("--no_parallel", action="store_true", help="run the SAM stage before the LLaVA stages")
+    p.add_argument(
+        "--llava_from",
+        type=Path,
+        default=None,
+        help="pretrain only the SAM; copy llava/ and its record from this existing base "
+        "(the LLaVA flags are then refused)",
+    )
     p.add_argument("--sam_steps", type=int, default=d.sam.steps)
     p.add_argument("--sam_eval_every", type=int, default=d.sam.eval_every)
     p.add_argument(
@@ -243,6 +277,24 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
         raise ValueError(
             f"--box_step must be 1/n for an integer n in 2..100 (0.01, 0.1, ...), got {args.box_step}"
         )
+    if args.llava_from is not None:
+        defaults = build_parser().parse_args(["--out", "x"])
+        given = [k for k in (*LLAVA_FLAGS, "no_parallel") if getattr(args, k) != getattr(defaults, k)]
+        if given:
+            raise ValueError(
+                f"--llava_from {args.llava_from} takes the LLaVA as it is: "
+                + ", ".join(f"--{k}" for k in given)
+                + " would not act; drop it"
+            )
+        for need in ("llava/config.json", "llava/model.safetensors", "pretrain_record.json"):
+            if not (args.llava_from / need).is_file():
+                raise ValueError(f"--llava_from {args.llava_from}: no {need} (not a pretrained base)")
+        try:
+            json.loads((args.llava_from / "pretrain_record.json").read_text())["llava"]["instruct"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"--llava_from {args.llava_from}: pretrain_record.json has no LLaVA record ({exc!r})"
+            ) from None
     llava = {"train_vision": not args.freeze_clip, "image_first": not args.expression_first}
     batch = max(PretrainOptions().vision.batch_size, PretrainOptions().instruct.batch_size)
     if args.pool < batch:
@@ -254,6 +306,7 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
         pool=args.pool,
         threads=args.threads,
         parallel=not args.no_parallel,
+        llava_from=args.llava_from,
         sam=SamStageOptions(steps=args.sam_steps, eval_every=args.sam_eval_every, held_out=args.held_out),
         vision=LlavaStageOptions(
             steps=args.vision_steps,
