@@ -61,10 +61,11 @@ if [ "$NUM_EXTRA" -gt 0 ]; then
 fi
 
 # The base: the shipped pretrained tiny LLaVA + SAM, made by scripts/pretrain_tiny_base.py on generated 2D scenes
-# disjoint from this benchmark, each with its record beside it: pretrained/tiny_base_v2 (the better-grounding
-# recipe, pretrained expression-first), pretrained/tiny_base (the first one, image-first), or BASE=random for
+# disjoint from this benchmark, each with its record beside it: pretrained/tiny_base_v3 (the default: the
+# better-grounding LLaVA, pretrained expression-first, with a 9000-step SAM), pretrained/tiny_base_v2 (the same
+# LLaVA with a 3000-step SAM), pretrained/tiny_base (the first one, image-first), or BASE=random for
 # the random-init tiny base of the tests (SAM pretrained SAM_PRETRAIN_STEPS on train-split points).
-BASE=${BASE:-pretrained/tiny_base_v2}
+BASE=${BASE:-pretrained/tiny_base_v3}
 # The quickstart's LoRA: rank 32 on every linear layer of the LM, alpha/r = 2 as LISA's r 8 / alpha 16, no
 # dropout (a fifth of the CPU step; the same score at seed 0, docs/RESULTS.md). LORA_FLAGS= (empty) trains with train_ds.py's defaults.
 LORA_FLAGS=${LORA_FLAGS-"--lora_r 32 --lora_alpha 64 --lora_dropout 0 --lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
