@@ -5,7 +5,7 @@ mask score.
     python app.py                                   # the quickstart's merged model, http://127.0.0.1:7860
     python app.py --version ./lfllm-7b-merged --host 0.0.0.0 --port 7860
 
-The logic is in ``training/demo.py`` (queries, uploads, pictures) and ``training/demo_ui.py`` (the page).
+The logic is in ``training/serve/demo.py`` (queries, uploads, pictures) and ``training/serve/demo_ui.py`` (the page).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dataset.errors import DataError
-from training.demo import Demo, build_parser, limits_from_args, load_examples
-from training.predict import Segmenter
+from training.serve.demo import Demo, build_parser, limits_from_args, load_examples
+from training.serve.predict import Segmenter
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    from training.demo_ui import build_page, launch  # gradio is imported only when serving
+    from training.serve.demo_ui import build_page, launch  # gradio is imported only when serving
 
     try:
         segmenter = Segmenter(args)

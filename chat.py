@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dataset.errors import DataError
-from training.predict import Segmenter, add_segmenter_flags, run_batch, run_one, safe_name
+from training.serve.predict import Segmenter, add_segmenter_flags, run_batch, run_one, safe_name
 
 
 def build_parser() -> argparse.ArgumentParser:

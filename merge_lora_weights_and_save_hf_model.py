@@ -10,7 +10,7 @@ The trained weights (``--weight``) may be
 
 The base (``--version`` LLaVA dir + ``--vision_pretrained`` SAM checkpoint) is rebuilt with the training
 options (read from ``trainable.json`` next to the weights when present; flags override), wrapped exactly
-as in training (``model.trainable.make_trainable``; the library code is ``training/merge.py`` and
+as in training (``model.trainable.make_trainable``; the library code is ``training/serve/merge.py`` and
 ``training/weights.py``), the trained tensors are loaded strictly by name and
 shape, and peft merges LoRA and the new token rows into plain weights. The result
 (``--save_path``: sharded safetensors, config with every LFLLM field, tokenizer, image processor) loads
@@ -38,7 +38,7 @@ from model.options import ModelOptions
 from model.trainable import TrainableOptions
 from training.checkpoint import TRAINABLE_META
 from training.config import add_option_flags
-from training.merge import merge_to_hf
+from training.serve.merge import merge_to_hf
 from training.weights import read_meta
 
 

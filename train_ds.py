@@ -39,11 +39,11 @@ from training.loaders import build_train_loader, build_val_loader, prepare_estim
 from training.preflight import preflight
 from training.run_dir import RunInUseError, RunLock, check_resume_options
 from training.run_log import RunLogger
-from training.safe_load import UnsafeCheckpointError
 from training.trainer import Trainer, resume_source
 from utils import distributed
 from utils.distributed import DistInfo, init_distributed
 from utils.metrics import SegMetrics
+from utils.safe_load import UnsafeCheckpointError
 
 
 def _given(args: argparse.Namespace) -> set[str]:

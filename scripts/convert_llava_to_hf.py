@@ -1,10 +1,10 @@
 """Convert an original-format LLaVA checkpoint (liuhaotian/llava-v1.5-*) to a Hugging Face LLaVA directory.
 
-Command-line shim over :func:`training.convert_llava.main` (``--help`` lists every option)."""
+Command-line shim over :func:`training.serve.convert_llava.main` (``--help`` lists every option)."""
 
 import sys
 
-from training.convert_llava import main
+from training.serve.convert_llava import main
 
 if __name__ == "__main__":
     try:

@@ -1,10 +1,10 @@
 """Write a tiny HF LLaVA directory + tiny SAM checkpoint for the CPU quickstart and smoke runs.
 
-Command-line shim over :func:`training.tiny_base.main` (``--help`` lists every option)."""
+Command-line shim over :func:`training.pretrain.tiny_base.main` (``--help`` lists every option)."""
 
 import sys
 
-from training.tiny_base import main
+from training.pretrain.tiny_base import main
 
 if __name__ == "__main__":
     try:

@@ -44,7 +44,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, tiny_dataset) -> dict[str, Path]:
     """Tiny LLaVA directory + tiny SAM checkpoint, tokenizer trained on the dataset's expressions."""
-    from training.tiny_base import write_tiny_base
+    from training.pretrain.tiny_base import write_tiny_base
 
     refs = json.loads((tiny_dataset / "refer_seg" / TINY_DS / f"{TINY_DS}.json").read_text())
     corpus = [s["sent"] for r in refs for s in r["sentences"]]

@@ -1,4 +1,4 @@
-"""The LISA-vs-LFLLM ablation's library (training/ablation.py) on hand-made eval.json files: the plan, mean and
+"""The LISA-vs-LFLLM ablation's library (training/experiments/ablation.py) on hand-made eval.json files: the plan, mean and
 std computed by hand, the paper's table layout, the missing-run / other-val-set / too-few-expressions errors,
 the settings guard, and the plot's file and size. No training."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from training import ablation as abl
+from training.experiments import ablation as abl
 
 SUBSETS = ("All", *abl.REPORTED)
 N = {

@@ -17,8 +17,8 @@ import torch
 import app
 from dataset.prompts import VAL_ANSWER
 from model.lfllm import LFLLMForCausalLM
-from training.demo import Demo, load_examples
-from training.predict import Segmenter
+from training.serve.demo import Demo, load_examples
+from training.serve.predict import Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_merged):
-    from training.demo_ui import build_page, launch
+    from training.serve.demo_ui import build_page, launch
 
     args = app.build_parser(str(tiny_merged), str(ROOT / "examples")).parse_args(["--max_new_tokens", "4"])
     demo = Demo(Segmenter(args), load_examples(args.examples))

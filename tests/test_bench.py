@@ -35,8 +35,8 @@ PER_IMAGE_KEYS = (
 )
 
 
-bench = importlib.import_module("training.bench_step")
-bench_inputs = importlib.import_module("training.bench_inputs")
+bench = importlib.import_module("training.experiments.bench_step")
+bench_inputs = importlib.import_module("training.experiments.bench_inputs")
 
 
 @pytest.fixture()

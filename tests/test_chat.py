@@ -18,7 +18,7 @@ from dataset.single_scene import SceneQuery
 from model.inference import teacher_forced_scored
 from model.lfllm import LFLLMForCausalLM
 from tests.conftest import TINY_DS, model_batch
-from training import predict
+from training.serve import predict
 
 H, W = 64, 96  # the tiny dataset's view size
 

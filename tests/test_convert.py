@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from model.build import build_lfllm
 
-convert = importlib.import_module("training.convert_llava")
+convert = importlib.import_module("training.serve.convert_llava")
 
 TO_ORIGINAL = (
     ("model.language_model.", "model."),
@@ -174,7 +174,7 @@ def test_unsupported_projector_and_unknown_keys_are_named(base, clip_dir, tmp_pa
 
 
 def test_make_tiny_base_cli_from_dataset_dir(tiny_dataset, tiny_base, tmp_path, capsys):
-    make = importlib.import_module("training.tiny_base")
+    make = importlib.import_module("training.pretrain.tiny_base")
     out = tmp_path / "tiny_base"
     paths = make.main(["--out", str(out), "--dataset_dir", str(tiny_dataset), "--ds", "ref-urbanlf-syn"])
     assert paths == {"llava": out / "llava", "sam": out / "sam_tiny.pth"}
@@ -187,7 +187,7 @@ def test_make_tiny_base_cli_from_dataset_dir(tiny_dataset, tiny_base, tmp_path, 
 
 
 def test_make_tiny_base_names_missing_json(tmp_path):
-    make = importlib.import_module("training.tiny_base")
+    make = importlib.import_module("training.pretrain.tiny_base")
     with pytest.raises(
         FileNotFoundError, match=r"refer_seg/nope/nope\.json: referring-expression JSON not found"
     ):

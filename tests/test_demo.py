@@ -1,4 +1,4 @@
-"""The demo's logic (training/demo.py) with the tiny merged model, the bundled examples, and the validation
+"""The demo's logic (training/serve/demo.py) with the tiny merged model, the bundled examples, and the validation
 pictures of --eval_only --vis_save_path (overlays + summary sheet, per-expression records)."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import app
 from dataset.synthetic.examples import write_examples
 from model.caam import CAAM
 from tests.conftest import model_batch
-from training.demo import Demo, caam_view, load_examples
 from training.evaluate import evaluate
-from training.predict import Segmenter
+from training.serve.demo import Demo, caam_view, load_examples
+from training.serve.predict import Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -177,7 +177,7 @@ def test_the_benchmark_times_the_cached_step_and_its_masks_equal_the_uncached(mo
     plain = teacher_forced_masks(inner, batch)
     cached = teacher_forced_masks(inner, cached_batch(inner, batch))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, cached, strict=True))
-    bench = importlib.import_module("training.bench_step")
+    bench = importlib.import_module("training.experiments.bench_step")
     result = bench.main(
         ["--preset", "tiny", "--steps", "2", "--warmup", "0", "--eval", "--no_flops", "--feature_cache"]
     )

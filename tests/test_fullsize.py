@@ -479,7 +479,7 @@ def test_default_model_max_length_fits_a_full_size_prompt(cli, model_7b, tiny_da
 def test_bench_presets_build_on_meta_as_build_lfllm_would(name, total, trainable, tmp_path):
     """The benchmark's ``7b`` / ``13b`` presets (CLIP at 224 px) build on the meta device, and the config
     the benchmark makes (``random_config``) is the one build_lfllm makes from such an HF directory."""
-    bench_inputs = importlib.import_module("training.bench_inputs")
+    bench_inputs = importlib.import_module("training.experiments.bench_inputs")
     preset = get_preset(name)
     assert preset.vision["image_size"] == 224 and preset.sam_variant == "vit_h"
     model, _ = build_on_meta(write_llava_dir(tmp_path / name, preset))

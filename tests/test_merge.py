@@ -23,9 +23,9 @@ from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import model_batch
 from tests.test_trust import _Payload
 from training.checkpoint import TRAINABLE_FILE, export_trainable, load_checkpoint, save_checkpoint
-from training.safe_load import UnsafeCheckpointError, deepspeed_records, verify_torch_file
 from training.trainer import resume_source
 from training.weights import WeightSource, open_weights, select_trainable
+from utils.safe_load import UnsafeCheckpointError, deepspeed_records, verify_torch_file
 
 PREFIX = "base_model.model."
 

@@ -26,8 +26,8 @@ from dataset.synthetic.pretrain import (
 )
 from model.presets import get_preset
 from model.sam import build_sam, load_sam, sam_config
-from training.pretrain_base import main as pretrain_main
-from training.pretrain_llava import (
+from training.pretrain.base import main as pretrain_main
+from training.pretrain.llava import (
     LlavaStageOptions,
     ScenePool,
     clip_tokens,
@@ -37,8 +37,8 @@ from training.pretrain_llava import (
     run_llava_stage,
     token_spec,
 )
-from training.pretrain_sam import SamStageOptions, run_sam_stage
-from training.tiny_base import new_llava, train_tiny_tokenizer
+from training.pretrain.sam import SamStageOptions, run_sam_stage
+from training.pretrain.tiny_base import new_llava, train_tiny_tokenizer
 from utils.boxes import box_text, interior_point, parse_box
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ def base_with_digits(tmp_path_factory, tiny_dataset):
     import json
 
     from tests.conftest import TINY_DS
-    from training.tiny_base import write_tiny_base
+    from training.pretrain.tiny_base import write_tiny_base
 
     refs = json.loads((tiny_dataset / "refer_seg" / TINY_DS / f"{TINY_DS}.json").read_text())
     corpus = [s["sent"] for r in refs for s in r["sentences"]]

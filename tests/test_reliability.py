@@ -22,7 +22,7 @@ from dataset.single_scene import SceneQuery, load_scene
 from model.sam import load_sam
 from tests.conftest import TINY_DS
 from training.config import parse_args
-from training.predict import read_expressions
+from training.serve.predict import read_expressions
 from training.weights import open_weights
 
 FLAG_CASES = [

@@ -1,4 +1,4 @@
-"""The [SEG] oracle probe (training/seg_oracle.py): what it hands SAM, that its head learns, its report."""
+"""The [SEG] oracle probe (training/experiments/seg_oracle.py): what it hands SAM, that its head learns, its report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_DS, model_batch
-from training.seg_oracle import SegOracle, main, oracle_targets, parse_mode
+from training.experiments.seg_oracle import SegOracle, main, oracle_targets, parse_mode
 from utils.boxes import grid_box, interior_point, mask_box
 
 

@@ -13,7 +13,7 @@ import torch
 
 from model.sam import build_sam, sam_config
 from tests.conftest import TINY_DS
-from training.tiny_base import SamPretrainOptions, pretrain_tiny_sam, train_split_objects
+from training.pretrain.tiny_base import SamPretrainOptions, pretrain_tiny_sam, train_split_objects
 
 
 def _refs(root):
@@ -67,7 +67,7 @@ def test_pretraining_is_deterministic(tiny_dataset):
 
 
 def test_make_tiny_base_cli_pretrains_sam(tiny_dataset, tiny_base, tmp_path, capsys):
-    make = importlib.import_module("training.tiny_base")
+    make = importlib.import_module("training.pretrain.tiny_base")
     out = tmp_path / "b"
     argv = [
         "--out",

@@ -21,7 +21,7 @@ from dataset.scenes import SceneDataset
 from tests.conftest import TINY_DS
 from training.config import parse_args
 from training.run_dir import RunInUseError, RunLock, check_resume_options
-from training.safe_load import UnsafeCheckpointError, verify_deepspeed_checkpoint, verify_torch_file
+from utils.safe_load import UnsafeCheckpointError, verify_deepspeed_checkpoint, verify_torch_file
 from utils.views import NEIGHBOURHOODS
 
 

@@ -1,4 +1,4 @@
-"""Readable pictures (training/visualize.py) and mask scores (utils/mask_scores.py): sizes, what is drawn
+"""Readable pictures (utils/visualize.py) and mask scores (utils/mask_scores.py): sizes, what is drawn
 where, golden score values, Spearman against scipy, the summary sheet and the score study's figures."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import visualize as vis
-from training.score_study import correlations, scatter_plot
+from training.experiments.score_study import correlations, scatter_plot
+from utils import visualize as vis
 from utils.mask_scores import SCORE_NAMES, mask_confidence, mask_scores, spearman, stability_score
 from utils.metrics import SegMetrics
 

@@ -6,7 +6,7 @@ rank 0 adds ``complete.json`` (its global step) and renames it into place (the p
 to ``.old-<tag>/`` first and deleted after), then ``latest`` is replaced atomically. A run killed at any
 point of a save leaves at least one complete checkpoint, and :func:`find_resume_checkpoint` picks the
 newest complete one whatever its name (``last``, ``.tmp-last``, ``.old-last``, ``best``…) and says so.
-Every file is read through the weights-only gate (``training.safe_load``) before DeepSpeed loads it.
+Every file is read through the weights-only gate (``utils.safe_load``) before DeepSpeed loads it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from training.safe_load import verify_deepspeed_checkpoint
+from utils.safe_load import verify_deepspeed_checkpoint
 
 TRAINABLE_FILE = "trainable.safetensors"
 TRAINABLE_META = "trainable.json"

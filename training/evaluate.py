@@ -24,7 +24,10 @@ from tqdm import tqdm
 from dataset.collate import move_batch
 from model.inference import generate_masks, teacher_forced_scored
 from model.lfllm import LFLLMForCausalLM
-from training.visualize import (
+from utils.batch import Batch
+from utils.mask_scores import DEFAULT_SCORE, scores_of_one
+from utils.metrics import SegMetrics, mask_iou_stats, subset_tags
+from utils.visualize import (
     annotated_overlay,
     colorize_disparity,
     overlay,
@@ -32,9 +35,6 @@ from training.visualize import (
     summary_sheet,
     write_png,
 )
-from utils.batch import Batch
-from utils.mask_scores import DEFAULT_SCORE, scores_of_one
-from utils.metrics import SegMetrics, mask_iou_stats, subset_tags
 
 __all__ = ["evaluate", "overlay", "write_summary_sheet"]  # overlay: the blend, for callers
 

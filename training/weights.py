@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from training.checkpoint import TRAINABLE_FILE, TRAINABLE_META
-from training.safe_load import verify_deepspeed_checkpoint
+from utils.safe_load import verify_deepspeed_checkpoint
 
 DS_MODEL_STATES = "*_model_states.pt"
 

@@ -24,8 +24,8 @@ from model.build import DTYPES, build_lfllm
 from training.config import model_options, parse_args
 from training.evaluate import evaluate
 from training.loaders import build_val_loader
-from training.visualize import scatter_panel, side_by_side, write_png
 from utils.mask_scores import DEFAULT_SCORE, SCORE_NAMES, spearman
+from utils.visualize import scatter_panel, side_by_side, write_png
 
 
 def bootstrap_interval(

@@ -25,7 +25,7 @@ from dataset.synthetic.pretrain import HELD_OUT_START, pretrain_scene
 from dataset.transforms import sam_geometry
 from model.losses import mask_losses
 from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-from training.pretrain_state import StageRun, cosine_lr
+from training.pretrain.state import StageRun, cosine_lr
 from utils.boxes import interior_point
 from utils.metrics import mask_iou_stats
 

@@ -2,7 +2,7 @@
 
 The model is built at a size preset with random init and nothing downloaded:
 
-* ``tiny``: a tiny HF LLaVA + SAM is written to a temporary folder (``training.tiny_base.write_tiny_base``) and
+* ``tiny``: a tiny HF LLaVA + SAM is written to a temporary folder (``training.pretrain.tiny_base.write_tiny_base``) and
   loaded with ``model.build.build_lfllm``, the loading path of real weights (``--build direct`` skips it).
 * ``7b`` / ``13b``: built directly on the GPU in the training precision (``torch.device("cuda")`` with the
   default dtype set), no checkpoint written; the vocabulary is ``llava-1.5-7b-hf``'s (32000 tokens +
@@ -53,11 +53,11 @@ from model.inference import generate_masks, teacher_forced_masks
 from model.options import ModelOptions
 from model.presets import PRESETS
 from model.trainable import TrainableOptions, unwrap
-from training.bench_inputs import batch_shape, build_model, synthetic_batch
-from training.bench_report import Meter, count_flops, environment, median_row, table
 from training.config import add_option_flags
 from training.config import parse_args as parse_train_args
 from training.engine import build_engine, forget_deepspeed_world_group, setup_single_process
+from training.experiments.bench_inputs import batch_shape, build_model, synthetic_batch
+from training.experiments.bench_report import Meter, count_flops, environment, median_row, table
 from training.features import cached_batch
 from training.trainer import train_micro_step
 

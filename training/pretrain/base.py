@@ -3,9 +3,9 @@
 ``scripts/pretrain_tiny_base.py`` is the command line (:func:`main`). It writes, into ``--out``:
 
 * ``llava/`` — an HF LLaVA directory (``tiny-base`` preset: 128-wide 4-layer LM, 8x8 CLIP grid) with a
-  tokenizer trained on the pretraining corpus, after two stages (:mod:`training.pretrain_llava`);
+  tokenizer trained on the pretraining corpus, after two stages (:mod:`training.pretrain.llava`);
 * ``sam_tiny.pth`` — a Meta-format SAM state dict (``tiny160`` variant) after promptable-segmentation
-  pretraining (:mod:`training.pretrain_sam`);
+  pretraining (:mod:`training.pretrain.sam`);
 * ``pretrain_record.json`` — how it was made: command, commit, seeds, threads, wall times, losses,
   held-out scores;
 * ``.work/`` — resumable stage checkpoints (rerun the same command after a kill to continue).
@@ -42,9 +42,9 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 from dataset.synthetic.pretrain import PRETRAIN_SEED, pretrain_config, pretrain_corpus
 from model.presets import get_preset
 from model.sam import build_sam, sam_config
-from training.pretrain_llava import STAGES, LlavaStageOptions, ScenePool, rec_scores, run_llava_stage
-from training.pretrain_sam import SamStageOptions, held_out_scores, run_sam_stage
-from training.tiny_base import new_llava, save_llava, train_tiny_tokenizer
+from training.pretrain.llava import STAGES, LlavaStageOptions, ScenePool, rec_scores, run_llava_stage
+from training.pretrain.sam import SamStageOptions, held_out_scores, run_sam_stage
+from training.pretrain.tiny_base import new_llava, save_llava, train_tiny_tokenizer
 
 PRESET = "tiny-base"
 # flags that only shape the LLaVA stages (refused with --llava_from)
@@ -80,7 +80,7 @@ class PretrainOptions:
 
 def git_commit() -> str:
     """``HEAD``'s hash (+ ``-dirty`` when the tree has changes), or ``unknown`` outside a checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True

@@ -1,9 +1,9 @@
 """The web demo's logic: pick a bundled light field or upload one, type an expression, get the answer,
 the mask overlay, the disparity map, the CAAM-aggregated view and the mask score.
 
-``app.py`` is the entry point and ``training/demo_ui.py`` the gradio page; this module holds what they call:
-:class:`Demo` runs a :class:`training.predict.Segmenter` (loaded once) on one (scene, expression) query and
-composes the pictures (``training/visualize.py``). Uploads go through ``dataset/upload.py`` (checked,
+``app.py`` is the entry point and ``training/serve/demo_ui.py`` the gradio page; this module holds what they call:
+:class:`Demo` runs a :class:`training.serve.predict.Segmenter` (loaded once) on one (scene, expression) query and
+composes the pictures (``utils/visualize.py``). Uploads go through ``dataset/upload.py`` (checked,
 decoded, rewritten as a scene folder); without a disparity map one is estimated from the uploaded views
 (``dataset/disparity``). Bad input of any kind ends as a message in :class:`DemoResult`, never as an
 exception.
@@ -30,8 +30,9 @@ from dataset.single_scene import SceneQuery
 from dataset.upload import UploadError, UploadLimits, read_upload, write_uploaded_scene
 from model.inference import Generated
 from model.lfllm import LFLLMForCausalLM
-from training.predict import Segmenter, add_segmenter_flags, result_images
-from training.visualize import (
+from training.serve.predict import Segmenter, add_segmenter_flags, result_images
+from utils.mask_scores import DEFAULT_SCORE, scores_of_one
+from utils.visualize import (
     colorize_disparity,
     font_scale,
     text_band,
@@ -39,7 +40,6 @@ from training.visualize import (
     upscale_nearest,
     wrap_text,
 )
-from utils.mask_scores import DEFAULT_SCORE, scores_of_one
 
 log = logging.getLogger(__name__)
 MAX_EXPRESSION_CHARS = 300

@@ -5,7 +5,7 @@ pipeline (same geometry, prompts and tokens) with generation (KV cache, ``model.
 ``run_one`` / ``run_batch`` write masks, overlays (≥ 512 px, expression, legend, score, disparity beside)
 and, in batch mode, ``results.jsonl`` (one line per expression) + ``results.json``. Scenes are batched on
 the device (``batch_size`` scenes, all their expressions, per generation). ``chat.py`` and the web demo
-(``training/demo.py``) are the front ends.
+(``training/serve/demo.py``) are the front ends.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from model.inference import Generated, generate_masks
 from model.options import GenerationOptions
 from training.config import add_option_flags, data_options
 from training.evaluate import scene_disparity
-from training.visualize import annotated_overlay, colorize_disparity, side_by_side, write_png
 from utils.batch import Batch
 from utils.mask_scores import DEFAULT_SCORE, scores_of_one
+from utils.visualize import annotated_overlay, colorize_disparity, side_by_side, write_png
 
 
 def add_segmenter_flags(parser: argparse.ArgumentParser, version_default: str | None = None) -> None:

@@ -49,7 +49,7 @@ from dataset.synthetic.pretrain import (
     pretrain_scene,
 )
 from dataset.transforms import clip_geometry
-from training.pretrain_state import StageRun, cosine_lr
+from training.pretrain.state import StageRun, cosine_lr
 from utils.boxes import parse_box
 from utils.conversation import render_segments
 from utils.tokens import IGNORE_INDEX, IMAGE_TOKEN

@@ -1,5 +1,5 @@
 """The web demo's page (gradio): light field + expression in, answer / mask overlay / disparity / CAAM view /
-score out. The logic behind it is :class:`training.demo.Demo`; ``app.py`` starts it.
+score out. The logic behind it is :class:`training.serve.demo.Demo`; ``app.py`` starts it.
 
 Element ids (for people styling it and for the browser test): ``example``, ``upload``, ``expression``,
 ``run``, ``message``, ``answer``, ``score``, ``overlay``, ``disparity``, ``caam``, ``preview``.
@@ -15,7 +15,7 @@ import gradio as gr
 import numpy as np
 
 from dataset.lightfield import read_rgb
-from training.demo import UPLOAD, Demo, DemoResult
+from training.serve.demo import UPLOAD, Demo, DemoResult
 
 INTRO = """# LFLLM: light-field referring segmentation
 Pick a bundled light field (or upload one: a **.zip** of a scene folder in the Ref-UrbanLF layout, or the

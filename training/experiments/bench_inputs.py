@@ -1,5 +1,5 @@
 """Inputs of the step benchmark: the model at a size preset (random init, no download) and synthetic batches
-of the real shapes, through ``dataset.collate.collate_batch``. ``training/bench_step.py`` times them.
+of the real shapes, through ``dataset.collate.collate_batch``. ``training/experiments/bench_step.py`` times them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from model.options import ModelOptions
 from model.presets import get_preset, llava_config
 from model.sam import reset_sam_buffers, sam_config
 from training.config import options_from_args
-from training.tiny_base import write_tiny_base
+from training.pretrain.tiny_base import write_tiny_base
 from utils.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN
 
 

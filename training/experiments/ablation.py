@@ -13,7 +13,7 @@ default ``--caam_mode`` (fixed); ``--caam_modes`` adds an LFLLM row per other mo
 the sample standard deviation over seeds (n − 1), absent with one seed.
 
 Length: about 460 lines, one job in four parts (plan, val-set check, aggregation with its tables, plot)
-over one summary structure; the plot's drawing (``_panel``, ``bar_plot``) could join ``training/visualize.py``.
+over one summary structure; the plot's drawing (``_panel``, ``bar_plot``) could join ``utils/visualize.py``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import numpy as np
 from dataset.refer import ReferAnnotations
 from model.options import CAAM_MODES, ModelOptions
 from training.checkpoint import atomic_write_text
-from training.visualize import FONT, write_png
 from utils.metrics import ALL, PAPER_COLUMNS, subset_tags
+from utils.visualize import FONT, write_png
 
 #: The subsets a reported table shows besides All; each needs ``--min`` expressions in the val set.
 REPORTED: tuple[str, ...] = PAPER_COLUMNS[1:]

@@ -1,7 +1,7 @@
 """Benchmark the training data path with and without the feature cache: scenes/s of one loader worker.
 
 Writes a small synthetic benchmark at the UrbanLF size (640×480, 9×9 views) to a temporary folder, builds
-the tiny model (``training.tiny_base``), fills a feature cache for it, then iterates the training loader
+the tiny model (``training.pretrain.tiny_base``), fills a feature cache for it, then iterates the training loader
 (``training.loaders.build_train_loader``, one worker process, the real collate) uncached and cached and
 reports scenes/s of each, the cache's size per scene, and the time to fill it::
 
@@ -26,7 +26,7 @@ from model.build import build_lfllm
 from training.config import parse_args as parse_train_args
 from training.features import prepare_feature_cache
 from training.loaders import build_train_loader
-from training.tiny_base import write_tiny_base
+from training.pretrain.tiny_base import write_tiny_base
 from utils.distributed import DistInfo
 
 

@@ -1,0 +1,1 @@
+"""Experiments and developer tools: step/data benchmarks, the ablation, the [SEG] oracle, the score study."""
