@@ -15,15 +15,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dataset.errors import DataError
-from training.serve.demo import Demo, build_parser, limits_from_args, load_examples
-from training.serve.predict import Segmenter
+from training.serve.demo import Demo, build_parser, load_examples, upload_limits
+from training.serve.predict import Segmenter, parse_serve
 
 HERE = Path(__file__).resolve().parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Load the model once and serve the page until interrupted; returns the exit status."""
-    args = build_parser(str(HERE / "quickstart" / "merged"), str(HERE / "examples")).parse_args(argv)
+    parser = build_parser(str(HERE / "quickstart" / "merged"), str(HERE / "examples"))
+    args, serve = parse_serve(parser, argv)
     if not Path(args.version).is_dir():
         print(
             f"error: {args.version}: no model there; run `bash scripts/quickstart.sh` first (it writes "
@@ -34,11 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.serve.demo_ui import build_page, launch  # gradio is imported only when serving
 
     try:
-        segmenter = Segmenter(args)
+        segmenter = Segmenter(serve)
     except (DataError, RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    demo = Demo(segmenter, load_examples(args.examples), limits=limits_from_args(args))
+    demo = Demo(segmenter, load_examples(args.examples), limits=upload_limits(args.max_upload_mb))
     page = build_page(demo)
     print(f"LFLLM demo on http://{args.host}:{args.port} (model {args.version}); Ctrl+C stops it")
     launch(page, args.host, args.port, demo.limits.max_total_bytes)

@@ -24,7 +24,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dataset.errors import DataError
-from training.serve.predict import Segmenter, add_segmenter_flags, run_batch, run_one, safe_name
+from training.serve.predict import (
+    Segmenter,
+    ServeConfig,
+    add_segmenter_flags,
+    parse_serve,
+    run_batch,
+    run_one,
+    safe_name,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--expressions", default=None, help='JSON list of {"scene", "sentence", "id"?}')
     many.add_argument("--batch_size", type=int, default=4, help="scenes per forward on the device")
     return p
+
+
+def serve_config(argv: Sequence[str] | None = None) -> ServeConfig:
+    """The model, prompt, generation and data options of a ``chat.py`` command line."""
+    return parse_serve(build_parser(), argv)[1]
 
 
 def interactive(seg: Segmenter, out_dir: Path, read: Callable[[str], str] = input) -> None:
@@ -73,7 +86,7 @@ def interactive(seg: Segmenter, out_dir: Path, read: Callable[[str], str] = inpu
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, serve = parse_serve(parser, argv)
     if (args.lf_dir is None) != (args.prompt is None):
         parser.error("one-shot mode needs both --lf_dir and --prompt")
     if (args.lf_root is None) != (args.expressions is None):
@@ -84,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("choose one-shot (--lf_dir/--prompt) or batch (--lf_root/--expressions), not both")
     out_dir = Path(args.out)
     try:
-        seg = Segmenter(args)
+        seg = Segmenter(serve)
         if args.lf_dir:
             scene = Path(args.lf_dir)
             run_one(seg, scene, args.prompt, out_dir, safe_name(args.name or scene.name))

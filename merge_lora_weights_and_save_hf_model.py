@@ -33,13 +33,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dataset.options import PromptOptions
-from model.build import DTYPES
 from model.options import ModelOptions
 from model.trainable import TrainableOptions
 from training.checkpoint import TRAINABLE_META
-from training.config import add_option_flags
-from training.serve.merge import merge_to_hf
+from training.config import RunConfig, RunOptions
+from training.serve.merge import MergeOptions, merge_to_hf, recorded_version
 from training.weights import read_meta
+from utils.options import add_option_flags, options_from_args
+
+#: The run options the merge takes (default: the run record's); the rest are LISA's, accepted and unused.
+RUN_FLAGS = ("version", "vision_pretrained", "vision_tower", "local_rank")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,23 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         "base and save a Hugging Face directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--version", default=None, help="base HF LLaVA dir (or a merged LFLLM dir); trainable.json"
-    )
-    p.add_argument("--vision_pretrained", default=None, help="SAM checkpoint; default from trainable.json")
-    p.add_argument("--weight", required=True, help="trainable.safetensors, a DeepSpeed ckpt dir, or a .bin")
-    p.add_argument("--save_path", required=True, help="output HF directory")
-    p.add_argument("--tag", default=None, help="DeepSpeed checkpoint tag (default: its 'latest' file)")
-    p.add_argument("--precision", default="bf16", choices=sorted(DTYPES), help="dtype of the saved model")
-    p.add_argument("--max_shard_size", default="5GB", help="safetensors shard size")
+    add_option_flags(p, MergeOptions, required=("weight", "save_path"))
+    add_option_flags(p, RunOptions, unset=True, only=RUN_FLAGS)
     # conv_type / model_max_length: default None = trainable.json's; recorded in merge_info.json for chat
     add_option_flags(p, PromptOptions, unset=True)
     t = p.add_argument_group("training options (default: trainable.json next to --weight, else LISA's)")
     add_option_flags(t, TrainableOptions, unset=True)
     add_option_flags(t, ModelOptions, unset=True)
-    c = p.add_argument_group("accepted for compatibility with LISA's command lines")
-    c.add_argument("--vision-tower", "--vision_tower", dest="vision_tower", default=None)
-    c.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1)
     return p
 
 
@@ -73,16 +66,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Run the merge; returns the output directory."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.given = [k for k, v in vars(args).items() if v is not None]
-    meta = read_meta(args.weight, args.tag)
-    version = args.version or (meta or {}).get("version")
-    vision_pretrained = args.vision_pretrained or (meta or {}).get("vision_pretrained")
-    if version is None:
-        parser.error(f"--version is required (no {TRAINABLE_META} next to {args.weight} names the base)")
-    if args.vision_tower:
-        print(f"note: --vision-tower {args.vision_tower} ignored; the CLIP tower comes from --version")
-    out, count = merge_to_hf(args, meta, version, vision_pretrained)
-    print(f"merged {count} trained tensors into {version}; saved {args.precision} model to {out}")
+    given = frozenset(k for k, v in vars(args).items() if v is not None)
+    opts = options_from_args(MergeOptions, args)
+    meta = read_meta(opts.weight, opts.tag)
+    if args.version is None and not recorded_version(meta):
+        parser.error(f"--version is required (no {TRAINABLE_META} next to {opts.weight} names the base)")
+    recorded = RunConfig.from_record(meta)
+    cfg = recorded.replace(
+        **{g: options_from_args(type(o), args, o) for g, o in recorded.groups().items() if g != "run"},
+        run=options_from_args(RunOptions, args, recorded.run),
+        given=given,
+    )
+    if cfg.run.vision_tower:
+        print(f"note: --vision-tower {cfg.run.vision_tower} ignored; the CLIP tower comes from --version")
+    out, count = merge_to_hf(cfg, opts, meta)
+    print(f"merged {count} trained tensors into {cfg.run.version}; saved {opts.precision} model to {out}")
     return out
 
 

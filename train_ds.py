@@ -15,12 +15,11 @@ option.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +30,7 @@ from model.options import ModelOptions
 from model.trainable import unwrap
 from training.baselines import baseline_metrics, summary_line
 from training.checkpoint import atomic_write_text
-from training.config import given_fields, model_options, parse_args, trainable_options
+from training.config import RunConfig, parse_config
 from training.engine import build_engine
 from training.evaluate import check_protocol, evaluate
 from training.features import prepare_feature_cache
@@ -46,28 +45,28 @@ from utils.metrics import SegMetrics
 from utils.safe_load import UnsafeCheckpointError
 
 
-def _given(args: argparse.Namespace) -> set[str]:
+def _given(cfg: RunConfig) -> set[str]:
     """The model options (and ``vision_pretrained``) set on the command line: checked against the weights."""
-    return given_fields(ModelOptions, args) | ({"vision_pretrained"} & set(args.given))
+    return cfg.given_fields(ModelOptions) | ({"vision_pretrained"} & cfg.given)
 
 
 def _report(
-    args: argparse.Namespace, run_dir: Path, metrics: SegMetrics, dist_info: DistInfo, logger: RunLogger
+    cfg: RunConfig, run_dir: Path, metrics: SegMetrics, dist_info: DistInfo, logger: RunLogger
 ) -> None:
     """Print the table (paper column order) beside the expression-blind baselines; write ``eval.json``."""
     if not dist_info.is_main:
         return
-    baselines = baseline_metrics(val_scenes(args, with_disparity=False))
-    title = f"{args.val_dataset} ({args.eval_protocol}), model {args.version}"
+    baselines = baseline_metrics(val_scenes(cfg, with_disparity=False))
+    title = f"{cfg.eval.val_dataset} ({cfg.eval.eval_protocol}), model {cfg.run.version}"
     print(metrics.table(title=title))
     print("baselines that ignore the expression:")
     print(summary_line("model", metrics))
     for name, m in baselines.items():
         print(summary_line(name, m))
     record = {
-        "val_dataset": args.val_dataset,
-        "protocol": args.eval_protocol,
-        "version": args.version,
+        "val_dataset": cfg.eval.val_dataset,
+        "protocol": cfg.eval.eval_protocol,
+        "version": cfg.run.version,
         **metrics.to_json(),
         "baselines": {name: m.to_json()["subsets"]["All"] for name, m in baselines.items()},
     }
@@ -75,16 +74,16 @@ def _report(
     logger.metrics(0, metrics.compute(), prefix="eval")
 
 
-def prepare_disparity(args: argparse.Namespace, config, dist_info: DistInfo, *, train: bool) -> None:
+def prepare_disparity(cfg: RunConfig, model_config: Any, dist_info: DistInfo, *, train: bool) -> None:
     """``--depth_source estimate``: the estimator's maps for every scene this run reads (the training split
     when ``train``, ``--val_dataset`` when validating), written before the datasets are built and shared
     over the ranks; a model that reads no disparity (``--no_depth --no_caam``) needs none."""
-    if args.depth_source != "estimate" or not SampleSpec.from_model_config(config).needs_disparity:
+    if cfg.data.depth_source != "estimate" or not SampleSpec.from_model_config(model_config).needs_disparity:
         return
     prepare_estimated_disparity(
-        args,
+        cfg,
         train=train,
-        val=not (train and args.no_eval),
+        val=not (train and cfg.eval.no_eval),
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         device=dist_info.device,
@@ -92,86 +91,75 @@ def prepare_disparity(args: argparse.Namespace, config, dist_info: DistInfo, *, 
     )
 
 
-def run_eval_only(
-    args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, logger: RunLogger
-) -> SegMetrics:
+def run_eval_only(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: RunLogger) -> SegMetrics:
     """Evaluate ``--version`` (a merged LFLLM dir, or a LLaVA dir + SAM) on ``--val_dataset``."""
-    torch.manual_seed(args.seed)  # a LLaVA dir gets fresh [SEG] heads: the same on every rank and run
+    torch.manual_seed(cfg.loop.seed)  # a LLaVA dir gets fresh [SEG] heads: the same on every rank and run
     model, tokenizer = build_lfllm(
-        args.version, args.vision_pretrained, model_options(args), DTYPES[args.precision], given=_given(args)
+        cfg.run.version, cfg.run.vision_pretrained, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)
     )
-    check_protocol(model.config, args.eval_protocol)
+    protocol = cfg.eval.eval_protocol
+    check_protocol(model.config, protocol)
     model.to(dist_info.device)
-    prepare_disparity(args, model.config, dist_info, train=False)
-    store = prepare_feature_cache(args, model, tokenizer, dist_info, train=False, val=True)
+    prepare_disparity(cfg, model.config, dist_info, train=False)
+    store = prepare_feature_cache(cfg, model, tokenizer, dist_info, train=False, val=True)
     loader = build_val_loader(
-        args,
+        cfg,
         model.config,
         tokenizer,
         dist_info.rank,
         dist_info.world_size,
-        args.eval_protocol == "generated",
+        protocol == "generated",
         store=store,
     )
-    vis = Path(args.vis_save_path) if args.vis_save_path else None
+    vis = Path(cfg.eval.vis_save_path) if cfg.eval.vis_save_path else None
     metrics = evaluate(
         model,
         loader,
         dist_info.device,
-        protocol=args.eval_protocol,
+        protocol=protocol,
         tokenizer=tokenizer,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=cfg.generation.max_new_tokens,
         vis_dir=vis,
         show_progress=dist_info.is_main,
     )
-    _report(args, run_dir, metrics, dist_info, logger)
+    _report(cfg, run_dir, metrics, dist_info, logger)
     return metrics
 
 
-def run_training(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path, logger: RunLogger) -> Trainer:
+def run_training(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: RunLogger) -> Trainer:
     """Build the model, wrap it with peft and DeepSpeed, train, and evaluate at every epoch end."""
-    torch.manual_seed(args.seed)
-    m_opts, t_opts = model_options(args), trainable_options(args)
+    torch.manual_seed(cfg.loop.seed)
     model, tokenizer = build_lfllm(
-        args.version, args.vision_pretrained, m_opts, DTYPES[args.precision], given=_given(args)
+        cfg.run.version, cfg.run.vision_pretrained, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)
     )
-    if not args.no_eval:
-        check_protocol(model.config, args.eval_protocol)  # before any training step
-    engine, ds_config = build_engine(model, args, t_opts, on_cpu=dist_info.device.type == "cpu")
-    logger.write_run_files(args, ds_config)
+    if not cfg.eval.no_eval:
+        check_protocol(model.config, cfg.eval.eval_protocol)  # before any training step
+    engine, ds_config = build_engine(model, cfg, on_cpu=dist_info.device.type == "cpu")
+    logger.write_run_files(cfg.to_record(), ds_config)
     config = unwrap(engine.module).config
-    prepare_disparity(args, config, dist_info, train=True)
+    prepare_disparity(cfg, config, dist_info, train=True)
     store = prepare_feature_cache(
-        args, unwrap(engine.module), tokenizer, dist_info, train=True, val=not args.no_eval
+        cfg, unwrap(engine.module), tokenizer, dist_info, train=True, val=not cfg.eval.no_eval
     )
-    train_loader, sampler = build_train_loader(args, config, tokenizer, dist_info.rank, store=store)
+    train_loader, sampler = build_train_loader(cfg, config, tokenizer, dist_info.rank, store=store)
     val_loader = None
-    if not args.no_eval:
+    if not cfg.eval.no_eval:
         val_loader = build_val_loader(
-            args,
+            cfg,
             config,
             tokenizer,
             dist_info.rank,
             dist_info.world_size,
-            args.eval_protocol == "generated",
+            cfg.eval.eval_protocol == "generated",
             store=store,
         )
-    export_meta = {
-        "version": str(args.version),
-        "vision_pretrained": str(args.vision_pretrained),
-        "precision": args.precision,
-        "conv_type": args.conv_type,
-        "model_max_length": args.model_max_length,
-        "model_options": dataclasses.asdict(m_opts),
-        "trainable_options": dataclasses.asdict(t_opts),
-    }
     trainer = Trainer(
-        args, engine, train_loader, sampler, val_loader, tokenizer, dist_info, logger, run_dir, export_meta
+        cfg, engine, train_loader, sampler, val_loader, tokenizer, dist_info, logger, run_dir, cfg.to_record()
     )
     trainer.maybe_resume()
     trainer.train()
     if trainer.last_metrics is not None:
-        _report(args, run_dir, trainer.last_metrics, dist_info, logger)
+        _report(cfg, run_dir, trainer.last_metrics, dist_info, logger)
     return trainer
 
 
@@ -186,25 +174,25 @@ USER_ERRORS = (
 )
 
 
-def run(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path) -> None:
+def run(cfg: RunConfig, dist_info: DistInfo, run_dir: Path) -> None:
     """Pre-flight, lock and option checks, then evaluation or training."""
-    preflight(args, train=not args.eval_only, is_main=dist_info.is_main)
+    preflight(cfg, train=not cfg.run.eval_only, is_main=dist_info.is_main)
     lock = RunLock(run_dir).acquire() if dist_info.is_main else None
     try:
         if lock is not None and lock.took_over:
             print(f"note: took over the lock of a run that is no longer alive ({lock.took_over})", flush=True)
-        if not args.eval_only and dist_info.is_main:
-            resuming = resume_source(args, run_dir / "ckpt_model") is not None
-            for line in check_resume_options(run_dir, args, resuming):
+        if not cfg.run.eval_only and dist_info.is_main:
+            resuming = resume_source(cfg.run, run_dir / "ckpt_model") is not None
+            for line in check_resume_options(run_dir, cfg, resuming):
                 print(f"note: --resume_with_changes: {line}", flush=True)
         distributed.barrier()
         logger = RunLogger(run_dir, enabled=dist_info.is_main)
         try:
-            if args.eval_only:
-                logger.write_run_files(args, None)
-                run_eval_only(args, dist_info, run_dir, logger)
+            if cfg.run.eval_only:
+                logger.write_run_files(cfg.to_record(), None)
+                run_eval_only(cfg, dist_info, run_dir, logger)
             else:
-                run_training(args, dist_info, run_dir, logger)
+                run_training(cfg, dist_info, run_dir, logger)
         finally:
             logger.close()
     finally:
@@ -214,16 +202,16 @@ def run(args: argparse.Namespace, dist_info: DistInfo, run_dir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; a user error (bad flag, file or data) ends with one ``error:`` line and status 2."""
-    args = parse_args(argv)
+    cfg = parse_config(argv)
     try:  # a wrong --version is named before any process group or model exists
-        check_pretrained_dir(args.version)
+        check_pretrained_dir(cfg.run.version)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    dist_info = init_distributed(args.local_rank)
-    run_dir = Path(args.log_base_dir) / args.exp_name
+    dist_info = init_distributed(cfg.run.local_rank)
+    run_dir = cfg.run.run_dir
     try:
-        run(args, dist_info, run_dir)
+        run(cfg, dist_info, run_dir)
     except USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         prefix = f"[rank {dist_info.rank}] " if dist_info.world_size > 1 else ""

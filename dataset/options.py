@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from utils.conversation import TEMPLATES
-from utils.options import option
+from utils.options import at_least, option
 
 DepthSource = Literal["file", "estimate"]
 DEPTH_SOURCES: tuple[str, ...] = ("file", "estimate")
@@ -78,30 +78,37 @@ class DataOptions:
     """How a scene folder is read (the flags of every entry point that reads light fields)."""
 
     view_pattern: str = option(
-        "{row}_{col}.png", "file name of view (row, col), 1-based, centre 5_5", parse=_view_pattern
+        "{row}_{col}.png",
+        "file name of view (row, col), 1-based, centre 5_5",
+        parse=_view_pattern,
+        resume=True,
     )
     disparity_name: str = option(
         "5_5_disparity.npy",
         "centre disparity file, e.g. 5_5_disparity_OAVC.npy; per dataset: "
         "'ref-urbanlf-syn=5_5_disparity_OAVC.npy,ref-urbanlf-real=disparity_OAVC.npy'",
         parse=_disparity_names,
+        resume=True,
     )
     lf_dir_pattern: str = option(
         "lf/{ds}/Image{image_id}",
         "scene folder of an image, relative to --dataset_dir ({ds}: dataset name); per dataset: "
         "'ds=pattern,ds2=pattern', e.g. the release's 'images/urbanlf/syn/val/new/Image{image_id}'",
         parse=_scene_pattern,
+        resume=True,
     )
     depth_source: str = option(
         "file",
         "file: read --disparity_name; estimate: the built-in estimator's maps, cached per scene",
         choices=DEPTH_SOURCES,
+        resume=True,
     )
     estimated_disparity_name: str = option(
         DEFAULT_ESTIMATED_NAME,
         "cache file of --depth_source estimate in each scene folder (scripts/estimate_disparity.py's "
         "--out_name); existing files are reused whatever settings wrote them",
         parse=check_cache_name,
+        resume=True,
     )
 
     def read_disparity_name(self, ds: str | None = None) -> str:
@@ -135,9 +142,14 @@ DEFAULT_DATA_OPTIONS = DataOptions()
 class PromptOptions:
     """How the conversations are written and bounded (train, merge record, chat, demo)."""
 
-    conv_type: str = option("llava_v1", "chat template of the base language model", choices=sorted(TEMPLATES))
+    conv_type: str = option(
+        "llava_v1", "chat template of the base language model", choices=sorted(TEMPLATES), resume=True
+    )
     model_max_length: int = option(
-        512, "prompt length limit in tokens, each <image>/<depth> placeholder counted once (as the reference)"
+        512,
+        "prompt length limit in tokens, each <image>/<depth> placeholder counted once (as the reference)",
+        resume=True,
+        check=at_least(1),
     )
 
 

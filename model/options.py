@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from utils.conversation import PROMPT_ORDERS
-from utils.options import flag_name, option, parse_range, show_range, show_value
+from utils.options import (
+    at_least,
+    finite_at_least_zero,
+    flag_name,
+    option,
+    parse_range,
+    show_range,
+    show_value,
+)
 from utils.views import parse_views
 
 CAAM_TARGETS: tuple[str, ...] = ("clip", "sam", "both")
@@ -32,40 +40,53 @@ class ModelOptions:
     """The LFLLM fields a user chooses (defaults: the paper's method; flags: the reference's names)."""
 
     use_depth: bool = option(
-        True, "<DEPTH> tokens from the disparity map (--no_depth: LISA baseline)", flag="depth"
+        True, "<DEPTH> tokens from the disparity map (--no_depth: LISA baseline)", flag="depth", resume=True
     )
-    use_caam: bool = option(True, "Center Angular Aggregation Module (--no_caam: LISA baseline)", flag="caam")
-    caam_target: str = option("both", "which encoders see the CAAM-aggregated view", choices=CAAM_TARGETS)
+    use_caam: bool = option(
+        True, "Center Angular Aggregation Module (--no_caam: LISA baseline)", flag="caam", resume=True
+    )
+    caam_target: str = option(
+        "both", "which encoders see the CAAM-aggregated view", choices=CAAM_TARGETS, resume=True
+    )
     caam_mode: str = option(
-        "fixed", "CAAM aggregation: fixed weights, learned, occlusion-aware", choices=CAAM_MODES
+        "fixed", "CAAM aggregation: fixed weights, learned, occlusion-aware", choices=CAAM_MODES, resume=True
     )
-    caam_views: str = option("4", "'4', '8', 'cross2' or view names like 5_4,5_6", parse=_views)
+    caam_views: str = option("4", "'4', '8', 'cross2' or view names like 5_4,5_6", parse=_views, resume=True)
     depth_range: tuple[float, float] = option(
         (-1.0, 1.0),
         "disparity (px) mapped to black..white; write --depth_range=-0.5,2 for a negative start",
         parse=parse_range,
         show=show_range,
+        resume=True,
     )
-    depth_projector: str = option("shared", "projector of the <DEPTH> tokens", choices=DEPTH_PROJECTORS)
-    use_mm_start_end: bool = option(True, "wrap visual placeholders in <im_start>/<im_end>")
+    depth_projector: str = option(
+        "shared", "projector of the <DEPTH> tokens", choices=DEPTH_PROJECTORS, resume=True
+    )
+    use_mm_start_end: bool = option(True, "wrap visual placeholders in <im_start>/<im_end>", resume=True)
     prompt_order: str = option(
         "image_first",
         "visual placeholders before the question (LLaVA's order) or after it (for a base pretrained so)",
         choices=PROMPT_ORDERS,
+        resume=True,
     )
     answer_box: bool = option(
         False,
         "answers state the target's box (0.1 grid) before [SEG]; evaluated with --eval_protocol generated",
+        resume=True,
     )
     out_dim: int = option(
-        256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)"
+        256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)", resume=True
     )
     image_size: int = option(
-        1024, "SAM input size; must equal the SAM checkpoint's (1024 for every official SAM)"
+        1024, "SAM input size; must equal the SAM checkpoint's (1024 for every official SAM)", resume=True
     )
-    ce_loss_weight: float = option(1.0, "weight of the answer's cross-entropy")
-    bce_loss_weight: float = option(2.0, "weight of the mask BCE")
-    dice_loss_weight: float = option(0.5, "weight of the mask dice loss")
+    ce_loss_weight: float = option(
+        1.0, "weight of the answer's cross-entropy", resume=True, check=finite_at_least_zero
+    )
+    bce_loss_weight: float = option(2.0, "weight of the mask BCE", resume=True, check=finite_at_least_zero)
+    dice_loss_weight: float = option(
+        0.5, "weight of the mask dice loss", resume=True, check=finite_at_least_zero
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depth_range", parse_range(show_range(self.depth_range)))
@@ -137,4 +158,6 @@ def mismatched_flags(
 class GenerationOptions:
     """Decoding of an answer (the ``generated`` protocol, chat, the demo)."""
 
-    max_new_tokens: int = option(32, "tokens generated per answer (generated protocol / chat)")
+    max_new_tokens: int = option(
+        32, "tokens generated per answer (generated protocol / chat)", check=at_least(1)
+    )

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from torch import nn
 
 from model.lfllm import LFLLMForCausalLM
-from utils.options import option
+from utils.options import at_least, fraction, option
 
 ALWAYS_TRAINED = ("seg_projector.", "caam.", "depth_projector.")
 
@@ -26,11 +26,15 @@ ALWAYS_TRAINED = ("seg_projector.", "caam.", "depth_projector.")
 class TrainableOptions:
     """LoRA and head switches (the reference's flags and defaults, declared once here)."""
 
-    lora_r: int = option(8, "LoRA rank on the language model (0 disables LoRA)")
-    lora_alpha: int = option(16, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    lora_target_modules: str = option("q_proj,v_proj", "comma-separated language-model layers given LoRA")
-    train_mask_decoder: bool = option(True, "train SAM's mask decoder")
+    lora_r: int = option(
+        8, "LoRA rank on the language model (0 disables LoRA)", resume=True, check=at_least(0)
+    )
+    lora_alpha: int = option(16, "LoRA alpha", resume=True)
+    lora_dropout: float = option(0.05, "LoRA dropout", resume=True, check=fraction)
+    lora_target_modules: str = option(
+        "q_proj,v_proj", "comma-separated language-model layers given LoRA", resume=True
+    )
+    train_mask_decoder: bool = option(True, "train SAM's mask decoder", resume=True)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> TrainableOptions:

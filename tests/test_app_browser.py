@@ -18,7 +18,7 @@ import app
 from dataset.prompts import VAL_ANSWER
 from model.lfllm import LFLLMForCausalLM
 from training.serve.demo import Demo, load_examples
-from training.serve.predict import Segmenter
+from training.serve.predict import Segmenter, parse_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,8 +42,9 @@ def _free_port() -> int:
 def served(tiny_merged):
     from training.serve.demo_ui import build_page, launch
 
-    args = app.build_parser(str(tiny_merged), str(ROOT / "examples")).parse_args(["--max_new_tokens", "4"])
-    demo = Demo(Segmenter(args), load_examples(args.examples))
+    parser = app.build_parser(str(tiny_merged), str(ROOT / "examples"))
+    args, serve = parse_serve(parser, ["--max_new_tokens", "4"])
+    demo = Demo(Segmenter(serve), load_examples(args.examples))
     page = build_page(demo)
     url = launch(page, "127.0.0.1", _free_port(), demo.limits.max_total_bytes, block=False)
     yield demo, url

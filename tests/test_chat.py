@@ -30,9 +30,7 @@ def merged(tiny_merged) -> Path:
 
 @pytest.fixture(scope="module")
 def segmenter(merged) -> predict.Segmenter:
-    return predict.Segmenter(
-        chat.build_parser().parse_args(["--version", str(merged), "--max_new_tokens", "3"])
-    )
+    return predict.Segmenter(chat.serve_config(["--version", str(merged), "--max_new_tokens", "3"]))
 
 
 def _scene(tiny_dataset: Path, image_id: int = 7) -> Path:
@@ -205,8 +203,8 @@ def test_conv_type_comes_from_merge_info_unless_given(merged, segmenter, tmp_pat
     (merged / "merge_info.json").write_text(json.dumps(recorded))
     try:
         args = ["--version", str(merged), "--max_new_tokens", "1"]
-        assert predict.Segmenter(chat.build_parser().parse_args(args)).conv_type == "llava_llama_2"
-        flagged = predict.Segmenter(chat.build_parser().parse_args([*args, "--conv_type", "llava_v1"]))
+        assert predict.Segmenter(chat.serve_config(args)).conv_type == "llava_llama_2"
+        flagged = predict.Segmenter(chat.serve_config([*args, "--conv_type", "llava_v1"]))
         assert flagged.conv_type == "llava_v1" and flagged.spec.conv_type == "llava_v1"
     finally:
         shutil.copy(tmp_path / "keep.json", merged / "merge_info.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import build_parser, model_options, parse_args, trainable_options
+from training.config import build_parser, model_options, parse_args, parse_config, trainable_options
 from training.ds_config import deepspeed_config
 
 # A LISA/LFLLM user's command line (flags of the published train_ds.py).
@@ -112,8 +112,8 @@ def test_help_lists_reference_and_light_field_flags():
 
 
 def test_deepspeed_config_follows_the_reference_recipe():
-    args = parse_args(["--epochs", "3", "--steps_per_epoch", "50", "--warmup_steps", "100"])
-    cfg = deepspeed_config(args, on_cpu=False)
+    args = parse_config(["--epochs", "3", "--steps_per_epoch", "50", "--warmup_steps", "100"])
+    cfg = deepspeed_config(args.optim, args.loop, args.run.precision, on_cpu=False)
     assert cfg["optimizer"]["params"]["betas"] == [0.9, 0.95]
     assert cfg["optimizer"]["params"]["weight_decay"] == 0.0
     assert cfg["optimizer"]["params"]["torch_adam"] is False
@@ -124,9 +124,8 @@ def test_deepspeed_config_follows_the_reference_recipe():
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["gradient_clipping"] == 1.0
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
     assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] == 20
-    cpu = deepspeed_config(
-        parse_args(["--precision", "fp32", "--epochs", "1", "--steps_per_epoch", "10"]), True
-    )
+    small = parse_config(["--precision", "fp32", "--epochs", "1", "--steps_per_epoch", "10"])
+    cpu = deepspeed_config(small.optim, small.loop, small.run.precision, True)
     assert cpu["optimizer"]["params"]["torch_adam"] is True
     assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
     # A warm-up longer than the run is clipped so that the decay still happens.

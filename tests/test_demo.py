@@ -18,15 +18,16 @@ from model.caam import CAAM
 from tests.conftest import model_batch
 from training.evaluate import evaluate
 from training.serve.demo import Demo, caam_view, load_examples
-from training.serve.predict import Segmenter
+from training.serve.predict import Segmenter, parse_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def demo(tiny_merged, tmp_path_factory) -> Demo:
-    args = app.build_parser(str(tiny_merged), str(ROOT / "examples")).parse_args(["--max_new_tokens", "3"])
-    return Demo(Segmenter(args), load_examples(args.examples), tmp_path_factory.mktemp("work"))
+    parser = app.build_parser(str(tiny_merged), str(ROOT / "examples"))
+    args, serve = parse_serve(parser, ["--max_new_tokens", "3"])
+    return Demo(Segmenter(serve), load_examples(args.examples), tmp_path_factory.mktemp("work"))
 
 
 def test_bundled_examples_are_what_the_recorded_command_writes(tmp_path):

@@ -21,8 +21,9 @@ from dataset.disparity.estimator import disparity_for_scene
 from dataset.errors import LightFieldError
 from model.options import DEFAULT_MODEL_OPTIONS
 from tests.conftest import TINY_DS
-from training.config import disparity_config, parse_args
-from training.loaders import layout_from_args, prepare_estimated_disparity, used_scene_dirs, val_scenes
+from training.config import disparity_config, parse_args, parse_config
+from training.loaders import layout_for as layout_from_args
+from training.loaders import prepare_estimated_disparity, used_scene_dirs, val_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--disparity_set", "views=4", "--disparity_set", "num_planes=16"]  # 64x96 scenes: ~0.1 s each
@@ -39,7 +40,7 @@ def data(tiny_dataset, tmp_path) -> Path:
 
 
 def _args(data: Path, *extra: str):
-    return parse_args(["--dataset_dir", str(data), "--refer_seg_data", TINY_DS, *extra])
+    return parse_config(["--dataset_dir", str(data), "--refer_seg_data", TINY_DS, *extra])
 
 
 def _cached(data: Path) -> set[str]:
@@ -58,15 +59,15 @@ class Counting:
 
 
 def test_depth_source_flags_parse_both_ways():
-    default = parse_args([])
+    default = parse_config([]).data
     assert (default.depth_source, default.estimated_disparity_name) == ("file", EST)
     assert (default.disparity_set, default.disparity_device) == ([], "")
     assert layout_from_args(default).disparity_name == "5_5_disparity.npy"
-    est = parse_args(["--depth_source", "estimate", "--disparity_name", "x.npy", *FAST])
+    est = parse_config(["--depth_source", "estimate", "--disparity_name", "x.npy", *FAST]).data
     assert est.depth_source == "estimate"
     assert layout_from_args(est).disparity_name == EST  # the cache, not --disparity_name
     assert disparity_config(est) == DisparityConfig(views="4", num_planes=16)
-    named = parse_args(["--depth_source", "estimate", "--estimated_disparity_name", "d_est.npy"])
+    named = parse_config(["--depth_source", "estimate", "--estimated_disparity_name", "d_est.npy"]).data
     assert layout_from_args(named).disparity_name == "d_est.npy"
     assert parse_args(["--depth_source", "estimate", "--depth_source", "file"]).depth_source == "file"
 
@@ -91,7 +92,7 @@ def test_estimate_writes_the_cache_of_the_used_splits_and_datasets_read_it(data)
         assert not [p.name for p in scene.iterdir() if p.name.endswith(".tmp")]  # atomic: no leftovers
         cached = np.load(scene / EST)
         assert cached.dtype == np.float32 and cached.shape == (64, 96)
-        np.testing.assert_array_equal(cached, disparity_for_scene(scene, layout_from_args(args), config))
+        np.testing.assert_array_equal(cached, disparity_for_scene(scene, layout_from_args(args.data), config))
         gt = np.load(scene / "5_5_disparity.npy")
         assert np.abs(cached - gt).max() > 0.05  # an estimate, not a copy of the GT file
 
@@ -206,10 +207,10 @@ def test_two_gloo_ranks_estimate_once(data, tmp_path):
     driver.write_text(
         "import sys, torch, torch.distributed as dist\n"
         "from training.loaders import prepare_estimated_disparity\n"
-        "from training.config import parse_args\n"
+        "from training.config import parse_config\n"
         "torch.set_num_threads(1)\n"
         "dist.init_process_group('gloo')\n"
-        "args = parse_args(sys.argv[1:])\n"
+        "args = parse_config(sys.argv[1:])\n"
         "n = prepare_estimated_disparity(args, train=True, val=True, rank=dist.get_rank(),\n"
         "                                world_size=dist.get_world_size(), show_progress=False)\n"
         "print('WROTE', dist.get_rank(), n, flush=True)\n"

@@ -15,7 +15,7 @@ from model.build import build_lfllm
 from model.options import ModelOptions
 from model.trainable import TrainableOptions, make_trainable, unwrap
 from tests.conftest import TINY_DS
-from training.config import parse_args
+from training.config import parse_config
 from training.evaluate import evaluate
 from training.features import FeatureCacheError, open_store, prepare_feature_cache
 from training.loaders import build_train_loader, build_val_loader
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _args(base, data, cache: Path, *extra):
-    return parse_args(
+    return parse_config(
         ["--version", str(base["llava"]), "--vision_pretrained", str(base["sam"]), "--dataset_dir", str(data),
          "--refer_seg_data", TINY_DS, "--val_dataset", f"{TINY_DS}|syn|val", "--precision", "fp32",
          "--batch_size", "2", "--grad_accumulation_steps", "1", "--steps_per_epoch", "3", "--workers", "0",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -23,6 +22,7 @@ from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import model_batch
 from tests.test_trust import _Payload
 from training.checkpoint import TRAINABLE_FILE, export_trainable, load_checkpoint, save_checkpoint
+from training.config import RunOptions
 from training.trainer import resume_source
 from training.weights import WeightSource, open_weights, select_trainable
 from utils.safe_load import UnsafeCheckpointError, deepspeed_records, verify_torch_file
@@ -321,7 +321,7 @@ def test_pickle_payloads_are_refused_in_every_weight_form(trained, tiny_base, tm
         open_weights(ckpt)  # merge --weight <ckpt_model>
     with pytest.raises(UnsafeCheckpointError, match="refused"):
         load_checkpoint(engine, ckpt, "last")  # --resume and auto-resume both end here
-    args = argparse.Namespace(resume="", auto_resume=True)
+    args = RunOptions(resume="", auto_resume=True)
     assert resume_source(args, ckpt) == (ckpt, "last")
     with pytest.raises(UnsafeCheckpointError):
         load_checkpoint(engine, *resume_source(args, ckpt))

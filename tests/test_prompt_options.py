@@ -140,10 +140,10 @@ def test_training_an_answer_box_model_with_teacher_forced_validation_stops_befor
     base_with_digits, tiny_dataset, tmp_path
 ):
     import train_ds
-    from training.config import parse_args
+    from training.config import parse_config
     from utils.distributed import DistInfo
 
-    args = parse_args(
+    args = parse_config(
         ["--version", str(base_with_digits["llava"]), "--vision_pretrained", str(base_with_digits["sam"]),
          "--dataset_dir", str(tiny_dataset), "--refer_seg_data", "ref-urbanlf-syn",
          "--val_dataset", "ref-urbanlf-syn|syn|val", "--precision", "fp32", "--answer_box",
@@ -164,7 +164,7 @@ def test_merged_model_keeps_the_options_and_is_scored_on_generated_answers(
     import merge_lora_weights_and_save_hf_model as merge_script
     from model.trainable import TrainableOptions, make_trainable
     from training.checkpoint import export_trainable
-    from training.config import parse_args
+    from training.config import parse_config
     from training.loaders import build_val_loader
 
     opts = ModelOptions(prompt_order="expression_first", answer_box=True)
@@ -177,7 +177,7 @@ def test_merged_model_keeps_the_options_and_is_scored_on_generated_answers(
                              "--precision", "fp32"])  # fmt: skip
     merged, tok = build_lfllm(out, None, ModelOptions())
     assert merged.config.prompt_order == "expression_first" and merged.config.answer_box is True
-    args = parse_args(["--eval_only", "--version", str(out), "--dataset_dir", str(tiny_dataset),
+    args = parse_config(["--eval_only", "--version", str(out), "--dataset_dir", str(tiny_dataset),
                        "--val_dataset", "ref-urbanlf-syn|syn|val", "--workers", "0", "--eval_protocol", "generated",
                        "--max_new_tokens", "4"])  # fmt: skip
     loader = build_val_loader(args, merged.config, tok, 0, 1, generated=True)

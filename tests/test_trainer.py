@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from training.checkpoint import COMPLETE_FILE, find_resume_checkpoint, find_resume_tag, save_checkpoint
+from training.config import RunConfig, RunOptions
 from training.loaders import EpochSampler
 from training.trainer import NonFiniteLossError, Trainer, resume_source, weights_fingerprint
 from utils.distributed import DistInfo
@@ -35,7 +35,9 @@ class _FakeEngine:
 
 
 def _trainer(engine) -> Trainer:
-    args = argparse.Namespace(seed=0, grad_accumulation_steps=2, resume="", auto_resume=True)
+    args = RunConfig().replace(
+        loop={"seed": 0, "grad_accumulation_steps": 2}, run={"resume": "", "auto_resume": True}
+    )
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     return Trainer(args, engine, None, None, None, None, info, None, Path("."), {})
 
@@ -67,14 +69,14 @@ def test_resume_source_explicit_tag_dir_latest_and_auto(tmp_path):
     _complete(ckpt / "last", 20)
     _complete(ckpt / "best", 10)
     (ckpt / "latest").write_text("last")
-    args = argparse.Namespace(resume="", auto_resume=True)
+    args = RunOptions(resume="", auto_resume=True)
     assert resume_source(args, ckpt) == (ckpt, "last")
-    assert resume_source(argparse.Namespace(resume="", auto_resume=False), ckpt) is None
-    assert resume_source(argparse.Namespace(resume=str(ckpt / "best"), auto_resume=False), ckpt) == (
+    assert resume_source(RunOptions(resume="", auto_resume=False), ckpt) is None
+    assert resume_source(RunOptions(resume=str(ckpt / "best"), auto_resume=False), ckpt) == (
         ckpt,
         "best",
     )
-    assert resume_source(argparse.Namespace(resume=str(ckpt), auto_resume=False), tmp_path) == (ckpt, "last")
+    assert resume_source(RunOptions(resume=str(ckpt), auto_resume=False), tmp_path) == (ckpt, "last")
     # 'latest' names a folder that is gone: the newest complete checkpoint is used, and said so
     (ckpt / "latest").write_text("gone")
     assert (
@@ -85,7 +87,7 @@ def test_resume_source_explicit_tag_dir_latest_and_auto(tmp_path):
         shutil.rmtree(ckpt / name)
     assert find_resume_tag(ckpt) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        resume_source(argparse.Namespace(resume=str(ckpt), auto_resume=False), tmp_path)
+        resume_source(RunOptions(resume=str(ckpt), auto_resume=False), tmp_path)
 
 
 def test_a_kill_between_the_renames_resumes_from_the_newest_complete_checkpoint(tmp_path):
@@ -165,7 +167,7 @@ def test_the_epoch_checkpoint_is_written_before_its_validation(tmp_path, monkeyp
     )
     monkeypatch.setattr(trainer_module, "export_trainable", lambda *a, **k: None)
     trainer = Trainer(
-        argparse.Namespace(seed=0, grad_accumulation_steps=1, eval_protocol="teacher_forced", max_new_tokens=4),
+        RunConfig().replace(loop={"grad_accumulation_steps": 1}, generation={"max_new_tokens": 4}),
         _ModuleEngine(1.0, global_steps=10), None, None, object(), None,
         DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), None, tmp_path, {},
     )  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from dataset.check import check_datasets, check_scene
 from dataset.lightfield import DEFAULT_LAYOUT
 from dataset.scenes import SceneDataset
 from tests.conftest import TINY_DS
-from training.config import parse_args
+from training.config import parse_config
 from training.run_dir import RunInUseError, RunLock, check_resume_options
 from utils.safe_load import UnsafeCheckpointError, verify_deepspeed_checkpoint, verify_torch_file
 from utils.views import NEIGHBOURHOODS
@@ -96,17 +95,17 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
 def test_resuming_with_other_options_is_refused_with_the_differences(tmp_path):
     run = tmp_path / "run"
     base = ["--version", "llava", "--lora_r", "8"]
-    assert check_resume_options(run, parse_args(base), resuming=False) == []
-    assert check_resume_options(run, parse_args(base), resuming=True) == []
-    assert check_resume_options(run, parse_args([*base, "--epochs", "20"]), resuming=True) == []
-    changed = parse_args([*base, "--no_caam", "--no_depth", "--lora_r", "16"])
+    assert check_resume_options(run, parse_config(base), resuming=False) == []
+    assert check_resume_options(run, parse_config(base), resuming=True) == []
+    assert check_resume_options(run, parse_config([*base, "--epochs", "20"]), resuming=True) == []
+    changed = parse_config([*base, "--no_caam", "--no_depth", "--lora_r", "16"])
     with pytest.raises(ValueError) as info:
         check_resume_options(run, changed, resuming=True)
     text = str(info.value)
     for line in ("model_options.use_caam: True -> False", "model_options.use_depth: True -> False"):
         assert line in text
     assert "trainable_options.lora_r: 8 -> 16" in text and "--resume_with_changes" in text
-    forced = parse_args([*base, "--lora_r", "16", "--resume_with_changes"])
+    forced = parse_config([*base, "--lora_r", "16", "--resume_with_changes"])
     assert check_resume_options(run, forced, resuming=True) == ["trainable_options.lora_r: 8 -> 16"]
     assert check_resume_options(run, forced, resuming=True) == []  # the accepted options are the record now
 
@@ -159,8 +158,8 @@ def test_preflight_passes_a_clean_dataset_and_names_a_missing_folder(tiny_datase
 
 
 def test_resume_keys_cover_what_changes_the_model(tmp_path):
-    args = argparse.Namespace(**vars(parse_args(["--version", "x"])))
+    args = parse_config(["--version", "x"])
     assert check_resume_options(tmp_path, args, resuming=False) == []
-    args.version = "y"
+    args = args.replace(run={"version": "y"})
     with pytest.raises(ValueError, match=r"version: 'x' -> 'y'"):
         check_resume_options(tmp_path, args, resuming=True)

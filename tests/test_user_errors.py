@@ -19,7 +19,7 @@ from dataset.scenes import SceneDataset
 from model.build import OptionMismatchError, build_lfllm
 from model.options import ModelOptions
 from tests.conftest import TINY_DS
-from training.config import parse_args
+from training.config import parse_args, parse_config
 from training.loaders import EpochSampler, build_val_loader, scene_layouts
 from training.preflight import check_main, preflight
 from utils.distributed import DistInfo
@@ -29,7 +29,7 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def _args(base, data, *extra):
-    return parse_args(
+    return parse_config(
         ["--version", str(base["llava"]), "--vision_pretrained", str(base["sam"]), "--dataset_dir", str(data),
          "--refer_seg_data", TINY_DS, "--val_dataset", f"{TINY_DS}|syn|val", "--precision", "fp32", *extra]
     )  # fmt: skip
@@ -171,14 +171,14 @@ def test_a_refcoco_style_refs_pickle_trains_through_the_same_code(tiny_base, tin
         pickle.dump(refs, fh)
     (root / f"{TINY_DS}.json").unlink()
     args = _args(tiny_base, data, "--val_dataset", f"{TINY_DS}|unc|val")
-    train = SceneDataset(data, TINY_DS, "train", views=(), **scene_layouts(args, TINY_DS))
+    train = SceneDataset(data, TINY_DS, "train", views=(), **scene_layouts(args.data, TINY_DS))
     assert len(train) == 6 and train.annotations[0].refs_path.name == "refs(unc).p"
     assert preflight(args, train=True, is_main=True)["scenes_checked"] == 9
     (root / "refs(google).p").write_bytes((root / "refs(unc).p").read_bytes())
     with pytest.raises(ValueError, match=r"several REFER files \(splitBy google, unc\)"):
         SceneDataset(data, TINY_DS, "train", views=())
     named = SceneDataset(
-        data, f"{TINY_DS}(google)", "train", views=(), **scene_layouts(args, f"{TINY_DS}(google)")
+        data, f"{TINY_DS}(google)", "train", views=(), **scene_layouts(args.data, f"{TINY_DS}(google)")
     )
     assert named.annotations[0].refs_path.name == "refs(google).p"
 

@@ -1,337 +1,406 @@
-"""Every command-line option of ``train_ds.py`` with its default, in one place.
+"""The run configuration: every option of ``train_ds.py`` as a typed field, composed into one :class:`RunConfig`.
 
-The reference (LISA/LFLLM) flags keep their names and defaults, so an existing command line runs;
-boolean switches work both ways (``--x`` / ``--no_x``). Our own options follow the reference style.
+Each option is a dataclass field declared once with :func:`utils.options.option` — its default, help,
+choices, parser, range check and whether a resumed run must keep it — in the dataclass of the layer that
+uses it: the model, trainable set, scene layout and prompt options below ``training/`` (``model/``,
+``dataset/``), the optimiser, loop, run and evaluation options here. :func:`build_parser` derives the flags
+from the fields (the reference LISA/LFLLM flags keep their names and defaults, so an existing command line
+runs; switches work both ways, ``--x`` / ``--no_x``), and :func:`parse_config` is what an entry point calls:
+it parses once and returns the :class:`RunConfig` that the library reads. Below the entry points nothing
+sees the parser's namespace; :func:`parse_args` (the namespace) is kept for the flag-level tests.
+
+The run record (``args.json``, ``run_options.json``, the ``trainable.json`` beside exported weights) is
+:meth:`RunConfig.to_record`; merge, resume and ``--eval_only`` read it back with
+:meth:`RunConfig.from_record`, which also reads the flat records of earlier versions.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-from collections.abc import Callable, Sequence
-from typing import Any
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 from dataset.disparity.config import DisparityConfig, config_overrides
 from dataset.options import DataOptions, PromptOptions
 from model.options import GenerationOptions, ModelOptions
 from model.trainable import TrainableOptions
-from utils.options import flag_name, is_option
+from utils.options import (
+    add_option_flags,
+    at_least,
+    explicit_dests,
+    fraction,
+    given_fields,
+    is_option,
+    option,
+    options_from_args,
+    positive_finite,
+    problems,
+)
 from utils.views import view_set_offsets
 
-OptionClass = type
+PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
+EVAL_PROTOCOLS: tuple[str, ...] = ("teacher_forced", "generated")
+CACHE_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
-def add_switch(
-    parser: argparse.ArgumentParser, name: str, default: bool, help: str, off: str | None = None
-) -> None:
-    """``--name`` sets True and ``--no_name`` (or ``--<off>``) sets False; the last one given wins, so a
-    recipe's command line can be overridden by appending a flag."""
-    parser.add_argument(f"--{name}", dest=name, action="store_true", help=f"{help} (default: {default})")
-    off_flag = off or f"no_{name}"
-    parser.add_argument(f"--{off_flag}", dest=name, action="store_false", help=f"turn --{name} off")
-    parser.set_defaults(**{name: default})
+def _only_refer_seg(value: str) -> str | None:
+    return None if value == "refer_seg" else "only 'refer_seg' (Ref-UrbanLF / RefCOCO layout) is supported"
 
 
-def _arg_type(parse: Callable[[str], Any], flag: str) -> Callable[[str], Any]:
-    """``parse`` as an argparse type: its ``ValueError`` becomes the flag's error message."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = flag
-    return convert
+def _three_parts(value: str) -> str | None:
+    return None if len(value.split("|")) == 3 else "expected 'ds|splitBy|split'"
 
 
-def _unset_switch(parser: argparse._ActionsContainer, name: str, help: str) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=help)
-    group.add_argument(
-        f"--no_{name}", dest=name, action="store_false", default=None, help=f"turn --{name} off"
+def _fresh_start(value: int) -> str | None:
+    if value == 0:
+        return None
+    return (
+        "the epoch a run continues from comes from its checkpoint (--resume / --auto_resume, with the "
+        "optimiser and LR schedule); a fresh run starts at epoch 0"
     )
 
 
-def add_option_flags(
-    parser: argparse._ActionsContainer, cls: OptionClass, *, unset: bool = False, skip: Sequence[str] = ()
-) -> None:
-    """One flag per option field of ``cls`` (``utils.options.option``): its name, type or parser, choices,
-    help and default come from the field. ``unset=True``: every default is None (the caller fills the
-    options it was not given from a record, e.g. the merge script from ``trainable.json``)."""
-    for f in dataclasses.fields(cls):
-        if not is_option(f) or f.name in skip:
-            continue
-        name, help = flag_name(f), f.metadata["help"]
-        if isinstance(f.default, bool):
-            if unset:
-                _unset_switch(parser, name, f"{help} (default: recorded, else {f.default})")
-            else:
-                add_switch(parser, name, f.default, help)
-            continue
-        parse = f.metadata.get("parse") or type(f.default)
-        parser.add_argument(
-            f"--{name}",
-            dest=name,
-            type=_arg_type(parse, name),
-            default=None if unset else f.default,
-            choices=f.metadata.get("choices"),
-            help=help,
-        )
+@dataclass(frozen=True)
+class DatasetOptions:
+    """Which datasets a run reads, how they are mixed, and the disparity estimator's settings."""
 
-
-def options_from_args(cls: OptionClass, args: argparse.Namespace, base: Any = None) -> Any:
-    """``cls`` from the option flags in ``args``; flags that are None keep ``base``'s value (default:
-    ``cls()``'s)."""
-    base = base if base is not None else cls()
-    values = {}
-    for f in dataclasses.fields(cls):
-        if is_option(f) and getattr(args, flag_name(f), None) is not None:
-            values[f.name] = getattr(args, flag_name(f))
-    return dataclasses.replace(base, **values)
-
-
-def given_fields(cls: OptionClass, args: argparse.Namespace) -> set[str]:
-    """Names of the option fields of ``cls`` whose flags were given on the command line (``args.given``,
-    set by :func:`explicit_dests`)."""
-    given = set(getattr(args, "given", ()))
-    return {f.name for f in dataclasses.fields(cls) if is_option(f) and flag_name(f) in given}
-
-
-_UNSET = object()
-
-
-def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str]:
-    """The destinations the command line ``argv`` sets explicitly (argparse fills a default only for
-    attributes that the namespace lacks, so a namespace pre-filled with a sentinel shows what was given)."""
-    plain = [a for a in parser._actions if a.dest != "help" and not isinstance(a, argparse._AppendAction)]
-    probe = argparse.Namespace(**{a.dest: _UNSET for a in plain})
-    parsed, _ = parser.parse_known_args(argv, namespace=probe)
-    given = {k for k, v in vars(parsed).items() if v is not _UNSET}
-    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
-    return sorted((given - appended) | {d for d in appended if getattr(parsed, d)})
-
-
-_MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelOptions)]
-#: The ModelOptions of the LFLLM paper (grouped apart in --help); the others are LISA's reference flags.
-_LFLLM_MODEL_FIELDS = (
-    "use_depth",
-    "use_caam",
-    "caam_target",
-    "caam_mode",
-    "caam_views",
-    "depth_range",
-    "depth_projector",
-)
-
-
-def _reference_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data (reference flags)")
-    g.add_argument("--version", default="./tiny_base/llava", help="HF LLaVA dir, or a merged LFLLM dir")
-    g.add_argument("--vision_pretrained", default="./tiny_base/sam_tiny.pth", help="SAM checkpoint (.pth)")
-    g.add_argument(
-        "--vision-tower",
-        "--vision_tower",
-        dest="vision_tower",
-        default=None,
-        help="accepted for compatibility; the tower comes from --version",
-    )
-    g.add_argument("--dataset_dir", default="./dataset")
-    g.add_argument("--dataset", default="refer_seg", help="only refer_seg is supported")
-    g.add_argument("--sample_rates", default="1")
-    g.add_argument("--refer_seg_data", default="ref-urbanlf-syn", help="'||'-separated dataset names")
-    g.add_argument(
-        "--val_dataset",
-        default="ref-urbanlf-syn|syn|val",
-        help="ds|splitBy|split (split may be a subset tag)",
-    )
-    g.add_argument("--log_base_dir", default="./runs")
-    g.add_argument("--exp_name", default="lfllm")
-    g.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    add_option_flags(g, PromptOptions)
-
-    add_option_flags(g, ModelOptions, skip=_LFLLM_MODEL_FIELDS)
-
-    t = p.add_argument_group("optimisation (reference flags)")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--steps_per_epoch", type=int, default=500, help="optimiser steps per epoch")
-    t.add_argument("--batch_size", type=int, default=2, help="scenes per micro-batch per rank")
-    t.add_argument("--grad_accumulation_steps", type=int, default=10)
-    t.add_argument("--val_batch_size", type=int, default=1)
-    t.add_argument("--workers", type=int, default=4)
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--beta1", type=float, default=0.9)
-    t.add_argument("--beta2", type=float, default=0.95)
-    add_option_flags(t, TrainableOptions)
-    t.add_argument("--num_classes_per_sample", type=int, default=3, help="expressions per scene per step")
-    add_switch(t, "gradient_checkpointing", True, "recompute LM activations in backward")
-    add_switch(t, "no_eval", False, "skip validation after each epoch", off="eval")
-    add_switch(t, "eval_only", False, "only evaluate --version on --val_dataset")
-    t.add_argument("--resume", default="", help="checkpoint dir (…/ckpt_model) to resume from")
-    add_switch(t, "auto_resume", True, "resume from the run's latest checkpoint when there is one")
-    t.add_argument("--start_epoch", type=int, default=0)
-    t.add_argument("--print_freq", type=int, default=1)
-    t.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1)
-
-
-def _lfllm_flags(p: argparse.ArgumentParser) -> None:
-    m = p.add_argument_group("light-field modules (LFLLM)")
-    add_option_flags(m, ModelOptions, skip=[f for f in _MODEL_FIELDS if f not in _LFLLM_MODEL_FIELDS])
-    add_option_flags(m, DataOptions)
-
-    e = p.add_argument_group(
-        "disparity source (ours)",
-        "--depth_source estimate: before the datasets are built, the built-in estimator (dataset/disparity/) "
-        "writes --estimated_disparity_name into every scene folder of the splits the run uses that lacks it "
-        "(shared over the ranks, atomic files), and the datasets read that file instead of --disparity_name",
-    )
-    e.add_argument(
-        "--disparity_set",
-        action="append",
-        default=[],
+    dataset_dir: str = option("./dataset", "root of refer_seg/ and lf/", resume=True)
+    dataset: str = option("refer_seg", "only refer_seg is supported", check=_only_refer_seg)
+    sample_rates: str = option("1", "weight of each --refer_seg_data dataset, e.g. '3,1'", resume=True)
+    refer_seg_data: str = option("ref-urbanlf-syn", "'||'-separated dataset names", resume=True)
+    disparity_set: tuple[str, ...] = option(
+        (),
+        "estimator setting (a DisparityConfig field, e.g. d_max=3 or views=full); repeatable",
+        repeat=True,
         metavar="KEY=VALUE",
-        help="estimator setting (a DisparityConfig field, e.g. d_max=3 or views=full); repeatable",
     )
-    e.add_argument(
-        "--disparity_device", default="", help="device of the estimator; empty: the rank's own device"
+    disparity_device: str = option("", "device of the estimator; empty: the rank's own device")
+
+    @property
+    def names(self) -> list[str]:
+        """The datasets of ``refer_seg_data``."""
+        return [n for n in self.refer_seg_data.split("||") if n.strip()]
+
+    def sample_weights(self) -> list[float]:
+        """``sample_rates`` as one positive weight per dataset (a single value applies to all).
+
+        Raises ``ValueError`` naming the flag."""
+        names = self.names
+        try:
+            rates = [float(v) for v in str(self.sample_rates).split(",")]
+        except ValueError:
+            raise ValueError(f"--sample_rates {self.sample_rates!r}: expected numbers like '3,1'") from None
+        if len(rates) == 1:
+            rates = rates * len(names)
+        if len(rates) != len(names):
+            raise ValueError(
+                f"--sample_rates {self.sample_rates!r}: {len(rates)} rates for {len(names)} datasets "
+                f"of --refer_seg_data {self.refer_seg_data!r}"
+            )
+        if not all(r > 0 and r == r and r != float("inf") for r in rates):
+            raise ValueError(f"--sample_rates {self.sample_rates!r}: every rate must be a positive number")
+        return rates
+
+    def disparity_config(self) -> DisparityConfig:
+        """Estimator settings of ``--depth_source estimate``: the defaults + ``--disparity_set`` overrides.
+
+        Raises ``ValueError`` naming a bad field or value."""
+        return DisparityConfig(**config_overrides(list(self.disparity_set)))
+
+
+@dataclass(frozen=True)
+class OptimOptions:
+    """The optimiser and its schedule (AdamW, warmup then linear decay, gradient clipping, ZeRO)."""
+
+    lr: float = option(3e-4, "peak learning rate", check=positive_finite)
+    beta1: float = option(0.9, "AdamW beta1", check=fraction)
+    beta2: float = option(0.95, "AdamW beta2", check=fraction)
+    warmup_steps: int = option(100, "linear warmup steps of the learning rate", check=at_least(0))
+    max_grad_norm: float = option(1.0, "gradient clipping norm", check=positive_finite)
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2))
+    torch_adam: bool = option(False, "plain torch AdamW (no compiled op; automatic on CPU)")
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """The training loop: how long, how much per step, and what it draws."""
+
+    epochs: int = option(10, "epochs", check=at_least(1))
+    steps_per_epoch: int = option(500, "optimiser steps per epoch", check=at_least(1))
+    batch_size: int = option(2, "scenes per micro-batch per rank", check=at_least(1), resume=True)
+    grad_accumulation_steps: int = option(
+        10, "micro-batches per optimiser step", check=at_least(1), resume=True
+    )
+    num_classes_per_sample: int = option(3, "expressions per scene per step", check=at_least(1), resume=True)
+    pack_conversations: bool = option(
+        False, "all expressions of a scene in one multi-turn conversation", resume=True
+    )
+    workers: int = option(4, "data-loader worker processes", check=at_least(0))
+    gradient_checkpointing: bool = option(True, "recompute LM activations in backward")
+    seed: int = option(0, "seed of the weights' fresh parts and of the sampling order", resume=True)
+    print_freq: int = option(1, "log every N optimiser steps", check=at_least(1))
+    save_steps: int = option(0, "also save 'last' every N optimiser steps", check=at_least(0))
+    max_steps: int = option(0, "stop after N optimiser steps (0: the full run)", check=at_least(0))
+    start_epoch: int = option(
+        0, "refused unless 0: a resumed run's epoch comes from its checkpoint", check=_fresh_start
     )
 
-    o = p.add_argument_group("run control (ours)")
-    o.add_argument("--eval_protocol", default="teacher_forced", choices=["teacher_forced", "generated"])
-    o.add_argument("--vis_save_path", default="", help="write overlay images of validation here")
-    add_option_flags(o, GenerationOptions)
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--warmup_steps", type=int, default=100)
-    o.add_argument("--max_grad_norm", type=float, default=1.0)
-    o.add_argument("--save_steps", type=int, default=0, help="also save 'last' every N optimiser steps")
-    o.add_argument("--max_steps", type=int, default=0, help="stop after N optimiser steps (0: the full run)")
-    o.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2])
-    o.add_argument(
-        "--feature_cache",
-        default="",
-        help="folder of the per-scene feature cache (frozen CLIP/SAM outputs computed once per scene; "
-        "docs/PERFORMANCE.md); empty: off",
+    @property
+    def samples_per_epoch(self) -> int:
+        """Scenes one rank draws per epoch."""
+        return self.steps_per_epoch * self.grad_accumulation_steps * self.batch_size
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What is run and where: the weights, the run folder, resuming, the feature cache."""
+
+    version: str = option("./tiny_base/llava", "HF LLaVA dir, or a merged LFLLM dir", resume=True)
+    vision_pretrained: str = option("./tiny_base/sam_tiny.pth", "SAM checkpoint (.pth)", resume=True)
+    vision_tower: str | None = option(
+        None,
+        "accepted for compatibility; the tower comes from --version",
+        aliases=("vision-tower",),
+        parse=str,
     )
-    o.add_argument(
-        "--feature_cache_dtype",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="storage dtype of the feature cache entries (auto: the training precision)",
-    )
-    add_switch(
-        o,
-        "resume_with_changes",
+    precision: str = option("bf16", "weights and compute dtype", choices=PRECISIONS, resume=True)
+    log_base_dir: str = option("./runs", "folder of the run folders")
+    exp_name: str = option("lfllm", "run folder name under --log_base_dir")
+    eval_only: bool = option(False, "only evaluate --version on --val_dataset")
+    resume: str = option("", "checkpoint dir (…/ckpt_model) to resume from")
+    auto_resume: bool = option(True, "resume from the run's latest checkpoint when there is one")
+    resume_with_changes: bool = option(
         False,
         "resume a run's checkpoint even though model/data/trainable options differ from the run's record",
     )
-    add_switch(o, "pack_conversations", False, "all expressions of a scene in one multi-turn conversation")
-    add_switch(o, "torch_adam", False, "plain torch AdamW (no compiled op; automatic on CPU)")
+    feature_cache: str = option(
+        "",
+        "folder of the per-scene feature cache (frozen CLIP/SAM outputs computed once per scene; "
+        "docs/PERFORMANCE.md); empty: off",
+    )
+    feature_cache_dtype: str = option(
+        "auto",
+        "storage dtype of the feature cache entries (auto: the training precision)",
+        choices=CACHE_DTYPES,
+    )
+    local_rank: int = option(-1, "set by the launcher", aliases=("local-rank",))
+
+    @property
+    def run_dir(self) -> Path:
+        """``<log_base_dir>/<exp_name>``."""
+        return Path(self.log_base_dir) / self.exp_name
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Validation: which split, how the masks are produced, where overlays go."""
+
+    val_dataset: str = option(
+        "ref-urbanlf-syn|syn|val", "ds|splitBy|split (split may be a subset tag)", check=_three_parts
+    )
+    val_batch_size: int = option(1, "scenes per validation batch", check=at_least(1))
+    no_eval: bool = option(False, "skip validation after each epoch", off="eval")
+    eval_protocol: str = option(
+        "teacher_forced", "masks from the reference answer, or from generated text", choices=EVAL_PROTOCOLS
+    )
+    vis_save_path: str = option("", "write overlay images of validation here")
+
+    @property
+    def split(self) -> tuple[str, str, str]:
+        """``(ds, splitBy, split)``."""
+        ds, split_by, split = self.val_dataset.split("|")
+        return ds, split_by, split
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run of ``train_ds.py`` is: the option groups, and the flags its command line set."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    trainable: TrainableOptions = field(default_factory=TrainableOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    datasets: DatasetOptions = field(default_factory=DatasetOptions)
+    prompt: PromptOptions = field(default_factory=PromptOptions)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    loop: LoopOptions = field(default_factory=LoopOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    #: Flags set on the command line (a recorded option is only checked against the weights when given).
+    given: frozenset[str] = frozenset()
+
+    #: group field -> its key in a run record (``trainable.json``'s ``model_options`` etc.).
+    RECORD_KEYS: ClassVar[dict[str, str]] = {
+        "model": "model_options",
+        "trainable": "trainable_options",
+        "data": "data_options",
+        "datasets": "dataset_options",
+        "prompt": "prompt_options",
+        "generation": "generation_options",
+        "optim": "optim_options",
+        "loop": "loop_options",
+        "run": "run_options",
+        "eval": "eval_options",
+    }
+
+    def __post_init__(self) -> None:
+        lines = self.problems()
+        if lines:
+            raise ValueError("; ".join(lines))
+
+    def groups(self) -> dict[str, Any]:
+        """group name -> its options (in record order)."""
+        return {name: getattr(self, name) for name in self.RECORD_KEYS}
+
+    def problems(self) -> list[str]:
+        """Every out-of-range value and every inconsistent combination, one message each."""
+        lines = [line for opts in self.groups().values() for line in problems(opts)]
+        for check in (self.datasets.sample_weights, self._check_targets, self._check_estimator):
+            try:
+                check()
+            except ValueError as exc:
+                lines.append(str(exc))
+        return lines
+
+    def _check_targets(self) -> None:
+        if not self.trainable.lora_target_modules.strip(","):
+            raise ValueError(
+                "--lora_target_modules is empty: name the language-model layers (e.g. q_proj,v_proj)"
+            )
+
+    def _check_estimator(self) -> None:
+        try:
+            view_set_offsets(self.datasets.disparity_config().views)
+        except ValueError as exc:
+            raise ValueError(f"--disparity_set: {exc}") from None
+
+    def given_fields(self, cls: type) -> set[str]:
+        """The fields of the option class ``cls`` whose flags the command line set."""
+        return given_fields(cls, self.given)
+
+    def replace(self, **groups: Any) -> RunConfig:
+        """A copy with whole groups replaced, or fields of a group: ``replace(loop={"seed": 1})``."""
+        values = {}
+        for name, value in groups.items():
+            if isinstance(value, Mapping):
+                value = dataclasses.replace(getattr(self, name), **value)
+            values[name] = value
+        return dataclasses.replace(self, **values)
+
+    def to_record(self) -> dict[str, Any]:
+        """The configuration as written in a run's records (JSON-ready: tuples become lists)."""
+        record: dict[str, Any] = {
+            key: dataclasses.asdict(getattr(self, g)) for g, key in self.RECORD_KEYS.items()
+        }
+        record["given"] = sorted(self.given)
+        return json.loads(json.dumps(record, default=str))
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None, **groups: Any) -> RunConfig:
+        """The configuration a record holds (:meth:`to_record`, or the flat ``args`` / ``trainable.json`` of
+        earlier versions: a field found at the top level counts too); unknown keys are ignored, missing ones
+        take their defaults. ``groups`` replace whole groups."""
+        record = dict(record or {})
+        if isinstance(record.get("config"), Mapping):  # args.json: {"config": {...}, "argv", "git"}
+            record = dict(record["config"])
+        if isinstance(record.get("args"), Mapping):  # args.json of earlier versions: {"args": {...}}
+            record = {**record["args"], **record}
+        values: dict[str, Any] = {}
+        for name, key in cls.RECORD_KEYS.items():
+            if name in groups:
+                values[name] = groups[name]
+                continue
+            opts_cls = type(getattr(_DEFAULT_CONFIG, name))
+            nested = record.get(key) if isinstance(record.get(key), Mapping) else {}
+            kwargs = {}
+            for f in dataclasses.fields(opts_cls):
+                if f.name in nested:
+                    kwargs[f.name] = nested[f.name]
+                elif f.name in record and not isinstance(record[f.name], Mapping):
+                    kwargs[f.name] = record[f.name]
+            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+            values[name] = opts_cls(**kwargs)
+        return cls(**values, given=frozenset(record.get("given") or ()))
+
+    def resume_values(self) -> dict[str, Any]:
+        """``group.field`` -> value for every option a resumed run must share with the run it continues."""
+        out = {}
+        for name, opts in self.groups().items():
+            for f in dataclasses.fields(opts):
+                if is_option(f) and f.metadata.get("resume"):
+                    out[f"{self.RECORD_KEYS[name]}.{f.name}"] = getattr(opts, f.name)
+        return json.loads(json.dumps(out, default=str))
+
+
+_DEFAULT_CONFIG = RunConfig()
+
+#: Title of each group's flags in ``--help``.
+_HELP_GROUPS = {
+    "run": "what is run and where (reference flags + ours)",
+    "datasets": "datasets (reference flags)",
+    "prompt": "prompt (reference flags)",
+    "model": "model, light-field modules (LFLLM) and losses",
+    "trainable": "trainable set (reference flags)",
+    "data": "scene files and disparity source (ours)",
+    "optim": "optimiser (reference flags + ours)",
+    "loop": "training loop (reference flags + ours)",
+    "eval": "evaluation",
+    "generation": "generation (generated protocol)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``train_ds.py`` parser."""
+    """The ``train_ds.py`` parser: one flag per option field of every group of :class:`RunConfig`."""
     parser = argparse.ArgumentParser(
         description="Train (or with --eval_only, evaluate) LFLLM for light-field referring segmentation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _reference_flags(parser)
-    _lfllm_flags(parser)
+    for name, title in _HELP_GROUPS.items():
+        add_option_flags(parser.add_argument_group(title), type(getattr(_DEFAULT_CONFIG, name)))
     return parser
 
 
+def config_from_namespace(args: argparse.Namespace, given: Sequence[str]) -> RunConfig:
+    """The :class:`RunConfig` of a parsed command line (flags absent from the parser keep their defaults;
+    ``given``: the flags it set). Entry points with a parser of their own (chat, the demo) call it."""
+    groups = {name: options_from_args(type(opts), args) for name, opts in _DEFAULT_CONFIG.groups().items()}
+    return RunConfig(**groups, given=frozenset(given))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and validate; raises ``SystemExit`` with a message on inconsistent options."""
+    """The parser's namespace, validated (``SystemExit`` with a message on a bad value); ``args.given``
+    lists the flags the command line set. Entry points call :func:`parse_config` instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.dataset != "refer_seg":
-        parser.error(
-            f"--dataset {args.dataset!r}: only 'refer_seg' (Ref-UrbanLF / RefCOCO layout) is supported"
-        )
-    if len(args.val_dataset.split("|")) != 3:
-        parser.error(f"--val_dataset {args.val_dataset!r}: expected 'ds|splitBy|split'")
-    if args.start_epoch != 0:
-        parser.error(
-            f"--start_epoch {args.start_epoch}: the epoch a run continues from comes from its checkpoint "
-            "(--resume / --auto_resume, with the optimiser and LR schedule); a fresh run starts at epoch 0"
-        )
-    try:
-        sample_weights(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    for flag in (
-        "epochs",
-        "steps_per_epoch",
-        "batch_size",
-        "grad_accumulation_steps",
-        "val_batch_size",
-        "num_classes_per_sample",
-        "model_max_length",
-        "max_new_tokens",
-        "print_freq",
-    ):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
-    for flag in ("workers", "lora_r", "warmup_steps", "save_steps", "max_steps"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag} {getattr(args, flag)}: must be >= 0")
-    for flag in ("lr", "beta1", "beta2", "lora_dropout", "max_grad_norm"):
-        value = getattr(args, flag)
-        low_ok = value > 0 if flag in ("lr", "max_grad_norm") else value >= 0
-        if not (low_ok and math.isfinite(value)) or (
-            flag in ("beta1", "beta2", "lora_dropout") and value >= 1
-        ):
-            parser.error(f"--{flag} {value}: out of range")
-    for flag in ("ce_loss_weight", "bce_loss_weight", "dice_loss_weight"):
-        if not (getattr(args, flag) >= 0 and math.isfinite(getattr(args, flag))):
-            parser.error(f"--{flag} {getattr(args, flag)}: must be a finite number >= 0")
-    if not args.lora_target_modules.strip(","):
-        parser.error("--lora_target_modules is empty: name the language-model layers (e.g. q_proj,v_proj)")
-    try:
-        view_set_offsets(disparity_config(args).views)
-    except ValueError as exc:
-        parser.error(f"--disparity_set: {exc}")
     args.given = explicit_dests(parser, argv)
+    try:
+        config_from_namespace(args, args.given)
+    except ValueError as exc:
+        parser.error(str(exc).split("; ")[0])
     return args
 
 
-def sample_weights(args: argparse.Namespace) -> list[float]:
-    """``--sample_rates`` as one positive weight per dataset of ``--refer_seg_data`` (a single value
-    applies to all). Raises ``ValueError`` naming the flag."""
-    names = [n for n in args.refer_seg_data.split("||") if n.strip()]
-    try:
-        rates = [float(v) for v in str(args.sample_rates).split(",")]
-    except ValueError:
-        raise ValueError(f"--sample_rates {args.sample_rates!r}: expected numbers like '3,1'") from None
-    if len(rates) == 1:
-        rates = rates * len(names)
-    if len(rates) != len(names):
-        raise ValueError(
-            f"--sample_rates {args.sample_rates!r}: {len(rates)} rates for {len(names)} datasets "
-            f"of --refer_seg_data {args.refer_seg_data!r}"
-        )
-    if not all(r > 0 and r == r and r != float("inf") for r in rates):
-        raise ValueError(f"--sample_rates {args.sample_rates!r}: every rate must be a positive number")
-    return rates
-
-
-def disparity_config(args: argparse.Namespace) -> DisparityConfig:
-    """Estimator settings of ``--depth_source estimate``: the defaults + ``--disparity_set`` overrides.
-
-    Raises ``ValueError`` naming a bad field or value."""
-    return DisparityConfig(**config_overrides(args.disparity_set))
+def parse_config(argv: Sequence[str] | None = None) -> RunConfig:
+    """Parse the command line once into the typed :class:`RunConfig` (``SystemExit`` with a message on a
+    bad value)."""
+    args = parse_args(argv)
+    return config_from_namespace(args, args.given)
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
-    """The model fields chosen on the command line."""
+    """The model fields chosen on the command line (the parser's namespace)."""
     return options_from_args(ModelOptions, args)
 
 
 def trainable_options(args: argparse.Namespace) -> TrainableOptions:
-    """LoRA / head switches chosen on the command line."""
+    """LoRA / head switches chosen on the command line (the parser's namespace)."""
     return options_from_args(TrainableOptions, args)
 
 
-def data_options(args: argparse.Namespace) -> DataOptions:
-    """Scene file names and disparity source chosen on the command line."""
-    return options_from_args(DataOptions, args)
+def disparity_config(args: argparse.Namespace) -> DisparityConfig:
+    """Estimator settings of ``--depth_source estimate`` from the parser's namespace."""
+    return options_from_args(DatasetOptions, args).disparity_config()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.config import LoopOptions, OptimOptions
 
 
-def total_steps(args: argparse.Namespace) -> int:
+def total_steps(loop: LoopOptions) -> int:
     """Optimiser steps of the whole run: ``epochs × steps_per_epoch``."""
-    return args.epochs * args.steps_per_epoch
+    return loop.epochs * loop.steps_per_epoch
 
 
 def deepspeed_config(
-    args: argparse.Namespace, on_cpu: bool, trainable_numel: int | None = None
+    optim: OptimOptions, loop: LoopOptions, precision: str, on_cpu: bool, trainable_numel: int | None = None
 ) -> dict[str, Any]:
     """AdamW (betas from the CLI, no weight decay), WarmupDecayLR (linear warm-up for ``warmup_steps``,
     then linear decay to 0 at ``epochs × steps_per_epoch``), gradient clipping, ZeRO stage
@@ -20,11 +22,11 @@ def deepspeed_config(
     CPU Adam ops would compile first). ZeRO's gradient buckets are capped at the trainable parameter
     count (``trainable_numel``): LoRA trains ~26 M parameters at 7B, and the default 5e8-element buckets
     would allocate ~2 GiB of buffers for nothing."""
-    steps = total_steps(args)
-    warmup = min(args.warmup_steps, max(steps - 1, 0))
-    zero: dict[str, Any] = {"stage": args.zero_stage}
+    steps = total_steps(loop)
+    warmup = min(optim.warmup_steps, max(steps - 1, 0))
+    zero: dict[str, Any] = {"stage": optim.zero_stage}
     bucket = int(5e8) if trainable_numel is None else int(min(5e8, max(trainable_numel, 1e6)))
-    if args.zero_stage > 0:
+    if optim.zero_stage > 0:
         zero.update(
             contiguous_gradients=True,
             overlap_comm=not on_cpu,
@@ -33,15 +35,15 @@ def deepspeed_config(
             allgather_bucket_size=bucket,
         )
     return {
-        "train_micro_batch_size_per_gpu": args.batch_size,
-        "gradient_accumulation_steps": args.grad_accumulation_steps,
+        "train_micro_batch_size_per_gpu": loop.batch_size,
+        "gradient_accumulation_steps": loop.grad_accumulation_steps,
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": args.lr,
+                "lr": optim.lr,
                 "weight_decay": 0.0,
-                "betas": [args.beta1, args.beta2],
-                "torch_adam": bool(args.torch_adam or on_cpu),
+                "betas": [optim.beta1, optim.beta2],
+                "torch_adam": bool(optim.torch_adam or on_cpu),
             },
         },
         "scheduler": {
@@ -49,14 +51,14 @@ def deepspeed_config(
             "params": {
                 "total_num_steps": max(steps, 1),
                 "warmup_min_lr": 0.0,
-                "warmup_max_lr": args.lr,
+                "warmup_max_lr": optim.lr,
                 "warmup_num_steps": warmup,
                 "warmup_type": "linear",
             },
         },
-        "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
-        "bf16": {"enabled": args.precision == "bf16"},
-        "gradient_clipping": args.max_grad_norm,
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16"},
+        "gradient_clipping": optim.max_grad_norm,
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -6,24 +6,24 @@ engine a run trains.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model.lfllm import LFLLMForCausalLM
-from model.trainable import TrainableOptions, make_trainable, unwrap
+from model.trainable import make_trainable, unwrap
 from training.ds_config import deepspeed_config
 
+if TYPE_CHECKING:
+    from training.config import RunConfig
 
-def build_engine(
-    model: LFLLMForCausalLM, args: argparse.Namespace, options: TrainableOptions, on_cpu: bool
-) -> tuple[Any, dict[str, Any]]:
+
+def build_engine(model: LFLLMForCausalLM, cfg: RunConfig, on_cpu: bool) -> tuple[Any, dict[str, Any]]:
     """Prepare ``model`` for training and wrap it in a DeepSpeed engine.
 
-    Turns the KV cache off, enables gradient checkpointing when ``args.gradient_checkpointing``, wraps the
-    trainable set with peft (``options``), builds the DeepSpeed config from ``args``
+    Turns the KV cache off, enables gradient checkpointing when ``--gradient_checkpointing``, wraps the
+    trainable set with peft (``cfg.trainable``), builds the DeepSpeed config from ``cfg.optim`` / ``cfg.loop``
     (``training.ds_config.deepspeed_config``) and initialises the engine in train mode.
 
     Returns:
@@ -32,11 +32,12 @@ def build_engine(
     import deepspeed  # heavy (JIT op registry): only when an engine is built
 
     model.config.use_cache = False
-    if args.gradient_checkpointing:
+    if cfg.loop.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    wrapped = make_trainable(model, options)
+    wrapped = make_trainable(model, cfg.trainable)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    ds_config = deepspeed_config(args, on_cpu=on_cpu, trainable_numel=sum(p.numel() for p in params))
+    numel = sum(p.numel() for p in params)
+    ds_config = deepspeed_config(cfg.optim, cfg.loop, cfg.run.precision, on_cpu=on_cpu, trainable_numel=numel)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, model_parameters=params, config=ds_config)
     # DeepSpeed casts the whole module to bf16/fp16; SAM's prompt encoder (frozen) must stay float32.
     unwrap(engine.module).sam.prompt_encoder.float()

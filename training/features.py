@@ -18,7 +18,6 @@ computes its share, all wait for all (the rules of the estimated-disparity cache
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -36,10 +35,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from dataset.collate import TokenSpec, collate_batch, move_batch
+from dataset.options import DataOptions
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.scenes import SceneDataset
 from model.lfllm import LFLLMForCausalLM
-from training.loaders import scene_layouts, val_scenes
+from training.config import RunConfig
+from training.loaders import caam_views, train_scenes, val_scenes
 from utils import distributed
 from utils.batch import FEATURE_KEYS, STACKED_KEYS
 
@@ -54,7 +55,7 @@ class FeatureCacheError(ValueError):
     """A configuration whose front end is not frozen, or not a function of the scene alone."""
 
 
-def check_cacheable(config: Any, args: argparse.Namespace) -> None:
+def check_cacheable(config: Any) -> None:
     """Refuse, naming the flag, every configuration whose cached outputs would not be frozen features of
     the scene: a learned or occlusion-aware CAAM (its parameters train), a separate depth projector (it
     trains). LoRA never reaches the vision tower (``model.trainable.lora_target_regex``), and the refer-seg
@@ -91,7 +92,11 @@ def frozen_fingerprint(model: LFLLMForCausalLM) -> str:
 
 
 def cache_key(
-    model: LFLLMForCausalLM, spec: SampleSpec, args: argparse.Namespace, storage: torch.dtype
+    model: LFLLMForCausalLM,
+    spec: SampleSpec,
+    data: DataOptions,
+    disparity_set: Sequence[str],
+    storage: torch.dtype,
 ) -> str:
     """The folder name of this configuration's entries (see the module docstring)."""
     config = model.config
@@ -108,11 +113,11 @@ def cache_key(
         "depth_range": list(config.depth_range),
         "clip_mean_std": [list(config.clip_image_mean), list(config.clip_image_std)],
         "vision_feature": [config.vision_feature_layer, config.vision_feature_select_strategy],
-        "depth_source": args.depth_source,
-        "disparity_name": args.disparity_name,
-        "estimated_disparity_name": args.estimated_disparity_name,
-        "disparity_set": sorted(args.disparity_set),
-        "view_pattern": args.view_pattern,
+        "depth_source": data.depth_source,
+        "disparity_name": data.disparity_name,
+        "estimated_disparity_name": data.estimated_disparity_name,
+        "disparity_set": sorted(disparity_set),
+        "view_pattern": data.view_pattern,
         "compute_dtype": str(next(model.sam.image_encoder.parameters()).dtype),
         "storage_dtype": str(storage),
     }
@@ -314,18 +319,17 @@ def build_feature_cache(
     return written
 
 
-def open_store(args: argparse.Namespace, model: LFLLMForCausalLM, spec: SampleSpec) -> FeatureStore:
+def open_store(cfg: RunConfig, model: LFLLMForCausalLM, spec: SampleSpec) -> FeatureStore:
     """The store of this run's configuration under ``--feature_cache`` (refused when not cacheable)."""
-    check_cacheable(model.config, args)
+    check_cacheable(model.config)
     compute = next(model.sam.image_encoder.parameters()).dtype
-    storage = STORAGE_DTYPES[args.feature_cache_dtype] or compute
-    return FeatureStore(
-        Path(args.feature_cache), cache_key(model, spec, args, storage), compute, storage, spec
-    )
+    storage = STORAGE_DTYPES[cfg.run.feature_cache_dtype] or compute
+    key = cache_key(model, spec, cfg.data, cfg.datasets.disparity_set, storage)
+    return FeatureStore(Path(cfg.run.feature_cache), key, compute, storage, spec)
 
 
 def prepare_feature_cache(
-    args: argparse.Namespace,
+    cfg: RunConfig,
     model: LFLLMForCausalLM,
     tokenizer: Any,
     dist_info: Any,
@@ -335,29 +339,19 @@ def prepare_feature_cache(
 ) -> FeatureStore | None:
     """``--feature_cache``: the store of this run, filled for the scenes of the training split (``train``)
     and of ``--val_dataset`` (``val``) before the loaders are built; None without the flag."""
-    if not args.feature_cache:
+    if not cfg.run.feature_cache:
         return None
-    spec = SampleSpec.from_model_config(model.config, args.conv_type, pack=args.pack_conversations)
-    store = open_store(args, model, spec)
-    views = [tuple(o) for o in (model.config.caam_offsets or [])]
+    spec = SampleSpec.from_model_config(model.config, cfg.prompt.conv_type, pack=cfg.loop.pack_conversations)
+    store = open_store(cfg, model, spec)
+    views = caam_views(model.config)
     groups = []
     if train:
-        groups.append(
-            SceneDataset(
-                args.dataset_dir,
-                args.refer_seg_data,
-                "train",
-                views=views,
-                mode="val",
-                with_disparity=spec.needs_disparity,
-                **scene_layouts(args, args.refer_seg_data),
-            )
-        )
+        groups.append(train_scenes(cfg, views, with_disparity=spec.needs_disparity))
     if val:
-        groups.append(val_scenes(args, spec.needs_disparity, views))
-    tokens = TokenSpec.from_tokenizer(tokenizer, model.config.image_seq_length, args.model_max_length)
+        groups.append(val_scenes(cfg, spec.needs_disparity, views))
+    tokens = TokenSpec.from_tokenizer(tokenizer, model.config.image_seq_length, cfg.prompt.model_max_length)
     build_feature_cache(
         model, groups, spec, tokens, tokenizer, store, rank=dist_info.rank, world_size=dist_info.world_size,
-        device=dist_info.device, batch_size=max(1, args.val_batch_size), show_progress=dist_info.is_main,
+        device=dist_info.device, batch_size=max(1, cfg.eval.val_batch_size), show_progress=dist_info.is_main,
     )  # fmt: skip
     return store

@@ -3,8 +3,7 @@ validation (a disjoint shard per rank, every scene exactly once)."""
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,10 @@ from dataset.collate import TokenSpec, collate_batch
 from dataset.disparity.cache import Estimator, estimate_scenes, scenes_to_estimate
 from dataset.errors import LightFieldError
 from dataset.lightfield import LightFieldLayout
+from dataset.options import DataOptions, PromptOptions
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.scenes import SceneDataset, split_datasets
-from training.config import data_options, disparity_config, sample_weights
+from training.config import RunConfig
 from utils import distributed
 
 
@@ -76,46 +76,65 @@ class EpochSampler(Sampler[int]):
         return iter(out[self.start :])
 
 
-def layout_from_args(args: argparse.Namespace, ds: str | None = None) -> LightFieldLayout:
-    """Light-field file names chosen on the command line for dataset ``ds``; the disparity file is
-    ``--disparity_name`` (its entry for ``ds``), or ``--estimated_disparity_name`` with
-    ``--depth_source estimate``."""
-    opts = data_options(args)
+def layout_for(data: DataOptions, ds: str | None = None) -> LightFieldLayout:
+    """Light-field file names of dataset ``ds``: the disparity file is ``--disparity_name`` (its entry for
+    ``ds``), or ``--estimated_disparity_name`` with ``--depth_source estimate``."""
     kwargs = {}
     if ds is not None:
-        kwargs["scene_pattern"] = opts.scene_root_and_pattern(ds)[1]
+        kwargs["scene_pattern"] = data.scene_root_and_pattern(ds)[1]
     return LightFieldLayout(
-        view_pattern=opts.view_pattern, disparity_name=opts.read_disparity_name(ds), **kwargs
+        view_pattern=data.view_pattern, disparity_name=data.read_disparity_name(ds), **kwargs
     )
 
 
-def scene_layouts(args: argparse.Namespace, datasets: str) -> dict[str, Any]:
+def scene_layouts(data: DataOptions, datasets: str) -> dict[str, Any]:
     """``SceneDataset`` keyword arguments ``layout`` and ``lf_root``, one entry per dataset of
     ``datasets`` (``a||b``), from ``--view_pattern``, ``--disparity_name``, ``--lf_dir_pattern``."""
     names = [name.split("(", 1)[0] for name in split_datasets(datasets)]
-    opts = data_options(args)
     return {
-        "layout": {ds: layout_from_args(args, ds) for ds in names},
-        "lf_root": {ds: opts.scene_root_and_pattern(ds)[0] for ds in names},
+        "layout": {ds: layout_for(data, ds) for ds in names},
+        "lf_root": {ds: data.scene_root_and_pattern(ds)[0] for ds in names},
     }
 
 
-def used_scene_dirs(args: argparse.Namespace, train: bool, val: bool) -> list[Path]:
+def train_scenes(
+    cfg: RunConfig,
+    views: Sequence[tuple[int, int]] = (),
+    *,
+    rank: int | None = None,
+    with_disparity: bool = True,
+    with_pixels: bool = True,
+) -> SceneDataset:
+    """The raw scenes of the training split of ``--refer_seg_data``: the one builder of the training scene
+    set. ``rank`` given: the loop's sampling (``--num_classes_per_sample`` expressions drawn per scene,
+    seeded by ``--seed`` + rank); else every expression of a scene once (cache filling, checks)."""
+    sampling: dict[str, Any] = {"mode": "val"}
+    if rank is not None:
+        sampling = {
+            "mode": "train",
+            "num_classes_per_sample": cfg.loop.num_classes_per_sample,
+            "seed": cfg.loop.seed + rank,
+        }
+    return SceneDataset(
+        cfg.datasets.dataset_dir,
+        cfg.datasets.refer_seg_data,
+        "train",
+        views=list(views),
+        **scene_layouts(cfg.data, cfg.datasets.refer_seg_data),
+        with_disparity=with_disparity,
+        with_pixels=with_pixels,
+        **sampling,
+    )
+
+
+def used_scene_dirs(cfg: RunConfig, train: bool, val: bool) -> list[Path]:
     """Light-field scene folders of the training split (``--refer_seg_data``, split ``train``) and/or of
     ``--val_dataset``, in dataset order without duplicates; 2D (image) datasets have none."""
     groups: list[SceneDataset] = []
     if train:
-        groups.append(
-            SceneDataset(
-                args.dataset_dir,
-                args.refer_seg_data,
-                "train",
-                views=(),
-                **scene_layouts(args, args.refer_seg_data),
-            )
-        )
+        groups.append(train_scenes(cfg))
     if val:
-        groups.append(val_scenes(args, with_disparity=False))
+        groups.append(val_scenes(cfg, with_disparity=False))
     dirs: dict[Path, None] = {}
     for scenes in groups:
         for i, scene in enumerate(scenes.scenes):
@@ -125,7 +144,7 @@ def used_scene_dirs(args: argparse.Namespace, train: bool, val: bool) -> list[Pa
 
 
 def prepare_estimated_disparity(
-    args: argparse.Namespace,
+    cfg: RunConfig,
     *,
     train: bool,
     val: bool,
@@ -152,12 +171,12 @@ def prepare_estimated_disparity(
         file is not visible to a rank (nodes without a shared filesystem: run
         ``scripts/estimate_disparity.py`` on each node first).
     """
-    if getattr(args, "depth_source", "file") != "estimate":
+    if cfg.data.depth_source != "estimate":
         return 0
     if not (dist.is_available() and dist.is_initialized()):
         rank, world_size = 0, 1
-    out_name = args.estimated_disparity_name
-    scenes = used_scene_dirs(args, train, val)
+    out_name = cfg.data.estimated_disparity_name
+    scenes = used_scene_dirs(cfg, train, val)
     # a collective before anyone writes: every rank gets rank 0's list, so the shares are consistent
     todo = distributed.gather_objects(scenes_to_estimate(scenes, out_name))[0]
     if show_progress:
@@ -167,13 +186,13 @@ def prepare_estimated_disparity(
             flush=True,
         )
     written, error = 0, None
-    run_on = torch.device(args.disparity_device or device)
+    run_on = torch.device(cfg.datasets.disparity_device or device)
     try:
         written = estimate_scenes(
             todo[rank::world_size],
             out_name,
-            layout_from_args(args),
-            disparity_config(args),
+            layout_for(cfg.data),
+            cfg.datasets.disparity_config(),
             device=str(run_on),
             estimator=estimator,
             progress=show_progress and bool(todo),
@@ -199,26 +218,28 @@ def prepare_estimated_disparity(
     return written
 
 
-def _tokens(tokenizer, config, args) -> TokenSpec:
-    return TokenSpec.from_tokenizer(tokenizer, config.image_seq_length, args.model_max_length)
+def _tokens(tokenizer: Any, model_config: Any, prompt: PromptOptions) -> TokenSpec:
+    return TokenSpec.from_tokenizer(tokenizer, model_config.image_seq_length, prompt.model_max_length)
 
 
-def build_train_loader(args, config, tokenizer, rank: int, store=None) -> tuple[DataLoader, EpochSampler]:
+def caam_views(model_config: Any) -> list[tuple[int, int]]:
+    """The neighbour views the model reads (its CAAM offsets; none without CAAM)."""
+    return [tuple(o) for o in (model_config.caam_offsets or [])]
+
+
+def build_train_loader(
+    cfg: RunConfig, model_config: Any, tokenizer: Any, rank: int, store: Any = None
+) -> tuple[DataLoader, EpochSampler]:
     """Loader of ``steps_per_epoch × grad_accumulation_steps`` micro-batches per epoch on this rank.
 
     ``store`` (a ``training.features.FeatureStore``): the scenes' encodings come from the feature cache
     and no image is read."""
-    spec = SampleSpec.from_model_config(config, args.conv_type, pack=args.pack_conversations)
-    scenes = SceneDataset(
-        args.dataset_dir,
-        args.refer_seg_data,
-        "train",
-        views=[tuple(o) for o in (config.caam_offsets or [])],
-        **scene_layouts(args, args.refer_seg_data),
-        mode="train",
-        num_classes_per_sample=args.num_classes_per_sample,
+    spec = SampleSpec.from_model_config(model_config, cfg.prompt.conv_type, pack=cfg.loop.pack_conversations)
+    scenes = train_scenes(
+        cfg,
+        caam_views(model_config),
+        rank=rank,
         with_disparity=spec.needs_disparity,
-        seed=args.seed + rank,
         with_pixels=store is None,
     )
     features = None if store is None else store.provider(scenes, spec)
@@ -226,19 +247,19 @@ def build_train_loader(args, config, tokenizer, rank: int, store=None) -> tuple[
         scenes,
         tokenizer,
         spec,
-        _tokens(tokenizer, config, args),
+        _tokens(tokenizer, model_config, cfg.prompt),
         train=True,
-        seed=args.seed,
+        seed=cfg.loop.seed,
         features=features,
     )
-    n = args.steps_per_epoch * args.grad_accumulation_steps * args.batch_size
     groups = [[i for i, sc in enumerate(scenes.scenes) if sc.ds_index == d] for d in range(len(scenes.names))]
-    sampler = EpochSampler(len(data), n, args.seed, rank, groups, sample_weights(args))
+    weights = cfg.datasets.sample_weights()
+    sampler = EpochSampler(len(data), cfg.loop.samples_per_epoch, cfg.loop.seed, rank, groups, weights)
     loader = DataLoader(
         data,
-        batch_size=args.batch_size,
+        batch_size=cfg.loop.batch_size,
         sampler=sampler,
-        num_workers=args.workers,
+        num_workers=cfg.loop.workers,
         collate_fn=partial(collate_batch, pad_id=tokenizer.pad_token_id),
         drop_last=True,
     )
@@ -246,16 +267,16 @@ def build_train_loader(args, config, tokenizer, rank: int, store=None) -> tuple[
 
 
 def val_scenes(
-    args: argparse.Namespace, with_disparity: bool, views=(), with_pixels: bool = True
+    cfg: RunConfig, with_disparity: bool, views: Sequence[tuple[int, int]] = (), with_pixels: bool = True
 ) -> SceneDataset:
     """The raw validation scenes of ``--val_dataset`` (``ds|splitBy|split``; split may be a subset tag)."""
-    ds, split_by, split = args.val_dataset.split("|")
+    ds, split_by, split = cfg.eval.split
     return SceneDataset(
-        args.dataset_dir,
+        cfg.datasets.dataset_dir,
         ds,
         split,
         views=views,
-        **scene_layouts(args, ds),
+        **scene_layouts(cfg.data, ds),
         mode="val",
         with_disparity=with_disparity,
         split_by=split_by,
@@ -264,19 +285,24 @@ def val_scenes(
 
 
 def build_val_loader(
-    args, config, tokenizer, rank: int, world: int, generated: bool = False, store=None
+    cfg: RunConfig,
+    model_config: Any,
+    tokenizer: Any,
+    rank: int,
+    world: int,
+    generated: bool = False,
+    store: Any = None,
 ) -> DataLoader:
     """Validation loader over this rank's shard of ``--val_dataset`` (``ds|splitBy|split``); with
     ``store`` the encodings come from the feature cache."""
-    spec = SampleSpec.from_model_config(config, args.conv_type, pack=False)
-    views = [tuple(o) for o in (config.caam_offsets or [])]
-    scenes = val_scenes(args, spec.needs_disparity, views, with_pixels=store is None)
+    spec = SampleSpec.from_model_config(model_config, cfg.prompt.conv_type, pack=False)
+    scenes = val_scenes(cfg, spec.needs_disparity, caam_views(model_config), with_pixels=store is None)
     features = None if store is None else store.provider(scenes, spec)
     data = ReferSegDataset(
         scenes,
         tokenizer,
         spec,
-        _tokens(tokenizer, config, args),
+        _tokens(tokenizer, model_config, cfg.prompt),
         train=False,
         with_answers=not generated,
         features=features,
@@ -284,8 +310,8 @@ def build_val_loader(
     shard = Subset(data, list(range(rank, len(data), world)))
     return DataLoader(
         shard,
-        batch_size=args.val_batch_size,
+        batch_size=cfg.eval.val_batch_size,
         shuffle=False,
-        num_workers=min(args.workers, 2),
+        num_workers=min(cfg.loop.workers, 2),
         collate_fn=partial(collate_batch, pad_id=tokenizer.pad_token_id),
     )

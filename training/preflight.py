@@ -7,7 +7,6 @@ shares the verdict, so a bad scene stops the run in seconds instead of hours in.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,27 +18,27 @@ from dataset.check import check_datasets, report
 from dataset.errors import DataError
 from dataset.scenes import SceneDataset
 from model.build import check_pretrained_dir
-from training.config import model_options, parse_args
-from training.loaders import scene_layouts, val_scenes
+from model.options import ModelOptions
+from training.config import RunConfig, parse_config
+from training.loaders import train_scenes, val_scenes
 from utils import distributed
 from utils.views import parse_views
 
 
 def model_inputs(
-    args: argparse.Namespace, check_version: bool = True
+    version: str, options: ModelOptions, check_version: bool = True
 ) -> tuple[tuple[tuple[int, int], ...], bool]:
     """(neighbour offsets, whether a disparity map is read) of the model ``--version`` will give: from a
     merged model's config, else from the command line's model options (``check_version=False``: the
     options alone when ``--version`` is not a folder, as ``scripts/check_dataset.py`` allows)."""
     merged = False
-    if check_version or Path(args.version).is_dir():
-        merged = check_pretrained_dir(args.version) == "lfllm"
+    if check_version or Path(version).is_dir():
+        merged = check_pretrained_dir(version) == "lfllm"
     if merged:
-        cfg = AutoConfig.from_pretrained(args.version)
+        cfg = AutoConfig.from_pretrained(version)
         use_caam, use_depth, offsets = cfg.use_caam, cfg.use_depth, cfg.caam_offsets or []
     else:
-        opts = model_options(args)
-        use_caam, use_depth, offsets = opts.use_caam, opts.use_depth, parse_views(opts.caam_views)
+        use_caam, use_depth, offsets = options.use_caam, options.use_depth, parse_views(options.caam_views)
     views = tuple(tuple(o) for o in offsets) if use_caam else ()
     return views, bool(use_caam or use_depth)
 
@@ -57,9 +56,7 @@ def split_problem(scenes: SceneDataset, flag: str, value: str) -> str | None:
     )
 
 
-def preflight(
-    args: argparse.Namespace, *, train: bool, is_main: bool, check_version: bool = True
-) -> dict[str, Any]:
+def preflight(cfg: RunConfig, *, train: bool, is_main: bool, check_version: bool = True) -> dict[str, Any]:
     """Refuse a run that cannot succeed, before the model is built.
 
     Checks ``--version`` (``model.build.check_pretrained_dir``), that the training split (``train``)
@@ -70,31 +67,23 @@ def preflight(
     Returns a summary (scenes checked). Raises ``DataError`` / ``ValueError`` / ``FileNotFoundError``
     with every problem listed.
     """
-    views, need_disparity = model_inputs(args, check_version)
+    views, need_disparity = model_inputs(cfg.run.version, cfg.model, check_version)
     groups: list[SceneDataset] = []
     problems = []
     if train:
-        scenes = SceneDataset(
-            args.dataset_dir,
-            args.refer_seg_data,
-            "train",
-            views=views,
-            mode="val",
-            with_disparity=False,
-            **scene_layouts(args, args.refer_seg_data),
-        )
-        problems.append(split_problem(scenes, "--refer_seg_data", args.refer_seg_data))
+        scenes = train_scenes(cfg, views, with_disparity=False)
+        problems.append(split_problem(scenes, "--refer_seg_data", cfg.datasets.refer_seg_data))
         groups.append(scenes)
-    if args.eval_only or not args.no_eval:
-        scenes = val_scenes(args, with_disparity=False, views=views)
-        problems.append(split_problem(scenes, "--val_dataset", args.val_dataset))
+    if cfg.run.eval_only or not cfg.eval.no_eval:
+        scenes = val_scenes(cfg, with_disparity=False, views=views)
+        problems.append(split_problem(scenes, "--val_dataset", cfg.eval.val_dataset))
         groups.append(scenes)
     problems = [p for p in problems if p]
     if problems:
         raise ValueError("\n".join(problems))
     checked, found = 0, []
     if is_main:
-        check_disparity = need_disparity and args.depth_source == "file"
+        check_disparity = need_disparity and cfg.data.depth_source == "file"
         checked, found = check_datasets(groups, check_disparity, progress=True)
     verdict = distributed.gather_objects(None if not found else report(found, checked))[0]
     if verdict is not None:
@@ -106,9 +95,9 @@ def check_main(argv: Sequence[str] | None = None) -> int:
     """``scripts/check_dataset.py``: the pre-flight check of ``train_ds.py`` alone, with its flags
     (``--dataset_dir``, ``--refer_seg_data``, ``--val_dataset``, layout, model and ``--eval_only``
     options; ``--version`` is read only when it is a folder). Prints the verdict; status 0 when clean."""
-    args = parse_args(argv)
+    cfg = parse_config(argv)
     try:
-        summary = preflight(args, train=not args.eval_only, is_main=True, check_version=False)
+        summary = preflight(cfg, train=not cfg.run.eval_only, is_main=True, check_version=False)
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,15 +3,13 @@
 ``<log_base_dir>/<exp_name>/`` belongs to one training run. :class:`RunLock` holds an exclusive
 ``fcntl`` lock on ``.lock`` for the life of the process, so a second run in the same directory stops at
 once with the first one's pid; the kernel drops the lock of a killed process, so a stale lock file is
-taken over (and said so). ``run_options.json`` records what a resumed run must share with the run it
-continues (model, trainable and data options, base weights, datasets, batch geometry); resuming with other
-values is refused with the differences listed, unless ``--resume_with_changes`` is given.
+taken over (and said so). ``run_options.json`` is the run record (``RunConfig.to_record``); what a resumed
+run must share with the run it continues (model, trainable and data options, base weights, datasets, batch
+geometry: the fields declared with ``resume=True``) is read from it; resuming with other values is refused with the differences listed, unless ``--resume_with_changes`` is given.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import fcntl
 import json
 import os
@@ -21,27 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoint import atomic_write_text
-from training.config import data_options, model_options, trainable_options
+from training.config import RunConfig
 
 LOCK_FILE = ".lock"
 OPTIONS_FILE = "run_options.json"
-#: Run settings that a resumed run must share with the run it continues (besides the option dataclasses):
-#: they define the model, the data it sees and the order it sees it in.
-RESUME_KEYS = (
-    "version",
-    "vision_pretrained",
-    "dataset_dir",
-    "refer_seg_data",
-    "sample_rates",
-    "precision",
-    "conv_type",
-    "model_max_length",
-    "num_classes_per_sample",
-    "pack_conversations",
-    "batch_size",
-    "grad_accumulation_steps",
-    "seed",
-)
 
 
 class RunInUseError(RuntimeError):
@@ -106,15 +87,10 @@ def _read_holder(fd: int) -> str:
     return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
 
 
-def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues (JSON-ready)."""
-    record = {
-        "model_options": dataclasses.asdict(model_options(args)),
-        "trainable_options": dataclasses.asdict(trainable_options(args)),
-        "data_options": dataclasses.asdict(data_options(args)),
-    }
-    record.update({key: getattr(args, key, None) for key in RESUME_KEYS})
-    return json.loads(json.dumps(record, default=str))
+def recorded_resume_values(record: dict[str, Any]) -> dict[str, Any]:
+    """The must-match values of a recorded ``run_options.json`` (this version's run record, or the flat
+    record of earlier versions), keyed ``group.field`` as :meth:`RunConfig.resume_values`."""
+    return RunConfig.from_record(record).resume_values()
 
 
 def option_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -133,23 +109,28 @@ def option_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check_resume_options(run_dir: Path, args: argparse.Namespace, resuming: bool) -> list[str]:
+def check_resume_options(run_dir: Path, cfg: RunConfig, resuming: bool) -> list[str]:
     """Compare this run's options with the ones ``run_dir`` was started with; record them when the run
     starts fresh. Returns the differences that were accepted (``--resume_with_changes``), else [].
 
+    The options that must match are those declared with ``resume=True`` (:func:`utils.options.option`).
     Raises ``ValueError`` listing the differences when a resumed run's options changed."""
     path = Path(run_dir) / OPTIONS_FILE
-    current = run_options(args)
+    record = cfg.to_record()
     if not resuming or not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(current, indent=2))
+        atomic_write_text(path, json.dumps(record, indent=2))
         return []
     try:
         recorded = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); remove it to record the options anew") from exc
-    diffs = option_differences(recorded, current)
-    if diffs and not getattr(args, "resume_with_changes", False):
+    try:
+        before = recorded_resume_values(recorded)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a run record ({exc}); remove it to record the options anew") from exc
+    diffs = option_differences(before, cfg.resume_values())
+    if diffs and not cfg.run.resume_with_changes:
         raise ValueError(
             f"{run_dir} holds a run started with other options, and this run would resume its checkpoint:\n  "
             + "\n  ".join(diffs)
@@ -157,5 +138,5 @@ def check_resume_options(run_dir: Path, args: argparse.Namespace, resuming: bool
             "--resume_with_changes to continue it with these"
         )
     if diffs:
-        atomic_write_text(path, json.dumps(current, indent=2))
+        atomic_write_text(path, json.dumps(record, indent=2))
     return diffs

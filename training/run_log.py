@@ -40,11 +40,11 @@ class RunLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(self.run_dir))
 
-    def write_run_files(self, args: Any, ds_config: dict | None) -> None:
-        """``args.json`` (options, command line, git revision) and ``ds_config.json``."""
+    def write_run_files(self, config: dict[str, Any], ds_config: dict | None) -> None:
+        """``args.json`` (the run record ``config``, command line, git revision) and ``ds_config.json``."""
         if not self.enabled:
             return
-        record = {"args": vars(args), "argv": sys.argv, "git": git_revision()}
+        record = {"config": config, "argv": sys.argv, "git": git_revision()}
         atomic_write_text(self.run_dir / "args.json", json.dumps(record, indent=2, default=str))
         if ds_config is not None:
             atomic_write_text(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=2))

@@ -7,13 +7,12 @@ as the run it continues, and its loss trajectory continues the original's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -28,11 +27,15 @@ from training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from training.ds_config import total_steps
 from training.evaluate import evaluate
 from training.run_log import RunLogger
 from utils.batch import Batch
 from utils.distributed import DistInfo, gather_objects, mean_across_ranks
 from utils.metrics import SegMetrics
+
+if TYPE_CHECKING:
+    from training.config import RunConfig, RunOptions
 
 LOSS_KEYS = ("loss", "ce_loss", "bce_loss", "dice_loss")
 VAL_RECORD = "val_record.json"
@@ -69,13 +72,13 @@ class TrainState:
         )
 
 
-def resume_source(args: argparse.Namespace, ckpt_dir: Path) -> tuple[Path, str] | None:
+def resume_source(run: RunOptions, ckpt_dir: Path) -> tuple[Path, str] | None:
     """(checkpoint dir, tag) to resume from: ``--resume`` (a ``ckpt_model`` dir or one of its tags), else
     with ``--auto_resume`` this run's newest complete checkpoint
     (:func:`training.checkpoint.find_resume_checkpoint`, which also recovers from a save interrupted
     at any point and says so), else None."""
-    if args.resume:
-        path = Path(args.resume)
+    if run.resume:
+        path = Path(run.resume)
         if path.is_dir() and ((path / "latest").is_file() or checkpoint_step(path) is None):
             found = find_resume_checkpoint(path)
             if found is None:
@@ -85,7 +88,7 @@ def resume_source(args: argparse.Namespace, ckpt_dir: Path) -> tuple[Path, str] 
         if path.is_dir():
             return path.parent, path.name
         raise FileNotFoundError(f"--resume {path}: no such checkpoint directory")
-    if args.auto_resume:
+    if run.auto_resume:
         found = find_resume_checkpoint(ckpt_dir)
         if found is not None:
             _say(found[1])
@@ -132,7 +135,7 @@ class Trainer:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        cfg: RunConfig,
         engine: Any,
         train_loader: Any,
         sampler: Any,
@@ -143,18 +146,18 @@ class Trainer:
         run_dir: Path,
         export_meta: dict[str, Any],
     ) -> None:
-        self.args, self.engine, self.loader, self.sampler = args, engine, train_loader, sampler
+        self.cfg, self.engine, self.loader, self.sampler = cfg, engine, train_loader, sampler
         self.val_loader, self.tokenizer, self.dist, self.log = val_loader, tokenizer, dist_info, logger
         self.run_dir, self.export_meta = run_dir, export_meta
         self.ckpt_dir = run_dir / "ckpt_model"
         self.state = TrainState()
-        self.gas = args.grad_accumulation_steps
+        self.gas = cfg.loop.grad_accumulation_steps
         self.last_metrics: SegMetrics | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def maybe_resume(self) -> None:
         """Load the checkpoint chosen by ``--resume`` / ``--auto_resume``, if any."""
-        source = resume_source(self.args, self.ckpt_dir)
+        source = resume_source(self.cfg.run, self.ckpt_dir)
         if source is None:
             return
         client = load_checkpoint(self.engine, *source)
@@ -198,16 +201,17 @@ class Trainer:
             unwrap(self.engine.module),
             self.val_loader,
             self.dist.device,
-            protocol=self.args.eval_protocol,
+            protocol=self.cfg.eval.eval_protocol,
             tokenizer=self.tokenizer,
-            max_new_tokens=self.args.max_new_tokens,
+            max_new_tokens=self.cfg.generation.max_new_tokens,
             show_progress=self.dist.is_main,
         )
         results = metrics.compute()
         self.log.metrics(step, results)
         if self.dist.is_main:
             print(
-                metrics.table(title=f"validation after step {step} ({self.args.eval_protocol})"), flush=True
+                metrics.table(title=f"validation after step {step} ({self.cfg.eval.eval_protocol})"),
+                flush=True,
             )
         return metrics
 
@@ -229,18 +233,18 @@ class Trainer:
 
     def train_step(self, batch: Batch, micro_index: int) -> torch.Tensor:
         """:func:`train_micro_step` on this trainer's engine (losses ``(loss, ce, bce, dice)``)."""
-        return train_micro_step(self.engine, batch, micro_index, self.args.seed, self.dist)
+        return train_micro_step(self.engine, batch, micro_index, self.cfg.loop.seed, self.dist)
 
     def train(self) -> None:
-        args = self.args
-        spe, total = args.steps_per_epoch, args.epochs * args.steps_per_epoch
-        stop = min(total, args.max_steps) if args.max_steps > 0 else total
+        loop = self.cfg.loop
+        spe, total = loop.steps_per_epoch, total_steps(loop)
+        stop = min(total, loop.max_steps) if loop.max_steps > 0 else total
         start = int(self.engine.global_steps)
         if start >= stop:
             if self.dist.is_main:
                 print(f"nothing to do: the run is at step {start} of {stop}", flush=True)
             return
-        images_per_step = args.batch_size * self.gas * self.dist.world_size
+        images_per_step = loop.batch_size * self.gas * self.dist.world_size
         bar = tqdm(
             total=stop,
             initial=start,
@@ -253,7 +257,7 @@ class Trainer:
         while step < stop:
             epoch = step // spe
             first_micro = (step % spe) * self.gas
-            self.sampler.set_epoch(epoch, start=first_micro * args.batch_size)
+            self.sampler.set_epoch(epoch, start=first_micro * loop.batch_size)
             if hasattr(self.loader.dataset, "set_epoch"):
                 self.loader.dataset.set_epoch(epoch)
             acc = torch.zeros(len(LOSS_KEYS))
@@ -268,7 +272,7 @@ class Trainer:
                 seconds = time.perf_counter() - tic
                 values = dict(zip(LOSS_KEYS, losses.tolist()))
                 values.update(lr=float(self.engine.get_lr()[0]), images_per_s=images_per_step / seconds)
-                if step % args.print_freq == 0 or step == stop:
+                if step % loop.print_freq == 0 or step == stop:
                     self.log.scalars(step, values)
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
@@ -276,7 +280,7 @@ class Trainer:
                 tic = time.perf_counter()
                 if step % spe == 0:
                     self.end_of_epoch(step // spe - 1)
-                elif step == stop or (args.save_steps and step % args.save_steps == 0):
+                elif step == stop or (loop.save_steps and step % loop.save_steps == 0):
                     self.save("last", update_latest=True)
                 if step >= stop:
                     break

@@ -204,8 +204,8 @@ def build_parser(version_default: str, examples_default: str) -> argparse.Argume
     return p
 
 
-def limits_from_args(args: argparse.Namespace) -> UploadLimits:
-    """Upload limits of the command line."""
+def upload_limits(max_upload_mb: int) -> UploadLimits:
+    """Upload limits of ``--max_upload_mb``."""
     mib = 1 << 20
-    total = args.max_upload_mb * mib
+    total = max_upload_mb * mib
     return UploadLimits(max_total_bytes=total, max_file_bytes=min(total, UploadLimits().max_file_bytes))

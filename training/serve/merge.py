@@ -8,22 +8,22 @@ new token rows into plain weights. ``merge_lora_weights_and_save_hf_model.py`` i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import CLIPImageProcessor
 
-from dataset.options import DEFAULT_PROMPT_OPTIONS
 from model.build import DTYPES, build_lfllm
 from model.lfllm import LFLLMForCausalLM
 from model.options import ModelOptions
-from model.trainable import TrainableOptions, make_trainable, unwrap
-from training.config import given_fields, options_from_args
+from model.trainable import make_trainable, unwrap
+from training.config import RunConfig
 from training.weights import load_trainable, open_weights
+from utils.options import option
 
 MERGE_INFO = "merge_info.json"
 
@@ -39,16 +39,22 @@ def merge(model: nn.Module) -> LFLLMForCausalLM:
     return merged
 
 
-def resolve_options(
-    args: argparse.Namespace, meta: dict[str, Any] | None
-) -> tuple[ModelOptions, TrainableOptions]:
-    """Options of the training run: flags given on the command line, else trainable.json, else defaults."""
+@dataclass(frozen=True)
+class MergeOptions:
+    """What the merge reads and writes (LISA's merge flags); the model's options come from the run record."""
+
+    weight: str = option("", "trainable.safetensors, a DeepSpeed ckpt dir, or a .bin")
+    save_path: str = option("", "output HF directory")
+    tag: str | None = option(None, "DeepSpeed checkpoint tag (default: its 'latest' file)", parse=str)
+    precision: str = option("bf16", "dtype of the saved model", choices=sorted(DTYPES))
+    max_shard_size: str = option("5GB", "safetensors shard size")
+
+
+def recorded_version(meta: dict[str, Any] | None) -> bool:
+    """Whether the run record ``meta`` names the base (``run_options.version``, or the flat ``version`` of
+    earlier records)."""
     meta = meta or {}
-    model_opts = options_from_args(ModelOptions, args, ModelOptions.from_dict(meta.get("model_options")))
-    train_opts = options_from_args(
-        TrainableOptions, args, TrainableOptions.from_dict(meta.get("trainable_options"))
-    )
-    return model_opts, train_opts
+    return bool((meta.get("run_options") or {}).get("version") or meta.get("version"))
 
 
 def save_merged(
@@ -69,40 +75,37 @@ def save_merged(
     return out
 
 
-def merge_to_hf(
-    args: argparse.Namespace, meta: dict[str, Any] | None, version: str | Path, vision_pretrained: str | Path
-) -> tuple[Path, int]:
-    """Rebuild the base, load ``args.weight`` into its trainable set, merge, save to ``args.save_path``.
+def merge_to_hf(cfg: RunConfig, opts: MergeOptions, meta: dict[str, Any] | None) -> tuple[Path, int]:
+    """Rebuild the base ``cfg.run.version`` (+ ``cfg.run.vision_pretrained``) with ``cfg``'s model and
+    trainable options, load ``opts.weight`` into its trainable set, merge, save to ``opts.save_path``.
 
     Returns (output directory, number of tensors loaded). Raises ``FileNotFoundError`` / ``KeyError`` /
     ``ValueError`` naming the file or flag on bad input, before the output directory is written."""
-    model_opts, train_opts = resolve_options(args, meta)
-    dtype = DTYPES[args.precision]
+    version, vision_pretrained = cfg.run.version, cfg.run.vision_pretrained
+    dtype = DTYPES[opts.precision]
     # Read the trained tensors first: a DeepSpeed checkpoint is parsed (and released) before the base exists.
-    source = open_weights(args.weight, args.tag)
+    source = open_weights(opts.weight, opts.tag)
     print(f"weights: {source.path} ({source.kind}, {len(source.names())} tensors)")
     model, tokenizer = build_lfllm(
-        version, vision_pretrained, model_opts, dtype, given=given_fields(ModelOptions, args)
+        version, vision_pretrained, cfg.model, dtype, given=cfg.given_fields(ModelOptions)
     )
-    wrapped = make_trainable(model, train_opts)
+    wrapped = make_trainable(model, cfg.trainable)
     count = load_trainable(wrapped, source)
     source_kind = source.kind
     del source
     merged = merge(wrapped)
     info = {
-        "source": str(args.weight),
+        "source": str(opts.weight),
         "source_kind": source_kind,
         "tensors_loaded": count,
         "version": str(version),
         "vision_pretrained": None if vision_pretrained is None else str(vision_pretrained),
-        "precision": args.precision,
-        "conv_type": args.conv_type or (meta or {}).get("conv_type") or DEFAULT_PROMPT_OPTIONS.conv_type,
-        "model_max_length": args.model_max_length
-        or (meta or {}).get("model_max_length")
-        or DEFAULT_PROMPT_OPTIONS.model_max_length,
-        "model_options": dataclasses.asdict(model_opts),
-        "trainable_options": dataclasses.asdict(train_opts),
+        "precision": opts.precision,
+        "conv_type": cfg.prompt.conv_type,
+        "model_max_length": cfg.prompt.model_max_length,
+        "model_options": dataclasses.asdict(cfg.model),
+        "trainable_options": dataclasses.asdict(cfg.trainable),
         "trained": {k: (meta or {}).get(k) for k in ("global_step", "epoch")},
     }
-    out = save_merged(merged, tokenizer, version, args.save_path, args.max_shard_size, info)
+    out = save_merged(merged, tokenizer, version, opts.save_path, opts.max_shard_size, info)
     return out, count

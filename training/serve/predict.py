@@ -15,7 +15,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,35 +33,54 @@ from dataset.single_scene import SceneQueries, SceneQuery
 from model.build import DTYPES, build_lfllm
 from model.inference import Generated, generate_masks
 from model.options import GenerationOptions
-from training.config import add_option_flags, data_options
+from training.config import RunConfig, RunOptions, config_from_namespace
 from training.evaluate import scene_disparity
 from utils.batch import Batch
 from utils.mask_scores import DEFAULT_SCORE, scores_of_one
+from utils.options import add_option_flags, explicit_dests, option
 from utils.visualize import annotated_overlay, colorize_disparity, side_by_side, write_png
+
+#: The run options a Segmenter takes from its command line (``--precision``: default by device).
+SEGMENTER_RUN_FLAGS = ("version", "vision_pretrained")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What a :class:`Segmenter` loads and how it asks (``chat.py``, ``app.py``): the same
+    :class:`training.config.RunConfig` as a run (``run.version`` / ``vision_pretrained`` / ``precision``,
+    ``prompt``, ``generation``, ``data``), and the device."""
+
+    config: RunConfig = field(default_factory=RunConfig)
+    device: str | None = option(None, "default: cuda when available, else cpu", parse=str)
 
 
 def add_segmenter_flags(parser: argparse.ArgumentParser, version_default: str | None = None) -> None:
     """The flags of a :class:`Segmenter` (``chat.py`` and ``app.py``): the model, its device and
     precision, and the prompt, generation and data options (derived from their dataclasses;
-    ``conv_type`` defaults to what a merged model recorded in ``merge_info.json``).
-    ``--version`` is required unless ``version_default`` is given."""
-    parser.add_argument(
-        "--version",
-        default=version_default,
-        required=version_default is None,
-        help="merged LFLLM dir (or a base LLaVA dir + SAM)",
+    ``conv_type`` defaults to what a merged model recorded in ``merge_info.json``, ``precision`` to bf16
+    on GPU, else fp32). ``--version`` is required unless ``version_default`` is given."""
+    add_option_flags(
+        parser,
+        RunOptions,
+        only=SEGMENTER_RUN_FLAGS,
+        defaults={"version": version_default, "vision_pretrained": None},
+        required=() if version_default is not None else ("version",),
     )
-    parser.add_argument(
-        "--vision_pretrained", default=None, help="SAM checkpoint, only with a base LLaVA dir"
-    )
-    parser.add_argument(
-        "--precision", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, else fp32"
-    )
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_option_flags(parser, RunOptions, only=("precision",), unset=True)
+    add_option_flags(parser, ServeConfig)
     add_option_flags(parser, PromptOptions, unset=True, skip=("model_max_length",))
     add_option_flags(parser, PromptOptions, skip=("conv_type",))
     add_option_flags(parser, GenerationOptions)
     add_option_flags(parser, DataOptions)
+
+
+def parse_serve(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, ServeConfig]:
+    """Parse a command line with :func:`add_segmenter_flags`' flags: the namespace (for the front end's own
+    flags) and the :class:`ServeConfig` the :class:`Segmenter` takes."""
+    args = parser.parse_args(argv)
+    return args, ServeConfig(config_from_namespace(args, explicit_dests(parser, argv)), device=args.device)
 
 
 def recorded_prompt(version: str | Path, key: str) -> Any:
@@ -83,19 +102,27 @@ def recorded_conv_type(version: str | Path) -> str | None:
 class Segmenter:
     """A loaded model + the training-time sample pipeline, answering (scene, expressions) queries."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-        model, tokenizer = build_lfllm(args.version, args.vision_pretrained, dtype=DTYPES[precision])
+    def __init__(self, serve: ServeConfig) -> None:
+        cfg = serve.config
+        device = torch.device(serve.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = (
+            cfg.run.precision if "precision" in cfg.given else ("bf16" if device.type == "cuda" else "fp32")
+        )
+        model, tokenizer = build_lfllm(cfg.run.version, cfg.run.vision_pretrained, dtype=DTYPES[precision])
         self.model = model.to(device).eval()
-        self.tokenizer, self.device, self.max_new_tokens = tokenizer, device, args.max_new_tokens
+        self.tokenizer, self.device = tokenizer, device
+        self.max_new_tokens = cfg.generation.max_new_tokens
         config = model.config
         self.conv_type = (
-            args.conv_type or recorded_conv_type(args.version) or DEFAULT_PROMPT_OPTIONS.conv_type
+            cfg.prompt.conv_type
+            if "conv_type" in cfg.given
+            else recorded_conv_type(cfg.run.version) or DEFAULT_PROMPT_OPTIONS.conv_type
         )
         self.spec = SampleSpec.from_model_config(config, self.conv_type)
-        self.tokens = TokenSpec.from_tokenizer(tokenizer, config.image_seq_length, args.model_max_length)
-        self.data = data_options(args)
+        self.tokens = TokenSpec.from_tokenizer(
+            tokenizer, config.image_seq_length, cfg.prompt.model_max_length
+        )
+        self.data = cfg.data
         self.depth_source = self.data.depth_source
         self.layout = LightFieldLayout(
             view_pattern=self.data.view_pattern, disparity_name=self.data.disparity_name
