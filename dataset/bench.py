@@ -18,6 +18,8 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,56 +28,68 @@ from tqdm import tqdm
 
 from dataset.lightfield import read_disparity, read_rgb
 from dataset.scenes import SceneDataset
+from utils.options import add_option_flags, option, options_from_args
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class BenchOptions:
+    """The command line of ``scripts/bench_data.py``: the data to read, the loader settings timed and the
+    synthetic dataset generated when no ``dataset_dir`` is given."""
+
+    dataset_dir: str | None = option(None, "existing dataset root (default: generate one)", parse=str)
+    ds: str = option("ref-urbanlf-syn", "dataset name")
+    split: str = option("train", "split read")
+    views: str = option("4", "neighbourhood name or view list (parse_views)")
+    workers: str = option("0,1,2", "comma-separated DataLoader worker counts")
+    samples: int = option(200, "items timed per worker count (>= 2)")
+    num_classes_per_sample: int = option(3, "expressions per item")
+    width: int = option(640, "generated view width (px)")
+    height: int = option(480, "generated view height (px)")
+    num_train: int = option(8, "scenes generated for the train split")
+    num_val: int = option(2, "scenes generated for the val split")
+    cache_dir: str = option(
+        str(Path(tempfile.gettempdir()) / "lfllm_bench"), "where a generated dataset is kept between runs"
+    )
+    seed: int = option(0, "generator, sampler and dataset seed")
+
+    @property
+    def worker_counts(self) -> list[int]:
+        """``workers`` as integers (``"0,1,2"`` -> ``[0, 1, 2]``); ``ValueError`` when it is not."""
+        return [int(x) for x in self.workers.split(",")]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
+    """The command line as :class:`BenchOptions`."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset_dir", default=None, help="existing dataset root (default: generate one)")
-    parser.add_argument("--ds", default="ref-urbanlf-syn")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--views", default="4", help="neighbourhood name or view list (parse_views)")
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
-    parser.add_argument("--samples", type=int, default=200, help="items timed per worker count (>= 2)")
-    parser.add_argument("--num_classes_per_sample", type=int, default=3)
-    parser.add_argument("--width", type=int, default=640)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--num_train", type=int, default=8, help="scenes generated for the train split")
-    parser.add_argument("--num_val", type=int, default=2)
-    parser.add_argument(
-        "--cache_dir",
-        default=str(Path(tempfile.gettempdir()) / "lfllm_bench"),
-        help="where a generated dataset is kept between runs",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.samples < 2:
-        parser.error(f"--samples must be >= 2, got {args.samples}")
+    add_option_flags(parser, BenchOptions)
+    options = options_from_args(BenchOptions, parser.parse_args(argv))
+    if options.samples < 2:
+        parser.error(f"--samples must be >= 2, got {options.samples}")
     try:
-        [int(x) for x in args.workers.split(",")]
+        options.worker_counts  # noqa: B018 - parsed here to refuse a bad list early
     except ValueError:
-        parser.error(f"--workers must be comma-separated integers, got {args.workers!r}")
-    return args
+        parser.error(f"--workers must be comma-separated integers, got {options.workers!r}")
+    return options
 
 
-def ensure_dataset(args: argparse.Namespace) -> Path:
-    """Use ``--dataset_dir`` or generate (once) a synthetic dataset under ``--cache_dir``."""
-    if args.dataset_dir:
-        return Path(args.dataset_dir)
+def ensure_dataset(options: BenchOptions) -> Path:
+    """Use ``options.dataset_dir`` or generate (once) a synthetic dataset under ``options.cache_dir``."""
+    if options.dataset_dir:
+        return Path(options.dataset_dir)
     from dataset.synthetic import SyntheticConfig, write_dataset
 
-    root = (
-        Path(args.cache_dir) / f"data_{args.width}x{args.height}_{args.num_train}_{args.num_val}_s{args.seed}"
-    )
-    if not (root / "refer_seg" / args.ds / f"{args.ds}.json").exists():  # write_dataset is atomic
+    size = f"{options.width}x{options.height}"
+    root = Path(options.cache_dir) / f"data_{size}_{options.num_train}_{options.num_val}_s{options.seed}"
+    if not (root / "refer_seg" / options.ds / f"{options.ds}.json").exists():  # write_dataset is atomic
         cfg = SyntheticConfig(
-            height=args.height,
-            width=args.width,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            seed=args.seed,
-            ds_name=args.ds,
+            height=options.height,
+            width=options.width,
+            num_train=options.num_train,
+            num_val=options.num_val,
+            seed=options.seed,
+            ds_name=options.ds,
         )
         start = time.perf_counter()
         write_dataset(root, cfg, workers=2, overwrite=True)
@@ -157,32 +171,31 @@ def machine() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the benchmark; returns one row per worker count: ``workers``, ``items_per_s``,
-    ``items_per_s_per_worker``, ``first_item_s``."""
-    args = parse_args(argv)
-    root = ensure_dataset(args)
+def run_bench(options: BenchOptions) -> list[dict]:
+    """Run the benchmark and print its table; returns one row per worker count: ``workers``,
+    ``items_per_s``, ``items_per_s_per_worker``, ``first_item_s``."""
+    root = ensure_dataset(options)
     data = SceneDataset(
         root,
-        args.ds,
-        args.split,
-        views=args.views,
+        options.ds,
+        options.split,
+        views=options.views,
         mode="train",
-        num_classes_per_sample=args.num_classes_per_sample,
-        seed=args.seed,
+        num_classes_per_sample=options.num_classes_per_sample,
+        seed=options.seed,
     )
     item = data[0]
     h, w = item["center"].shape[:2]
     print(f"machine: {machine()}")
     print(
-        f"dataset {root} [{args.ds}/{args.split}]: {len(data)} scenes, {h}x{w}, "
+        f"dataset {root} [{options.ds}/{options.split}]: {len(data)} scenes, {h}x{w}, "
         f"{len(data.offsets)} neighbours + disparity, torch threads {torch.get_num_threads()}"
     )
     for stage, ms in stage_times(data).items():
         print(f"  {stage:<28} {ms:7.2f} ms")
     rows = []
-    for workers in (int(x) for x in args.workers.split(",")):
-        rate, first = time_loader(data, workers, args.samples, args.seed)
+    for workers in options.worker_counts:
+        rate, first = time_loader(data, workers, options.samples, options.seed)
         rows.append(
             {
                 "workers": workers,
@@ -200,5 +213,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     mb = sum(np.asarray(v).nbytes for v in item.values() if isinstance(v, np.ndarray)) / 2**20
-    print(f"one item ≈ {mb:.1f} MiB of arrays; {args.samples} items timed per row (first item excluded)")
+    print(f"one item ≈ {mb:.1f} MiB of arrays; {options.samples} items timed per row (first item excluded)")
     return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Entry point; returns the rows of :func:`run_bench`."""
+    return run_bench(parse_args(argv))

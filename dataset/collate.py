@@ -9,12 +9,11 @@ once, as in the reference) is refused when cutting it would drop a ``[SEG]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from utils.batch import META_KEYS, STACKED_KEYS, Batch
+from utils.batch import META_KEYS, STACKED_KEYS, Batch, Sample
 from utils.tokens import DEPTH_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, SEG_TOKEN
 
 
@@ -84,7 +83,7 @@ def encode_conversation(
     return ids, labels
 
 
-def collate_batch(samples: list[dict[str, Any]], pad_id: int) -> Batch:
+def collate_batch(samples: list[Sample], pad_id: int) -> Batch:
     """Batch model-ready samples (see ``dataset.refer_seg.ReferSegDataset``) into a
     :class:`utils.batch.Batch` (its docstring has every key's shape).
 

@@ -22,7 +22,8 @@ from dataset.collate import TokenSpec, encode_conversation
 from dataset.errors import LightFieldError
 from dataset.prompts import BOX_STEP, build_turns
 from dataset.scenes import SceneDataset
-from dataset.transforms import clip_geometry, longest_side_shape, sam_geometry
+from dataset.transforms import clip_geometry, disparity_scale, longest_side_shape, sam_geometry
+from utils.batch import Sample
 from utils.boxes import box_text, mask_box, parse_box
 from utils.conversation import PROMPT_ORDERS, render_segments
 
@@ -143,10 +144,9 @@ class ReferSegDataset(torch.utils.data.Dataset):
         """The per-scene geometry the model needs besides its encodings (no image read)."""
         h, w = (int(v) for v in hw)
         spec = self.spec
-        clip_scale = spec.clip_size / min(h, w)
         return {
-            "clip_scale": max(spec.clip_size, round(w * clip_scale)) / w,
-            "sam_scale": longest_side_shape(h, w, spec.sam_size)[1] / w,
+            "clip_scale": disparity_scale(h, w, spec.clip_size, "clip"),
+            "sam_scale": disparity_scale(h, w, spec.sam_size, "sam"),
             "sam_resized_hw": longest_side_shape(h, w, spec.sam_size),
             "original_hw": (h, w),
         }
@@ -178,11 +178,11 @@ class ReferSegDataset(torch.utils.data.Dataset):
             for c in convs
         ]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Sample:
         raw = self.scenes[index]
         rng = random.Random(hash((self.seed, self.epoch, index))) if self.train else None
         if self.features is not None:
-            sample = {**self._geometry(raw["hw"]), **self.features(raw)}
+            sample: Sample = {**self._geometry(raw["hw"]), **self.features(raw)}
         else:
             sample = self._images(raw)
         try:

@@ -11,6 +11,8 @@ so one scale serves both axes (up to rounding of the output size, < 1/size).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import cv2
 import numpy as np
 
@@ -19,6 +21,21 @@ def longest_side_shape(h: int, w: int, target: int) -> tuple[int, int]:
     """SAM's output shape for an (h, w) image resized so its longest side is ``target``."""
     scale = target / max(h, w)
     return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def shortest_side_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """CLIP's resized shape (before the centre crop) for an (h, w) image whose shortest side becomes
+    ``size``."""
+    scale = size / min(h, w)
+    return max(size, round(h * scale)), max(size, round(w * scale))
+
+
+def disparity_scale(h: int, w: int, size: int, encoder: Literal["clip", "sam"]) -> float:
+    """The factor from original-resolution disparity pixels to the ``encoder``'s resized frame (``clip``:
+    shortest side to ``size``; ``sam``: longest side to ``size``): the one place this scale is computed
+    (the geometry functions below, the feature cache's per-scene geometry, the benchmark's inputs)."""
+    shape = shortest_side_shape if encoder == "clip" else longest_side_shape
+    return shape(h, w, size)[1] / w
 
 
 def sam_geometry(
@@ -37,7 +54,7 @@ def sam_geometry(
     if disparity is not None:
         disp = np.zeros((target, target), np.float32)
         disp[:nh, :nw] = cv2.resize(disparity, (nw, nh), interpolation=cv2.INTER_NEAREST)
-    return out, disp, (nh, nw), nw / w
+    return out, disp, (nh, nw), disparity_scale(h, w, target, "sam")
 
 
 def clip_geometry(
@@ -48,8 +65,7 @@ def clip_geometry(
     Returns (views (K, S, S, 3) uint8, disparity (S, S) float32 or None, scale).
     """
     k, h, w, _ = images.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    nh, nw = shortest_side_shape(h, w, size)
     top, left = (nh - size) // 2, (nw - size) // 2
     out = np.empty((k, size, size, 3), np.uint8)
     for i in range(k):
@@ -59,4 +75,4 @@ def clip_geometry(
     if disparity is not None:
         resized = cv2.resize(disparity, (nw, nh), interpolation=cv2.INTER_NEAREST)
         disp = np.ascontiguousarray(resized[top : top + size, left : left + size], dtype=np.float32)
-    return out, disp, nw / w
+    return out, disp, disparity_scale(h, w, size, "clip")

@@ -1,4 +1,5 @@
-"""The batch: what ``dataset.collate.collate_batch`` makes and ``model.lfllm.LFLLMForCausalLM.forward_lf``,
+"""The sample and the batch: what ``dataset.refer_seg.ReferSegDataset`` yields (:class:`Sample`), and what
+``dataset.collate.collate_batch`` makes and ``model.lfllm.LFLLMForCausalLM.forward_lf``,
 ``model.inference`` and ``training.trainer`` read. Documented once, here, with shapes.
 
 Shapes: B scenes (images), V neighbour views, N conversations (all scenes' together, ``conv_image`` maps
@@ -43,6 +44,40 @@ class Batch(TypedDict, total=False):
     subsets: list[list[tuple[str, ...]]]  # B x k_i subset tags of each expression
     scene_dir: list[str]  # B scene folders (or 2D image paths)
     center_path: list[str]  # B centre-view files
+
+
+class Sample(TypedDict, total=False):
+    """One scene, model-ready, before batching: what ``dataset.refer_seg.ReferSegDataset.__getitem__`` returns
+    (and the step benchmark's ``training.experiments.bench_inputs`` makes), and ``dataset.collate
+    .collate_batch`` stacks into a :class:`Batch`. A plain ``dict`` at run time; documented once, here.
+
+    The image keys are :class:`Batch`'s without the leading B (``clip_center`` (3, S, S), ``sam_views``
+    (V, 3, T, T), ``clip_scale`` a float, ``sam_resized_hw`` / ``original_hw`` (h, w) tuples); with a
+    feature cache the encodings (``image_tokens`` (T, D), ``depth_tokens``, ``sam_embeddings`` (C, g, g))
+    replace the pixels. A key that a model configuration does not use is None or absent.
+    """
+
+    clip_center: Tensor  # (3, S, S) uint8
+    clip_views: Tensor | None  # (V, 3, S, S) uint8 (CAAM on CLIP)
+    clip_disparity: Tensor | None  # (S, S) float32 px (depth tokens / CAAM)
+    clip_scale: float  # CLIP pixels per original pixel
+    sam_center: Tensor  # (3, T, T) uint8
+    sam_views: Tensor | None  # (V, 3, T, T) uint8 (CAAM on SAM)
+    sam_disparity: Tensor | None  # (T, T) float32 px (CAAM on SAM)
+    sam_scale: float  # SAM pixels per original pixel
+    sam_resized_hw: tuple[int, int]  # the resized (unpadded) image inside T x T
+    original_hw: tuple[int, int]  # (H, W)
+    image_tokens: Tensor  # (T, D) from the feature cache
+    depth_tokens: Tensor  # (T, D) from the feature cache
+    sam_embeddings: Tensor  # (C, g, g) from the feature cache
+    conversations: list[tuple[list[int], list[int]]]  # k x (input_ids, labels) (or one packed conversation)
+    masks: Tensor | None  # (k, H, W) uint8 {0, 1}; None when predicting
+    image_id: int | str
+    ds: str
+    sentences: list[str]  # k expressions
+    subsets: list[tuple[str, ...]]  # k subset-tag tuples
+    scene_dir: str
+    center_path: str
 
 
 #: The image tensors stacked over scenes (present in every sample of a batch or in none).

@@ -1,9 +1,8 @@
 """Settings of the built-in disparity estimator: :class:`DisparityConfig` (every default, once) and its
-command-line form (``KEY=VALUE`` overrides; the estimator scripts' flags)."""
+command-line form (``KEY=VALUE`` overrides; :class:`DisparityFlags`, the estimator scripts' flags)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -12,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from utils.options import option
 
 #: Ways to combine the direction groups (see :class:`DisparityConfig`).
 OCCLUSION_MODES: tuple[str, ...] = ("axis", "best", "none")
@@ -153,36 +154,36 @@ def config_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The estimator's command-line options (``--views``, ``--d_min``, ``--d_max``, ``--num_planes`` and a
-    repeatable ``--set KEY=VALUE`` for any other field), defaults from :class:`DisparityConfig`."""
-    d = DEFAULT_DISPARITY_CONFIG
-    parser.add_argument("--d_min", type=float, default=d.d_min, help="smallest swept disparity (px)")
-    parser.add_argument("--d_max", type=float, default=d.d_max, help="largest swept disparity (px)")
-    parser.add_argument("--num_planes", type=int, default=d.num_planes, help="planes in [d_min, d_max]")
-    parser.add_argument(
-        "--views", default=d.views, help="view set: cross | full | 4 | 8 | cross2 | '5_1,5_9,...'"
+@dataclass(frozen=True)
+class DisparityFlags:
+    """The estimator's command-line options, defaults from :class:`DisparityConfig`: the four settings a
+    user changes most (``--views``, ``--d_min``, ``--d_max``, ``--num_planes``) and a repeatable
+    ``--set KEY=VALUE`` for any other field (:func:`config_overrides`). :meth:`config` builds the config."""
+
+    d_min: float = option(DEFAULT_DISPARITY_CONFIG.d_min, "smallest swept disparity (px)")
+    d_max: float = option(DEFAULT_DISPARITY_CONFIG.d_max, "largest swept disparity (px)")
+    num_planes: int = option(DEFAULT_DISPARITY_CONFIG.num_planes, "planes in [d_min, d_max]")
+    views: str = option(
+        DEFAULT_DISPARITY_CONFIG.views, "view set: cross | full | 4 | 8 | cross2 | '5_1,5_9,...'"
     )
-    parser.add_argument(
-        "--set",
-        dest="options",
-        action="append",
-        default=[],
+    overrides: tuple[str, ...] = option(
+        (),
+        "any other DisparityConfig field, e.g. --set tau_color=0.02 (repeatable)",
+        flag="set",
+        repeat=True,
         metavar="KEY=VALUE",
-        help="any other DisparityConfig field, e.g. --set tau_color=0.02 (repeatable)",
     )
 
-
-def config_from_arguments(args: argparse.Namespace) -> DisparityConfig:
-    """The :class:`DisparityConfig` of options added by :func:`add_config_arguments`. Raises ``ValueError``
-    (or ``TypeError``) naming a bad field or value."""
-    return DisparityConfig(
-        d_min=args.d_min,
-        d_max=args.d_max,
-        num_planes=args.num_planes,
-        views=args.views,
-        **config_overrides(args.options),
-    )
+    def config(self) -> DisparityConfig:
+        """The :class:`DisparityConfig` these flags describe. Raises ``ValueError`` (or ``TypeError``)
+        naming a bad field or value."""
+        return DisparityConfig(
+            d_min=self.d_min,
+            d_max=self.d_max,
+            num_planes=self.num_planes,
+            views=self.views,
+            **config_overrides(self.overrides),
+        )
 
 
 def plane_disparities(config: DisparityConfig, device: torch.device | str = "cpu") -> Tensor:

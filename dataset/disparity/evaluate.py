@@ -26,48 +26,91 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset.disparity.config import DisparityConfig, add_config_arguments, config_from_arguments
+from dataset.disparity.config import DisparityConfig, DisparityFlags
 from dataset.disparity.estimator import block_matching_baseline, estimate_disparity
 from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout, load_light_field, read_disparity
+from utils.options import add_option_flags, option, options_from_args
 from utils.views import parse_views, view_set_offsets
 
-__all__ = ["disparity_metrics", "evaluate", "main", "parse_args"]
+__all__ = [
+    "EvalOptions",
+    "GenerationFlags",
+    "disparity_metrics",
+    "evaluate",
+    "evaluate_and_report",
+    "main",
+    "parse_args",
+]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
+@dataclass(frozen=True)
+class GenerationFlags:
+    """``--generate``: the synthetic benchmark :func:`dataset.synthetic.write_dataset` writes when the
+    light-field folder of ``--ds`` is missing (validation scenes only)."""
+
+    generate: bool = option(False, "write the synthetic benchmark if it is missing")
+    height: int = option(480, "view height (px)")
+    width: int = option(640, "view width (px)")
+    num_val: int = option(6, "val scenes to generate (no train scenes)")
+    seed: int = option(0, "generator seed")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """The command line of ``scripts/eval_disparity.py``.
+
+    Attributes:
+        dataset_dir: root holding ``lf/<ds>/`` (``--dataset_dir``, required).
+        ds: dataset name (``--ds``, required).
+        estimator: our estimator's flags (:class:`DisparityFlags`).
+        generation: the ``--generate`` group (:class:`GenerationFlags`).
+    """
+
+    dataset_dir: Path
+    ds: str
+    estimator: DisparityFlags = dataclasses.field(default_factory=DisparityFlags)
+    generation: GenerationFlags = dataclasses.field(default_factory=GenerationFlags)
+    gt_name: str = option(DEFAULT_LAYOUT.disparity_name, "GT disparity file name")
+    split: str = option("all", "'all' or a split/subset of refer_seg/<ds>/<ds>.json")
+    max_scenes: int = option(0, "evaluate at most this many scenes (0 = all)")
+    border: int = option(15, "pixels cropped on every side")
+    threshold: float = option(0.07, "BadPix threshold (px)")
+    bm_window: int = option(9, "baseline SAD window (odd)")
+    bm_view: str = option("5_6", "the baseline's second view (<row>_<col>)")
+    extra_names: tuple[str, ...] = option(
+        (), "also score this precomputed map", flag="extra_name", repeat=True
+    )
+    device: str = option("cpu", "cpu, cuda or cuda:<i>")
+    threads: int = option(0, "torch CPU threads (0 = torch default)")
+    json_out: str | None = option(None, "write per-scene and mean results here", flag="json", parse=str)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
+    """The command line as :class:`EvalOptions`."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dataset_dir", required=True, help="root holding lf/<ds>/ (and refer_seg/<ds>/)")
     parser.add_argument("--ds", required=True, help="dataset name, e.g. ref-urbanlf-syn")
-    parser.add_argument("--gt_name", default=DEFAULT_LAYOUT.disparity_name, help="GT disparity file name")
-    parser.add_argument("--split", default="all", help="'all' or a split/subset of refer_seg/<ds>/<ds>.json")
-    parser.add_argument(
-        "--max_scenes", type=int, default=0, help="evaluate at most this many scenes (0 = all)"
+    add_option_flags(parser, EvalOptions)
+    # our estimator's --views/--d_min/--d_max/--num_planes/--set
+    add_option_flags(parser.add_argument_group("estimator (DisparityConfig)"), DisparityFlags)
+    add_option_flags(parser.add_argument_group("benchmark generation (--generate)"), GenerationFlags)
+    args = parser.parse_args(argv)
+    base = EvalOptions(
+        dataset_dir=Path(args.dataset_dir),
+        ds=args.ds,
+        estimator=options_from_args(DisparityFlags, args),
+        generation=options_from_args(GenerationFlags, args),
     )
-    parser.add_argument("--border", type=int, default=15, help="pixels cropped on every side")
-    parser.add_argument("--threshold", type=float, default=0.07, help="BadPix threshold (px)")
-    add_config_arguments(parser)  # our estimator's --views/--d_min/--d_max/--num_planes/--set
-    parser.add_argument("--bm_window", type=int, default=9, help="baseline SAD window (odd)")
-    parser.add_argument("--bm_view", default="5_6", help="the baseline's second view (<row>_<col>)")
-    parser.add_argument("--extra_name", action="append", default=[], help="also score this precomputed map")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    parser.add_argument("--json", default=None, help="write per-scene and mean results here")
-    gen = parser.add_argument_group("benchmark generation (--generate)")
-    gen.add_argument("--generate", action="store_true", help="write the synthetic benchmark if it is missing")
-    gen.add_argument("--height", type=int, default=480)
-    gen.add_argument("--width", type=int, default=640)
-    gen.add_argument("--num_val", type=int, default=6, help="val scenes to generate (no train scenes)")
-    gen.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return options_from_args(EvalOptions, args, base)
 
 
 def disparity_metrics(
@@ -115,12 +158,12 @@ def evaluate(
     config: DisparityConfig,
     *,
     layout: LightFieldLayout = DEFAULT_LAYOUT,
-    bm_window: int = 9,
+    bm_window: int = EvalOptions.bm_window,
     bm_offset: tuple[int, int] = (0, 1),
     extra_names: Sequence[str] = (),
-    border: int = 15,
-    threshold: float = 0.07,
-    device: str = "cpu",
+    border: int = EvalOptions.border,
+    threshold: float = EvalOptions.threshold,
+    device: str = EvalOptions.device,
 ) -> dict:
     """Score ours, the baseline and any extra maps on ``scenes``; returns per-scene and mean results."""
     offsets = view_set_offsets(config.views, layout.center)
@@ -166,48 +209,49 @@ def evaluate(
     return {"scenes": per_scene, "mean": mean, "num_scenes": len(per_scene), "num_views": len(offsets) + 1}
 
 
-def _generate(args: argparse.Namespace, root: Path) -> None:
+def _generate(root: Path, ds: str, generation: GenerationFlags) -> None:
+    """Write the synthetic benchmark of ``ds`` under ``root`` unless its light-field folder exists."""
     from dataset.synthetic import SyntheticConfig, write_dataset
 
-    if (root / "lf" / args.ds).is_dir():
+    if (root / "lf" / ds).is_dir():
         return
     cfg = SyntheticConfig(
-        height=args.height,
-        width=args.width,
+        height=generation.height,
+        width=generation.width,
         num_train=0,
-        num_val=args.num_val,
-        seed=args.seed,
-        ds_name=args.ds,
+        num_val=generation.num_val,
+        seed=generation.seed,
+        ds_name=ds,
     )
     write_dataset(root, cfg, workers=1)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the accuracy table (and write ``--json``); returns the exit code."""
-    args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    root = Path(args.dataset_dir)
-    if args.generate:
-        _generate(args, root)
+def evaluate_and_report(options: EvalOptions) -> int:
+    """Print the accuracy table (and write ``--json``); returns the exit code (2: bad settings or no
+    scenes)."""
+    if options.threads > 0:
+        torch.set_num_threads(options.threads)
+    root, ds = options.dataset_dir, options.ds
+    if options.generation.generate:
+        _generate(root, ds, options.generation)
     try:
-        config = config_from_arguments(args)
+        config = options.estimator.config()
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        scenes = _scene_dirs(root, args.ds, args.split, args.gt_name)
+        scenes = _scene_dirs(root, ds, options.split, options.gt_name)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.max_scenes > 0:
-        scenes = scenes[: args.max_scenes]
+    if options.max_scenes > 0:
+        scenes = scenes[: options.max_scenes]
     if not scenes:
-        print(f"error: no scenes with {args.gt_name} under {root / 'lf' / args.ds}", file=sys.stderr)
+        print(f"error: no scenes with {options.gt_name} under {root / 'lf' / ds}", file=sys.stderr)
         return 2
-    layout = LightFieldLayout(disparity_name=args.gt_name)
+    layout = LightFieldLayout(disparity_name=options.gt_name)
     try:
-        (bm_offset,) = parse_views(args.bm_view, layout)
+        (bm_offset,) = parse_views(options.bm_view, layout)
     except ValueError as exc:
         print(f"error: --bm_view: {exc}", file=sys.stderr)
         return 2
@@ -215,32 +259,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenes,
         config,
         layout=layout,
-        bm_window=args.bm_window,
+        bm_window=options.bm_window,
         bm_offset=bm_offset,
-        extra_names=args.extra_name,
-        border=args.border,
-        threshold=args.threshold,
-        device=args.device,
+        extra_names=options.extra_names,
+        border=options.border,
+        threshold=options.threshold,
+        device=options.device,
     )
     result["settings"] = {
         "dataset_dir": str(root),
-        "ds": args.ds,
-        "border": args.border,
-        "threshold": args.threshold,
+        "ds": ds,
+        "border": options.border,
+        "threshold": options.threshold,
         "config": dataclasses.asdict(config),
-        "bm_window": args.bm_window,
-        "bm_view": args.bm_view,
-        "device": args.device,
+        "bm_window": options.bm_window,
+        "bm_view": options.bm_view,
+        "device": options.device,
         "threads": torch.get_num_threads(),
     }
     print(
-        f"\n{result['num_scenes']} scenes, {result['num_views']} views for ours, border {args.border} px, "
-        f"BadPix threshold {args.threshold} px, torch threads {torch.get_num_threads()}"
+        f"\n{result['num_scenes']} scenes, {result['num_views']} views for ours, border {options.border} px, "
+        f"BadPix threshold {options.threshold} px, torch threads {torch.get_num_threads()}"
     )
     print(f"{'method':<28} {'MSE x100':>9} {'BadPix':>8} {'s/scene':>8}")
     for name, m in result["mean"].items():
         secs = f"{m['seconds_per_scene']:8.2f}" if "seconds_per_scene" in m else f"{'-':>8}"
         print(f"{name:<28} {m['mse_x100']:9.3f} {m['badpix']:7.2f}% {secs}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    if options.json_out:
+        Path(options.json_out).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: print the accuracy table (and write ``--json``); returns the exit code."""
+    return evaluate_and_report(parse_args(argv))

@@ -15,65 +15,63 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from dataset.synthetic import SyntheticConfig, write_dataset
+from utils.options import add_option_flags, option, options_from_args
 
 _DEFAULTS = {f.name: f.default for f in fields(SyntheticConfig)}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; every generator knob of :class:`SyntheticConfig` has a flag."""
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The command line of ``scripts/make_synthetic_data.py``: where to write, every generator knob of
+    :class:`SyntheticConfig` (its defaults) and how to run.
+
+    Attributes:
+        dataset_dir: root receiving ``refer_seg/<ds>`` and ``lf/<ds>`` (``--dataset_dir``, required).
+    """
+
+    dataset_dir: Path
+    height: int = option(_DEFAULTS["height"], "view height (px)")
+    width: int = option(_DEFAULTS["width"], "view width (px)")
+    angular: int = option(_DEFAULTS["angular"], "views per angular axis (odd; centre in the middle)")
+    num_train: int = option(_DEFAULTS["num_train"], "train scenes")
+    num_val: int = option(_DEFAULTS["num_val"], "val scenes")
+    min_objects: int = option(_DEFAULTS["min_objects"], "objects per scene, min")
+    max_objects: int = option(_DEFAULTS["max_objects"], "objects per scene, max")
+    same_looking_prob: float = option(
+        _DEFAULTS["same_looking_prob"], "share of scenes with two same-looking objects at different depths"
+    )
+    seed: int = option(_DEFAULTS["seed"], "dataset seed (output is a function of it)")
+    ds_name: str = option(_DEFAULTS["ds_name"], "dataset name <ds>")
+    disparity_name: str = option(_DEFAULTS["disparity_name"], "centre disparity file name in each scene")
+    workers: int = option(1, "processes rendering scenes in parallel")
+    overwrite: bool = option(False, "replace an existing <ds> under dataset_dir")
+    summary_json: str | None = option(None, "also write the summary to this JSON file", parse=str)
+
+    def config(self) -> SyntheticConfig:
+        """The :class:`SyntheticConfig` the options describe (raises ``ValueError`` on bad values)."""
+        return SyntheticConfig(**{f.name: getattr(self, f.name) for f in fields(SyntheticConfig)})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> GenerateOptions:
+    """The command line as :class:`GenerateOptions`; every generator knob of :class:`SyntheticConfig` has
+    a flag."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dataset_dir", required=True, help="root receiving refer_seg/<ds> and lf/<ds>")
-    parser.add_argument("--height", type=int, default=_DEFAULTS["height"], help="view height (px)")
-    parser.add_argument("--width", type=int, default=_DEFAULTS["width"], help="view width (px)")
-    parser.add_argument(
-        "--angular",
-        type=int,
-        default=_DEFAULTS["angular"],
-        help="views per angular axis (odd; centre in the middle)",
-    )
-    parser.add_argument("--num_train", type=int, default=_DEFAULTS["num_train"], help="train scenes")
-    parser.add_argument("--num_val", type=int, default=_DEFAULTS["num_val"], help="val scenes")
-    parser.add_argument(
-        "--min_objects", type=int, default=_DEFAULTS["min_objects"], help="objects per scene, min"
-    )
-    parser.add_argument(
-        "--max_objects", type=int, default=_DEFAULTS["max_objects"], help="objects per scene, max"
-    )
-    parser.add_argument(
-        "--same_looking_prob",
-        type=float,
-        default=_DEFAULTS["same_looking_prob"],
-        help="share of scenes with two same-looking objects at different depths",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=_DEFAULTS["seed"], help="dataset seed (output is a function of it)"
-    )
-    parser.add_argument("--ds_name", default=_DEFAULTS["ds_name"], help="dataset name <ds>")
-    parser.add_argument(
-        "--disparity_name",
-        default=_DEFAULTS["disparity_name"],
-        help="centre disparity file name in each scene",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes in parallel")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing <ds> under dataset_dir")
-    parser.add_argument("--summary_json", default=None, help="also write the summary to this JSON file")
+    add_option_flags(parser, GenerateOptions)
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
-    if args.num_train + args.num_val < 1:
+    options = options_from_args(GenerateOptions, args, GenerateOptions(dataset_dir=Path(args.dataset_dir)))
+    if options.workers < 1:
+        parser.error(f"--workers must be >= 1, got {options.workers}")
+    if options.num_train + options.num_val < 1:
         parser.error("--num_train + --num_val must be >= 1")
-    return args
-
-
-def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
-    """The :class:`SyntheticConfig` the options describe (raises ``ValueError`` on bad values)."""
-    return SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig)})
+    return options
 
 
 def format_summary(summary: dict) -> str:
@@ -96,20 +94,27 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the CLI; returns the summary of :func:`write_dataset`."""
-    args = parse_args(argv)
+def generate(options: GenerateOptions) -> dict:
+    """Write the dataset ``options`` describe and print its summary; returns the summary of
+    :func:`write_dataset`. Bad settings or an existing dataset (without ``overwrite``) exit with a message."""
     try:
-        cfg = config_from_args(args)
+        cfg = options.config()
     except ValueError as exc:
         raise SystemExit(f"make_synthetic_data.py: error: {exc}") from None
     start = time.perf_counter()
     try:
-        summary = write_dataset(args.dataset_dir, cfg, workers=args.workers, overwrite=args.overwrite)
+        summary = write_dataset(
+            options.dataset_dir, cfg, workers=options.workers, overwrite=options.overwrite
+        )
     except FileExistsError as exc:
         raise SystemExit(f"make_synthetic_data.py: error: {exc}") from None
     print(format_summary(summary))
     print(f"  written in {time.perf_counter() - start:.1f} s")
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+    if options.summary_json:
+        Path(options.summary_json).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the CLI; returns the summary of :func:`write_dataset`."""
+    return generate(parse_args(argv))

@@ -15,24 +15,34 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dataset.lightfield import LightFieldLayout
 from dataset.synthetic.config import SyntheticConfig
 from dataset.synthetic.generator import write_dataset
+from utils.options import add_option_flags, option, options_from_args
 from utils.views import NEIGHBOURHOODS
 
 COMMAND = "python scripts/make_demo_examples.py --out examples"
 
 
+@dataclass(frozen=True)
+class ExamplesOptions:
+    """The command line of ``scripts/make_demo_examples.py`` (defaults: the bundled ``examples/``)."""
+
+    out: str = option("examples", "folder receiving Image<id>/ and examples.json")
+    num_scenes: int = option(2, "validation scenes written")
+    seed: int = option(7, "generator seed (one the quickstart does not train on)")
+
+
 def write_examples(
     out_dir: str | Path,
     *,
-    num_scenes: int = 2,
+    num_scenes: int = ExamplesOptions.num_scenes,
     height: int = 120,
     width: int = 160,
-    seed: int = 7,
+    seed: int = ExamplesOptions.seed,
     expressions_per_scene: int = 3,
 ) -> dict:
     """Generate ``num_scenes`` validation scenes and keep the centre, its 4 neighbours and the disparity.
@@ -60,13 +70,16 @@ def write_examples(
     return record
 
 
+def parse_args(argv: Sequence[str] | None = None) -> ExamplesOptions:
+    """The command line as :class:`ExamplesOptions`."""
+    parser = argparse.ArgumentParser(description="Write the web demo's bundled example light fields.")
+    add_option_flags(parser, ExamplesOptions)
+    return options_from_args(ExamplesOptions, parser.parse_args(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI of :func:`write_examples`."""
-    p = argparse.ArgumentParser(description="Write the web demo's bundled example light fields.")
-    p.add_argument("--out", default="examples", help="folder receiving Image<id>/ and examples.json")
-    p.add_argument("--num_scenes", type=int, default=2)
-    p.add_argument("--seed", type=int, default=7)
-    args = p.parse_args(argv)
-    record = write_examples(args.out, num_scenes=args.num_scenes, seed=args.seed)
-    print(f"wrote {len(record['scenes'])} scenes to {args.out}")
+    options = parse_args(argv)
+    record = write_examples(options.out, num_scenes=options.num_scenes, seed=options.seed)
+    print(f"wrote {len(record['scenes'])} scenes to {options.out}")
     return record

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from model.sam import build_sam, sam_config
 from training.pretrain.llava import STAGES, LlavaStageOptions, ScenePool, rec_scores, run_llava_stage
 from training.pretrain.sam import SamStageOptions, held_out_scores, run_sam_stage
 from training.pretrain.tiny_base import new_llava, save_llava, train_tiny_tokenizer
+from utils.options import add_option_flags, flag_name, option, options_from_args, show_value
 
 PRESET = "tiny-base"
 # flags that only shape the LLaVA stages (refused with --llava_from)
@@ -203,59 +204,82 @@ def pretrain_base(
     return record
 
 
+#: The defaults of every stage, for the flags' defaults.
+_D = PretrainOptions()
+
+
+@dataclass(frozen=True)
+class PretrainFlags:
+    """The command line of ``scripts/pretrain_tiny_base.py``, one field per flag (defaults: those of
+    :class:`PretrainOptions`); :func:`pretrain_options` checks them and builds the :class:`PretrainOptions`.
+
+    Attributes:
+        out: output folder (``--out``, required).
+    """
+
+    out: Path
+    seed: int = option(_D.seed, "generator + init seed of the pretraining scenes")
+    pool: int = option(_D.pool, "LLaVA pretraining scenes rendered once")
+    threads: int = option(_D.threads, "torch threads per process")
+    parallel: bool = option(
+        _D.parallel, "run the SAM stage in a second process beside the LLaVA stages (else before them)"
+    )
+    llava_from: Path | None = option(  # noqa: RUF009 - option() returns a dataclasses.field
+        None,
+        "pretrain only the SAM; copy llava/ and its record from this existing base "
+        "(the LLaVA flags are then refused)",
+        parse=Path,
+    )
+    sam_steps: int = option(_D.sam.steps, "steps of the SAM stage")
+    sam_eval_every: int = option(_D.sam.eval_every, "SAM stage steps between held-out evaluations")
+    vision_steps: int = option(_D.vision.steps, "dense patch-content steps of CLIP")
+    vision_position_weight: float = option(
+        _D.vision.position_weight,
+        "weight of the vision stage's patch-position term (0: content only, the shipped base's recipe)",
+    )
+    freeze_clip: bool = option(
+        False,
+        "freeze the vision tower in the caption and instruct stages (as LLaVA does; keeps its positions)",
+    )
+    expression_first: bool = option(
+        False, "caption / instruct prompts put <image> after the question (LLaVA's order: before it)"
+    )
+    box_step: float = option(
+        _D.instruct.box_step,
+        "grid of the REC/REG box coordinates: 0.01 (LLaVA-1.5's 2 decimals) or 1/n, e.g. 0.1 (grown outwards)",
+    )
+    caption_steps: int = option(_D.caption.steps, "steps of the caption stage")
+    instruct_steps: int = option(_D.instruct.steps, "steps of the instruct stage")
+    instruct_eval_every: int = option(
+        _D.instruct.eval_every, "instruct stage steps between held-out evaluations"
+    )
+    held_out: int = option(_D.sam.held_out, "held-out scenes per evaluation")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = PretrainOptions()
+    """The command line: ``--out`` and one flag per :class:`PretrainFlags` option."""
     p = argparse.ArgumentParser(description="Pretrain the tiny LLaVA + SAM base on generated 2D scenes.")
     p.add_argument(
         "--out", required=True, help="output folder (gets llava/, sam_tiny.pth, pretrain_record.json)"
     )
-    p.add_argument("--seed", type=int, default=d.seed, help="generator + init seed of the pretraining scenes")
-    p.add_argument("--pool", type=int, default=d.pool, help="LLaVA pretraining scenes rendered once")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
-    p.add_argument("--no_parallel", action="store_true", help="run the SAM stage before the LLaVA stages")
-    p.add_argument(
-        "--llava_from",
-        type=Path,
-        default=None,
-        help="pretrain only the SAM; copy llava/ and its record from this existing base "
-        "(the LLaVA flags are then refused)",
-    )
-    p.add_argument("--sam_steps", type=int, default=d.sam.steps)
-    p.add_argument("--sam_eval_every", type=int, default=d.sam.eval_every)
-    p.add_argument(
-        "--vision_steps", type=int, default=d.vision.steps, help="dense patch-content steps of CLIP"
-    )
-    p.add_argument(
-        "--vision_position_weight",
-        type=float,
-        default=d.vision.position_weight,
-        help="weight of the vision stage's patch-position term (0: content only, the shipped base's recipe)",
-    )
-    p.add_argument(
-        "--freeze_clip",
-        action="store_true",
-        help="freeze the vision tower in the caption and instruct stages (as LLaVA does; keeps its positions)",
-    )
-    p.add_argument(
-        "--expression_first",
-        action="store_true",
-        help="caption / instruct prompts put <image> after the question (LLaVA's order: before it)",
-    )
-    p.add_argument(
-        "--box_step",
-        type=float,
-        default=d.instruct.box_step,
-        help="grid of the REC/REG box coordinates: 0.01 (LLaVA-1.5's 2 decimals) or 1/n, e.g. 0.1 (grown outwards)",
-    )
-    p.add_argument("--caption_steps", type=int, default=d.caption.steps)
-    p.add_argument("--instruct_steps", type=int, default=d.instruct.steps)
-    p.add_argument("--instruct_eval_every", type=int, default=d.instruct.eval_every)
-    p.add_argument("--held_out", type=int, default=d.sam.held_out, help="held-out scenes per evaluation")
+    add_option_flags(p, PretrainFlags)
     return p
 
 
-def options_from_args(args: argparse.Namespace) -> PretrainOptions:
-    """:class:`PretrainOptions` from parsed flags; ``ValueError`` naming a bad flag."""
+def _llava_flags_given(flags: PretrainFlags) -> list[str]:
+    """The LLaVA-stage flags (and ``--no_parallel``) ``flags`` sets to other than their defaults."""
+    defaults, by_name = PretrainFlags(out=flags.out), {f.name: f for f in fields(PretrainFlags)}
+    given = []
+    for name in (*LLAVA_FLAGS, "parallel"):
+        value = getattr(flags, name)
+        if value != getattr(defaults, name):
+            f = by_name[name]
+            given.append(show_value(f, value) if isinstance(value, bool) else f"--{flag_name(f)}")
+    return given
+
+
+def pretrain_options(flags: PretrainFlags) -> PretrainOptions:
+    """:class:`PretrainOptions` from the command line's flags; ``ValueError`` naming a bad flag."""
     for name in (
         "pool",
         "threads",
@@ -266,75 +290,81 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
         "sam_eval_every",
         "instruct_eval_every",
     ):
-        if getattr(args, name) < (0 if name.endswith("_steps") else 1):
+        if getattr(flags, name) < (0 if name.endswith("_steps") else 1):
             raise ValueError(
-                f"--{name} must be {'>= 0' if name.endswith('_steps') else '>= 1'}, got {getattr(args, name)}"
+                f"--{name} must be {'>= 0' if name.endswith('_steps') else '>= 1'}, got {getattr(flags, name)}"
             )
-    if not args.vision_position_weight >= 0:
-        raise ValueError(f"--vision_position_weight must be >= 0, got {args.vision_position_weight}")
-    n = round(1 / args.box_step) if args.box_step > 0 else 0
-    if not (2 <= n <= 100 and abs(n * args.box_step - 1) < 1e-6):
+    if not flags.vision_position_weight >= 0:
+        raise ValueError(f"--vision_position_weight must be >= 0, got {flags.vision_position_weight}")
+    n = round(1 / flags.box_step) if flags.box_step > 0 else 0
+    if not (2 <= n <= 100 and abs(n * flags.box_step - 1) < 1e-6):
         raise ValueError(
-            f"--box_step must be 1/n for an integer n in 2..100 (0.01, 0.1, ...), got {args.box_step}"
+            f"--box_step must be 1/n for an integer n in 2..100 (0.01, 0.1, ...), got {flags.box_step}"
         )
-    if args.llava_from is not None:
-        defaults = build_parser().parse_args(["--out", "x"])
-        given = [k for k in (*LLAVA_FLAGS, "no_parallel") if getattr(args, k) != getattr(defaults, k)]
+    if flags.llava_from is not None:
+        given = _llava_flags_given(flags)
         if given:
             raise ValueError(
-                f"--llava_from {args.llava_from} takes the LLaVA as it is: "
-                + ", ".join(f"--{k}" for k in given)
+                f"--llava_from {flags.llava_from} takes the LLaVA as it is: "
+                + ", ".join(given)
                 + " would not act; drop it"
             )
         for need in ("llava/config.json", "llava/model.safetensors", "pretrain_record.json"):
-            if not (args.llava_from / need).is_file():
-                raise ValueError(f"--llava_from {args.llava_from}: no {need} (not a pretrained base)")
+            if not (flags.llava_from / need).is_file():
+                raise ValueError(f"--llava_from {flags.llava_from}: no {need} (not a pretrained base)")
         try:
-            json.loads((args.llava_from / "pretrain_record.json").read_text())["llava"]["instruct"]
+            json.loads((flags.llava_from / "pretrain_record.json").read_text())["llava"]["instruct"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(
-                f"--llava_from {args.llava_from}: pretrain_record.json has no LLaVA record ({exc!r})"
+                f"--llava_from {flags.llava_from}: pretrain_record.json has no LLaVA record ({exc!r})"
             ) from None
-    llava = {"train_vision": not args.freeze_clip, "image_first": not args.expression_first}
-    batch = max(PretrainOptions().vision.batch_size, PretrainOptions().instruct.batch_size)
-    if args.pool < batch:
+    llava = {"train_vision": not flags.freeze_clip, "image_first": not flags.expression_first}
+    batch = max(_D.vision.batch_size, _D.instruct.batch_size)
+    if flags.pool < batch:
         raise ValueError(
-            f"--pool must be >= {batch} (the largest batch of the LLaVA stages), got {args.pool}"
+            f"--pool must be >= {batch} (the largest batch of the LLaVA stages), got {flags.pool}"
         )
     return PretrainOptions(
-        seed=args.seed,
-        pool=args.pool,
-        threads=args.threads,
-        parallel=not args.no_parallel,
-        llava_from=args.llava_from,
-        sam=SamStageOptions(steps=args.sam_steps, eval_every=args.sam_eval_every, held_out=args.held_out),
+        seed=flags.seed,
+        pool=flags.pool,
+        threads=flags.threads,
+        parallel=flags.parallel,
+        llava_from=flags.llava_from,
+        sam=SamStageOptions(steps=flags.sam_steps, eval_every=flags.sam_eval_every, held_out=flags.held_out),
         vision=LlavaStageOptions(
-            steps=args.vision_steps,
-            batch_size=32,
-            held_out=args.held_out,
-            position_weight=args.vision_position_weight,
+            steps=flags.vision_steps,
+            batch_size=_D.vision.batch_size,
+            held_out=flags.held_out,
+            position_weight=flags.vision_position_weight,
         ),
-        caption=LlavaStageOptions(steps=args.caption_steps, held_out=args.held_out, **llava),
+        caption=LlavaStageOptions(steps=flags.caption_steps, held_out=flags.held_out, **llava),
         instruct=LlavaStageOptions(
-            steps=args.instruct_steps,
-            eval_every=args.instruct_eval_every,
-            held_out=args.held_out,
-            box_step=args.box_step,
+            steps=flags.instruct_steps,
+            eval_every=flags.instruct_eval_every,
+            held_out=flags.held_out,
+            box_step=flags.box_step,
             **llava,
         ),
     )
 
 
+def parse_args(argv: Sequence[str] | None = None) -> tuple[PretrainFlags, PretrainOptions]:
+    """The command line as its flags and the :class:`PretrainOptions` they describe; a bad value exits
+    with the parser's usage and the problem."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = options_from_args(PretrainFlags, args, PretrainFlags(out=Path(args.out)))
+    try:
+        return flags, pretrain_options(flags)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point; returns the record written to ``pretrain_record.json``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        opts = options_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    record = pretrain_base(args.out, opts, argv)
+    flags, opts = parse_args(argv)
+    record = pretrain_base(flags.out, opts, argv)
     sam, llava = record["sam"], record["llava"]
     print(
         f"tiny SAM: {sam['steps_run']} steps, held-out point IoU {sam['final_held_out']['point_iou']:.3f}, "
@@ -342,6 +372,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"tiny LLaVA: caption loss {llava['caption']['first_loss']:.3f} -> {llava['caption']['last_loss']:.3f}, "
         f"instruct loss {llava['instruct']['first_loss']:.3f} -> {llava['instruct']['last_loss']:.3f}, "
         f"held-out REC acc@0.5 {llava['final_held_out']['rec_acc']:.3f}\n"
-        f"--version {Path(args.out) / 'llava'} --vision_pretrained {Path(args.out) / 'sam_tiny.pth'}"
+        f"--version {flags.out / 'llava'} --vision_pretrained {flags.out / 'sam_tiny.pth'}"
     )
     return record

@@ -37,6 +37,7 @@ from model.presets import Preset, get_preset, llava_config
 from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, sam_config
 from utils.conversation import SYSTEM_PROMPT
 from utils.metrics import mask_iou_stats
+from utils.options import add_option_flags, option, options_from_args
 
 
 def template_corpus() -> list[str]:
@@ -268,33 +269,53 @@ def dataset_sentences(dataset_dir: str | Path, datasets: str) -> list[str]:
     return sentences
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write a tiny LLaVA + SAM base (random weights) for CPU runs.")
-    p.add_argument("--out", required=True, help="output folder (gets llava/ and sam_tiny.pth)")
-    p.add_argument("--dataset_dir", default="./dataset", help="root holding refer_seg/<ds>/<ds>.json")
-    p.add_argument("--ds", default="ref-urbanlf-syn", help="dataset name(s), '||'-separated")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--sam_pretrain_steps",
-        type=int,
-        default=0,
-        help="pretrain the tiny SAM on train-split point prompts for N steps (stands in for SAM's own "
+@dataclass(frozen=True)
+class TinyBaseOptions:
+    """The command line of ``scripts/make_tiny_base.py``.
+
+    Attributes:
+        out: output folder, gets ``llava/`` and ``sam_tiny.pth`` (``--out``, required).
+    """
+
+    out: Path
+    dataset_dir: str = option("./dataset", "root holding refer_seg/<ds>/<ds>.json")
+    ds: str = option("ref-urbanlf-syn", "dataset name(s), '||'-separated")
+    seed: int = option(0, "seed of the random weights (and of the SAM pretraining)")
+    sam_pretrain_steps: int = option(
+        0,
+        "pretrain the tiny SAM on train-split point prompts for N steps (stands in for SAM's own "
         "pretraining; 0 = random SAM)",
     )
-    p.add_argument("--sam_pretrain_lr", type=float, default=SamPretrainOptions.lr)
+    sam_pretrain_lr: float = option(SamPretrainOptions.lr, "learning rate of the SAM pretraining")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``--out`` and one flag per :class:`TinyBaseOptions` option."""
+    p = argparse.ArgumentParser(description="Write a tiny LLaVA + SAM base (random weights) for CPU runs.")
+    p.add_argument("--out", required=True, help="output folder (gets llava/ and sam_tiny.pth)")
+    add_option_flags(p, TinyBaseOptions)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    """Entry point; returns ``{"llava": dir, "sam": path}``."""
+def parse_args(argv: Sequence[str] | None = None) -> TinyBaseOptions:
+    """The command line as :class:`TinyBaseOptions`."""
     args = build_parser().parse_args(argv)
-    corpus = dataset_sentences(args.dataset_dir, args.ds)
-    pretrain = SamPretrainOptions(steps=args.sam_pretrain_steps, lr=args.sam_pretrain_lr)
-    objects = train_split_objects(args.dataset_dir, args.ds) if pretrain.steps > 0 else None
-    paths = write_tiny_base(args.out, corpus, seed=args.seed, sam_objects=objects, sam_pretrain=pretrain)
+    return options_from_args(TinyBaseOptions, args, TinyBaseOptions(out=Path(args.out)))
+
+
+def make_tiny_base(options: TinyBaseOptions) -> dict[str, Path]:
+    """Write the tiny base ``options`` describe (tokenizer trained on the dataset's sentences, SAM
+    pretrained when ``sam_pretrain_steps > 0``) and print what was done; returns ``{"llava": dir, "sam":
+    path}``."""
+    corpus = dataset_sentences(options.dataset_dir, options.ds)
+    pretrain = SamPretrainOptions(steps=options.sam_pretrain_steps, lr=options.sam_pretrain_lr)
+    objects = train_split_objects(options.dataset_dir, options.ds) if pretrain.steps > 0 else None
+    paths = write_tiny_base(
+        options.out, corpus, seed=options.seed, sam_objects=objects, sam_pretrain=pretrain
+    )
     print(f"tokenizer trained on {len(corpus)} sentences")
     if objects:
-        done = json.loads((Path(args.out) / "sam_pretrain.json").read_text())
+        done = json.loads((options.out / "sam_pretrain.json").read_text())
         print(
             f"tiny SAM pretrained {pretrain.steps} steps on {len(objects)} train images: point-prompt loss "
             f"{done['first_loss']:.3f} -> {done['loss']:.3f}, train mask IoU {done['first_iou']:.3f} -> "
@@ -302,3 +323,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         )
     print(f"--version {paths['llava']} --vision_pretrained {paths['sam']}")
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    """Entry point; returns ``{"llava": dir, "sam": path}``."""
+    return make_tiny_base(parse_args(argv))

@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ from transformers import (
 )
 
 from training.weights import open_weights
+from utils.options import add_option_flags, option, options_from_args
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RENAMES: tuple[tuple[str, str], ...] = (
@@ -62,6 +64,23 @@ RENAMES: tuple[tuple[str, str], ...] = (
 )
 EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """The command line of ``scripts/convert_llava_to_hf.py``.
+
+    Attributes:
+        src: original LLaVA folder: config.json, weights, tokenizer (``--src``, required).
+        dst: output HF LLaVA folder (``--dst``, required).
+    """
+
+    src: Path
+    dst: Path
+    vision_tower: str | None = option(None, "CLIP folder (default: mm_vision_tower if local)", parse=str)
+    dtype: str = option("auto", "auto: the config's torch_dtype", choices=["auto", *DTYPES])
+    pad_to_multiple_of: int = option(64, "vocabulary padding when tokens are added")
+    max_shard_size: str = option("5GB", "largest safetensors shard written")
 
 
 def rename_key(key: str) -> str | None:
@@ -124,9 +143,10 @@ def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)])
 
 
-def vision_dir(args: argparse.Namespace, config: dict, src: Path) -> Path:
-    """The CLIP folder: ``--vision_tower``, else ``mm_vision_tower`` when it is a local folder."""
-    named = args.vision_tower or config.get("mm_vision_tower")
+def vision_dir(vision_tower: str | None, config: dict, src: Path) -> Path:
+    """The CLIP folder: ``vision_tower`` (``--vision_tower``), else the config's ``mm_vision_tower`` when it
+    is a local folder (as given or inside ``src``)."""
+    named = vision_tower or config.get("mm_vision_tower")
     for candidate in (named, src / str(named)) if named else ():
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
@@ -136,11 +156,11 @@ def vision_dir(args: argparse.Namespace, config: dict, src: Path) -> Path:
     )
 
 
-def convert(args: argparse.Namespace) -> Path:
-    """Write the HF LLaVA directory ``args.dst``; returns it."""
-    src, dst = Path(args.src), Path(args.dst)
+def convert(options: ConvertOptions) -> Path:
+    """Write the HF LLaVA directory ``options.dst`` from the original checkpoint ``options.src``; returns it."""
+    src, dst = options.src, options.dst
     config = read_original_config(src)
-    dtype = DTYPES.get(args.dtype) or getattr(torch, str(config.get("torch_dtype", "float16")))
+    dtype = DTYPES.get(options.dtype) or getattr(torch, str(config.get("torch_dtype", "float16")))
     source = open_weights(src)
     state: dict[str, torch.Tensor] = {}
     for key in source.names():
@@ -152,7 +172,7 @@ def convert(args: argparse.Namespace) -> Path:
             ) from None
         if new is not None:
             state[new] = source.tensor(key).to(dtype)
-    clip_dir = vision_dir(args, config, src)
+    clip_dir = vision_dir(options.vision_tower, config, src)
     vision_cfg = CLIPVisionConfig.from_pretrained(clip_dir)
     if not any(k.startswith("model.vision_tower.") for k in state):
         tower = CLIPVisionModel.from_pretrained(clip_dir, dtype=dtype)
@@ -166,7 +186,7 @@ def convert(args: argparse.Namespace) -> Path:
         )
     rows = max(len(tokenizer), state[EMBED].shape[0])
     if rows > state[EMBED].shape[0]:
-        rows = -(-rows // args.pad_to_multiple_of) * args.pad_to_multiple_of
+        rows = -(-rows // options.pad_to_multiple_of) * options.pad_to_multiple_of
     state[EMBED], state[HEAD] = grow_rows(state[EMBED], rows), grow_rows(state[HEAD], rows)
 
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -193,7 +213,7 @@ def convert(args: argparse.Namespace) -> Path:
         )
     model.config.dtype = dtype
     dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst, max_shard_size=args.max_shard_size)
+    model.save_pretrained(dst, max_shard_size=options.max_shard_size)
     tokenizer.save_pretrained(dst)
     if (clip_dir / "preprocessor_config.json").is_file():
         processor = CLIPImageProcessor.from_pretrained(clip_dir)
@@ -208,21 +228,20 @@ def convert(args: argparse.Namespace) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The converter's command line."""
+    """The converter's command line: ``--src``, ``--dst`` and one flag per :class:`ConvertOptions` option."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, help="original LLaVA folder (config.json, weights, tokenizer)")
     p.add_argument("--dst", required=True, help="output HF LLaVA folder")
-    p.add_argument("--vision_tower", default=None, help="CLIP folder (default: mm_vision_tower if local)")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the config's torch_dtype"
-    )
-    p.add_argument(
-        "--pad_to_multiple_of", type=int, default=64, help="vocabulary padding when tokens are added"
-    )
-    p.add_argument("--max_shard_size", default="5GB")
+    add_option_flags(p, ConvertOptions)
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ConvertOptions:
+    """The command line as :class:`ConvertOptions`."""
+    args = build_parser().parse_args(argv)
+    return options_from_args(ConvertOptions, args, ConvertOptions(src=Path(args.src), dst=Path(args.dst)))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Entry point; returns the output folder."""
-    return convert(build_parser().parse_args(argv))
+    return convert(parse_args(argv))
