@@ -19,11 +19,13 @@ import torch
 from dataset.disparity.config import DisparityConfig
 from dataset.disparity.estimator import disparity_for_scene
 from dataset.errors import LightFieldError
+from dataset.lightfield import LightFieldLayout
+from dataset.options import DataOptions
 from model.options import DEFAULT_MODEL_OPTIONS
 from tests.conftest import TINY_DS
 from training.config import disparity_config, parse_args, parse_config
-from training.loaders import layout_for as layout_from_args
-from training.loaders import prepare_estimated_disparity, used_scene_dirs, val_scenes
+from training.loaders import layout_for, prepare_estimated_disparity, used_scene_dirs, val_scenes
+from utils.options import options_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--disparity_set", "views=4", "--disparity_set", "num_planes=16"]  # 64x96 scenes: ~0.1 s each
@@ -58,16 +60,21 @@ class Counting:
         return disparity_for_scene(scene_dir, layout, config, device=device)
 
 
+def layout_from_args(args) -> LightFieldLayout:
+    """The layout of a parsed command line (the flags, through the typed DataOptions)."""
+    return layout_for(options_from_args(DataOptions, args))
+
+
 def test_depth_source_flags_parse_both_ways():
-    default = parse_config([]).data
+    default = parse_args([])
     assert (default.depth_source, default.estimated_disparity_name) == ("file", EST)
     assert (default.disparity_set, default.disparity_device) == ([], "")
     assert layout_from_args(default).disparity_name == "5_5_disparity.npy"
-    est = parse_config(["--depth_source", "estimate", "--disparity_name", "x.npy", *FAST]).data
+    est = parse_args(["--depth_source", "estimate", "--disparity_name", "x.npy", *FAST])
     assert est.depth_source == "estimate"
     assert layout_from_args(est).disparity_name == EST  # the cache, not --disparity_name
     assert disparity_config(est) == DisparityConfig(views="4", num_planes=16)
-    named = parse_config(["--depth_source", "estimate", "--estimated_disparity_name", "d_est.npy"]).data
+    named = parse_args(["--depth_source", "estimate", "--estimated_disparity_name", "d_est.npy"])
     assert layout_from_args(named).disparity_name == "d_est.npy"
     assert parse_args(["--depth_source", "estimate", "--depth_source", "file"]).depth_source == "file"
 
@@ -87,12 +94,12 @@ def test_estimate_writes_the_cache_of_the_used_splits_and_datasets_read_it(data)
     counting = Counting()
     assert prepare_estimated_disparity(args, train=False, val=True, estimator=counting) == 3
     assert _cached(data) == {d.name for d in val_dirs} == set(counting.calls)
-    config = disparity_config(args)
+    config = args.datasets.disparity_config()
     for scene in val_dirs:
         assert not [p.name for p in scene.iterdir() if p.name.endswith(".tmp")]  # atomic: no leftovers
         cached = np.load(scene / EST)
         assert cached.dtype == np.float32 and cached.shape == (64, 96)
-        np.testing.assert_array_equal(cached, disparity_for_scene(scene, layout_from_args(args.data), config))
+        np.testing.assert_array_equal(cached, disparity_for_scene(scene, layout_for(args.data), config))
         gt = np.load(scene / "5_5_disparity.npy")
         assert np.abs(cached - gt).max() > 0.05  # an estimate, not a copy of the GT file
 
