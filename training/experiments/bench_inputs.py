@@ -4,7 +4,6 @@ of the real shapes, through ``dataset.collate.collate_batch``. ``training/experi
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from model.lfllm import LFLLMConfig, LFLLMForCausalLM
 from model.options import ModelOptions
 from model.presets import get_preset, llava_config
 from model.sam import reset_sam_buffers, sam_config
-from training.config import options_from_args
 from training.pretrain.tiny_base import write_tiny_base
 from utils.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN
 
@@ -93,6 +91,7 @@ def build_direct(config: LFLLMConfig, dtype: torch.dtype, device: torch.device) 
 
 
 def token_ids_from_tokenizer(tokenizer: Any, config: LFLLMConfig) -> TokenIds:
+    """The token ids of a loaded tokenizer and its LFLLM config."""
     im_start, im_end = tokenizer.convert_tokens_to_ids([IM_START_TOKEN, IM_END_TOKEN])
     special = [config.image_token_id, config.depth_token_id, config.seg_token_id, tokenizer.pad_token_id]
     special += list(config.new_token_ids or [])
@@ -118,23 +117,35 @@ TINY_CORPUS = (
 )
 
 
-def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """(model on ``device`` in eval mode, tokenizer or None, token ids, seconds)."""
+def build_model(
+    preset: str,
+    build: str,
+    options: ModelOptions,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    seed: int = 0,
+    version: str | None = None,
+    vision_pretrained: str | None = None,
+) -> tuple[LFLLMForCausalLM, Any, TokenIds, float]:
+    """The benchmark's model: ``build`` ``direct`` (random init of ``preset`` in memory) or ``files``
+    (``version`` + ``vision_pretrained`` loaded with ``build_lfllm``, else the tiny base written to a
+    temporary folder and loaded). Returns (model on ``device`` in eval mode, tokenizer or None, token ids,
+    seconds)."""
     tic = time.perf_counter()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     tokenizer = None
-    options = options_from_args(ModelOptions, args)
-    if args.build == "direct":
-        config, ids = random_config(args.preset, options)
+    if build == "direct":
+        config, ids = random_config(preset, options)
         model = build_direct(config, dtype, device)
     else:
-        if args.version:
-            model, tokenizer = build_lfllm(args.version, args.vision_pretrained, options, dtype)
+        if version:
+            model, tokenizer = build_lfllm(version, vision_pretrained, options, dtype)
         else:
-            if args.preset != "tiny":
-                raise SystemExit(f"--preset {args.preset}: --build files writes only the tiny base")
+            if preset != "tiny":
+                raise SystemExit(f"--preset {preset}: --build files writes only the tiny base")
             with tempfile.TemporaryDirectory(prefix="lfllm_bench_") as tmp:
-                paths = write_tiny_base(tmp, TINY_CORPUS, seed=args.seed)
+                paths = write_tiny_base(tmp, TINY_CORPUS, seed=seed)
                 model, tokenizer = build_lfllm(paths["llava"], paths["sam"], options, dtype)
         model.to(device)
         ids = token_ids_from_tokenizer(tokenizer, model.config)

@@ -26,21 +26,25 @@ class Meter:
         self.cuda = device.type == "cuda"
 
     def sync(self) -> None:
+        """Wait for the device's queued work (a no-op on CPU)."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
     def reset_peak(self) -> None:
+        """Start a new peak-memory window (CUDA only: the CPU's peak RSS never goes down)."""
         if self.cuda:
             self.sync()
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak(self) -> tuple[float, str]:
+        """(peak memory in GiB, what was measured)."""
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / GiB, "cuda max_memory_allocated"
         # ru_maxrss is in KiB on Linux; it never goes down, so it includes the build and earlier phases
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS (getrusage)"
 
     def times(self, fn: Callable[[int], Any], warmup: int, steps: int) -> list[float]:
+        """Seconds of each of ``fn(i)`` for ``i`` in ``warmup .. warmup + steps`` (the first ``warmup`` untimed)."""
         out = []
         for i in range(warmup + steps):
             self.sync()
@@ -74,11 +78,13 @@ def count_flops(fn: Callable[[], Any]) -> tuple[float, dict[str, float]]:
 
 
 def median_row(times: list[float]) -> dict[str, float]:
+    """Median, minimum and count of ``times`` (a row's timing columns)."""
     return {"time_s_median": statistics.median(times), "time_s_min": min(times), "samples": len(times)}
 
 
 # ---------------------------------------------------------------------------------------------- report
 def environment(device: torch.device) -> dict[str, Any]:
+    """Versions, device, threads, load and CPU/GPU name: what a timing depends on."""
     import transformers
 
     env: dict[str, Any] = {

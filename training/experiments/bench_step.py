@@ -17,9 +17,13 @@ multi-turn conversation (visual block once, one ``[SEG]`` per turn). Batches go 
 ``dataset.collate.collate_batch``.
 
 The timed training step is ``training.trainer.train_micro_step`` itself (``engine(lf_batch=batch)``,
-``engine.backward(loss)``, ``engine.step()``) on the engine ``train_ds.py`` builds (``make_trainable``,
-``deepspeed_config`` with ``--grad_accumulation_steps 1`` so every step is an optimiser step,
-``deepspeed.initialize``), in train mode (``engine.train()``, as ``train_ds.py`` does). Reported: median step time after ``--warmup`` steps, images/s, peak memory
+``engine.backward(loss)``, ``engine.step()``) on the engine ``train_ds.py`` builds
+(``training.engine.build_engine``: ``make_trainable``, ``deepspeed_config`` with
+``--grad_accumulation_steps 1`` so every step is an optimiser step, ``deepspeed.initialize``), in train
+mode (``engine.train()``, as ``train_ds.py`` does). ``train_ds.py``'s flags the benchmark takes (model
+options, ``--gradient_checkpointing``, ``--seed``, ``--zero_stage``, ...) are those of its option
+dataclasses (``training/experiments/bench_options.py``). Reported: median step time after ``--warmup``
+steps, images/s, peak memory
 (``torch.cuda.max_memory_allocated`` since the model was built; on CPU the process's peak RSS from
 ``getrusage``, which includes the build), FLOPs counted with ``FlopCounterMode`` over one whole step
 (forward, backward, optimiser; recomputation included with gradient checkpointing) and the achieved rate.
@@ -35,12 +39,12 @@ Eval and chat run on the plain model (as after merging), before it is wrapped fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -50,107 +54,52 @@ import torch
 from dataset.collate import move_batch
 from model.build import DTYPES
 from model.inference import generate_masks, teacher_forced_masks
-from model.options import ModelOptions
-from model.presets import PRESETS
-from model.trainable import TrainableOptions, unwrap
-from training.config import add_option_flags
-from training.config import parse_args as parse_train_args
+from model.trainable import unwrap
+from training.config import RunConfig
 from training.engine import build_engine, forget_deepspeed_world_group, setup_single_process
 from training.experiments.bench_inputs import batch_shape, build_model, synthetic_batch
+from training.experiments.bench_options import BenchOptions, base_dir, step_config
+from training.experiments.bench_options import parse_args as parse_bench_args
 from training.experiments.bench_report import Meter, count_flops, environment, median_row, table
 from training.features import cached_batch
 from training.trainer import train_micro_step
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="as train_ds.py's switch")
-    p.add_argument("--pack_conversations", action="store_true", help="one multi-turn conversation per scene")
-    p.add_argument(
-        "--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU"
-    )
-    p.add_argument("--eval", action="store_true", help="add the teacher-forced validation row")
-    p.add_argument("--chat", action="store_true", help="add the chat latency row")
-    p.add_argument("--no_train", action="store_true", help="skip the training rows (with --eval/--chat)")
-    p.add_argument("--no_flops", action="store_true", help="skip the FLOP-counted step")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--images", type=int, default=2, help="scenes per training micro-batch")
-    p.add_argument("--expressions", type=int, default=3, help="expressions per scene")
-    p.add_argument("--text_tokens", type=int, default=80, help="text tokens of a one-expression conversation")
-    p.add_argument("--original_hw", default="480,640", help="original image size H,W (UrbanLF: 480,640)")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="chat: tokens generated per query")
-    p.add_argument("--chat_queries", type=int, default=5, help="chat: timed queries (after --warmup)")
-    p.add_argument(
-        "--torch_adam", action="store_true", help="plain torch AdamW on a GPU (no FusedAdam build)"
-    )
-    p.add_argument(
-        "--build",
-        default="auto",
-        choices=["auto", "files", "direct"],
-        help="files: write/load through build_lfllm; direct: random init in memory (auto: files for tiny)",
-    )
-    p.add_argument("--version", default=None, help="load this LLaVA dir (with --vision_pretrained) instead")
-    p.add_argument("--vision_pretrained", default=None, help="SAM checkpoint for --version")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="as train_ds.py's")
-    p.add_argument(
-        "--feature_cache",
-        action="store_true",
-        help="also time each train/eval step on cached front-end features (training.features)",
-    )
-    add_option_flags(p.add_argument_group("model options (train_ds.py's)"), ModelOptions)
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.no_train and not (args.eval or args.chat):
-        p.error("--no_train leaves nothing to measure: add --eval and/or --chat")
-    try:
-        args.original_hw = tuple(int(v) for v in args.original_hw.split(","))
-        assert len(args.original_hw) == 2
-    except (ValueError, AssertionError):
-        p.error(f"--original_hw {args.original_hw!r}: expected H,W")
-    if args.build == "auto":
-        args.build = "files" if (args.preset == "tiny" or args.version) else "direct"
-    if args.build == "direct" and args.version:
-        p.error("--version loads files: it cannot be combined with --build direct")
-    return args
-
-
 # ---------------------------------------------------------------------------------------------- phases
-def run_eval(model, ids, args, device, meter: Meter) -> list[dict[str, Any]]:
+def run_eval(
+    model: Any, ids: Any, opts: BenchOptions, cfg: RunConfig, device: torch.device, meter: Meter
+) -> list[dict[str, Any]]:
+    """Rows of teacher-forced validation (1 scene × ``--expressions``), plain and with ``--feature_cache``."""
     batch = move_batch(
         synthetic_batch(
             model.config,
             ids,
             images=1,
-            expressions=args.expressions,
-            text_tokens=args.text_tokens,
-            original_hw=args.original_hw,
-            seed=args.seed + 1,
+            expressions=opts.expressions,
+            text_tokens=opts.text_tokens,
+            original_hw=opts.original_hw,
+            seed=cfg.loop.seed + 1,
         ),
         device,
     )
     model.eval()
     rows = []
     variants = [("", batch)]
-    if args.feature_cache:
+    if opts.feature_cache:
         variants.append((" (feature cache)", cached_batch(model, batch)))
     for suffix, data in variants:
         meter.reset_peak()
         with torch.no_grad():
-            times = meter.times(lambda _, d=data: teacher_forced_masks(model, d), args.warmup, args.steps)
+            times = meter.times(lambda _, d=data: teacher_forced_masks(model, d), opts.warmup, opts.steps)
         med = statistics.median(times)
         peak, kind = meter.peak()
         rows.append(
             {
                 "mode": "eval",
-                "desc": f"eval, teacher-forced, 1 image × {args.expressions} expressions{suffix}",
+                "desc": f"eval, teacher-forced, 1 image × {opts.expressions} expressions{suffix}",
                 **median_row(times),
                 "images_per_s": 1 / med,
-                "expressions_per_s": args.expressions / med,
+                "expressions_per_s": opts.expressions / med,
                 "peak_memory_GiB": peak,
                 "peak_memory_kind": kind,
                 **batch_shape(batch, ids),
@@ -159,17 +108,26 @@ def run_eval(model, ids, args, device, meter: Meter) -> list[dict[str, Any]]:
     return rows
 
 
-def run_chat(model, tokenizer, ids, args, device, meter: Meter) -> dict[str, Any]:
+def run_chat(
+    model: Any,
+    tokenizer: Any,
+    ids: Any,
+    opts: BenchOptions,
+    cfg: RunConfig,
+    device: torch.device,
+    meter: Meter,
+) -> dict[str, Any]:
+    """The row of one chat query's latency (1 scene, 1 expression, ``--max_new_tokens`` generated)."""
     batch = move_batch(
         synthetic_batch(
             model.config,
             ids,
             images=1,
             expressions=1,
-            text_tokens=args.text_tokens,
-            original_hw=args.original_hw,
+            text_tokens=opts.text_tokens,
+            original_hw=opts.original_hw,
             with_answer=False,
-            seed=args.seed + 2,
+            seed=cfg.loop.seed + 2,
         ),
         device,
     )
@@ -181,12 +139,13 @@ def run_chat(model, tokenizer, ids, args, device, meter: Meter) -> dict[str, Any
     saved = gen_config.sequence_bias
     gen_config.sequence_bias = {(ids.seg,): 1e4}  # greedy: always [SEG], never EOS (see the module doc)
     generated: list[Any] = []
+    new_tokens = cfg.generation.max_new_tokens
     meter.reset_peak()
     try:
         times = meter.times(
-            lambda _: generated.append(generate_masks(model, batch, tok, args.max_new_tokens)[0][0]),
-            args.warmup,
-            args.chat_queries,
+            lambda _: generated.append(generate_masks(model, batch, tok, new_tokens)[0][0]),
+            opts.warmup,
+            opts.chat_queries,
         )
     finally:
         gen_config.sequence_bias = saved
@@ -195,7 +154,7 @@ def run_chat(model, tokenizer, ids, args, device, meter: Meter) -> dict[str, Any
     peak, kind = meter.peak()
     return {
         "mode": "chat",
-        "desc": f"chat query (1 image, 1 expression, {args.max_new_tokens} new tokens, KV cache)",
+        "desc": f"chat query (1 image, 1 expression, {new_tokens} new tokens, KV cache)",
         **median_row(times),
         "latency_s_per_query": med,
         "new_tokens": len(last.token_ids),
@@ -206,49 +165,22 @@ def run_chat(model, tokenizer, ids, args, device, meter: Meter) -> dict[str, Any
     }
 
 
-def deepspeed_args(args: argparse.Namespace, precision: str) -> argparse.Namespace:
-    """``train_ds.py``'s options for this benchmark: its defaults, one image batch per optimiser step."""
-    argv = [
-        "--precision",
-        precision,
-        "--batch_size",
-        str(args.images),
-        "--grad_accumulation_steps",
-        "1",
-        "--epochs",
-        "1",
-        "--steps_per_epoch",
-        str(args.warmup + args.steps + 1),
-        "--seed",
-        str(args.seed),
-        "--zero_stage",
-        str(args.zero_stage),
-    ]
-    if args.gradient_checkpointing:
-        argv.append("--gradient_checkpointing")
-    else:
-        argv.append("--no_gradient_checkpointing")
-    if args.torch_adam:
-        argv.append("--torch_adam")
-    if args.pack_conversations:
-        argv.append("--pack_conversations")
-    return parse_train_args(argv)
-
-
-def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tuple[list[dict[str, Any]], Any]:
+def run_train(
+    model: Any, ids: Any, opts: BenchOptions, cfg: RunConfig, dist_info: Any, meter: Meter
+) -> tuple[list[dict[str, Any]], Any]:
     """Wrap the model with ``train_ds.py``'s own :func:`training.engine.build_engine` and time
     :func:`training.trainer.train_micro_step`."""
-    train_args = deepspeed_args(args, precision)
-    device = dist_info.device
+    train_cfg = step_config(opts, cfg)
+    device, seed = dist_info.device, train_cfg.loop.seed
     batch = synthetic_batch(
         model.config,
         ids,
-        images=args.images,
-        expressions=args.expressions,
-        text_tokens=args.text_tokens,
-        original_hw=args.original_hw,
-        pack=args.pack_conversations,
-        seed=args.seed,
+        images=opts.images,
+        expressions=opts.expressions,
+        text_tokens=opts.text_tokens,
+        original_hw=opts.original_hw,
+        pack=cfg.loop.pack_conversations,
+        seed=cfg.loop.seed,
     )
     meter.sync()
     tic = time.perf_counter()
@@ -257,21 +189,21 @@ def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tupl
     to_device_s = time.perf_counter() - tic
 
     meter.reset_peak()
-    engine, _ = build_engine(model, train_args, TrainableOptions(), on_cpu=device.type == "cpu")
+    engine, _ = build_engine(model, train_cfg, on_cpu=device.type == "cpu")
     trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     losses: list[float] = []
 
     def step(i: int) -> None:
-        losses.append(float(train_micro_step(engine, batch, i, train_args.seed, dist_info)[0]))
+        losses.append(float(train_micro_step(engine, batch, i, seed, dist_info)[0]))
 
-    times = meter.times(step, args.warmup, args.steps)
+    times = meter.times(step, opts.warmup, opts.steps)
     med = statistics.median(times)
     peak, kind = meter.peak()
     row: dict[str, Any] = {
         "mode": "train",
-        "desc": "train step" + (" (packed conversations)" if args.pack_conversations else ""),
+        "desc": "train step" + (" (packed conversations)" if cfg.loop.pack_conversations else ""),
         **median_row(times),
-        "images_per_s": args.images / med,
+        "images_per_s": opts.images / med,
         "peak_memory_GiB": peak,
         "peak_memory_kind": kind,
         "trainable_M": trainable / 1e6,
@@ -279,9 +211,9 @@ def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tupl
         "losses": losses,
         **batch_shape(batch, ids),
     }
-    if not args.no_flops:
-        n = args.warmup + args.steps
-        flops, _ = count_flops(lambda: train_micro_step(engine, batch, n, train_args.seed, dist_info))
+    if opts.flops:
+        n = opts.warmup + opts.steps
+        flops, _ = count_flops(lambda: train_micro_step(engine, batch, n, seed, dist_info))
         inner = unwrap(engine.module)
         with torch.no_grad():
             forward, parts = count_flops(lambda: inner.forward_lf(batch))
@@ -292,9 +224,9 @@ def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tupl
             forward_TFLOP_by_module={k: v / 1e12 for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
         )
     rows = [row]
-    if args.feature_cache:
+    if opts.feature_cache:
         cached = cached_batch(unwrap(engine.module), batch)
-        first = args.warmup + args.steps + 1
+        first = opts.warmup + opts.steps + 1
         cached_losses: list[float] = []
 
         # Interleaved with uncached steps on the same engine: the two are timed under the same machine
@@ -305,15 +237,15 @@ def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tupl
         def pair(i: int) -> None:
             meter.sync()
             tic = time.perf_counter()
-            train_micro_step(engine, batch, first + 2 * i, train_args.seed, dist_info)
+            train_micro_step(engine, batch, first + 2 * i, seed, dist_info)
             meter.sync()
             plain_times.append(time.perf_counter() - tic)
-            out = train_micro_step(engine, cached, first + 2 * i + 1, train_args.seed, dist_info)
+            out = train_micro_step(engine, cached, first + 2 * i + 1, seed, dist_info)
             cached_losses.append(float(out[0]))
 
         meter.reset_peak()
-        pair_times = meter.times(pair, args.warmup, args.steps)
-        plain_times = plain_times[args.warmup :]
+        pair_times = meter.times(pair, opts.warmup, opts.steps)
+        plain_times = plain_times[opts.warmup :]
         times = [total - p for total, p in zip(pair_times, plain_times)]
         med_c = statistics.median(times)
         ratio = statistics.median(p / c for p, c in zip(plain_times, times))
@@ -323,7 +255,7 @@ def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tupl
                 "mode": "train",
                 "desc": row["desc"] + " (feature cache)",
                 **median_row(times),
-                "images_per_s": args.images / med_c,
+                "images_per_s": opts.images / med_c,
                 "speedup_vs_uncached": ratio,
                 "uncached_interleaved_s_median": statistics.median(plain_times),
                 "peak_memory_GiB": peak,
@@ -335,36 +267,42 @@ def run_train(model, ids, args, precision: str, dist_info, meter: Meter) -> tupl
     return rows, engine
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI: build the model, run the phases asked for, print each row and the table; returns the result
+    (written to ``--json`` too)."""
+    opts, cfg = parse_args(argv)
+    version, vision_pretrained = base_dir(cfg)
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if args.preset != "tiny" and not args.version:
+        if opts.preset != "tiny" and not version:
             raise SystemExit(
-                f"--preset {args.preset} needs a GPU (none is visible); use --preset tiny on CPU"
+                f"--preset {opts.preset} needs a GPU (none is visible); use --preset tiny on CPU"
             )
-    precision = args.precision or ("bf16" if cuda else "fp32")
-    dtype = DTYPES[precision]
+    cfg = cfg.replace(run={"precision": opts.precision or ("bf16" if cuda else "fp32")})
+    precision = cfg.run.precision
     dist_info, created = None, False
-    if not args.no_train:
+    if opts.train:
         dist_info, created = setup_single_process(on_cpu=not cuda)
     device = dist_info.device if dist_info else torch.device("cuda" if cuda else "cpu")
     meter = Meter(device)
     env_before = environment(device)
-    model, tokenizer, ids, build_s = build_model(args, device, dtype)
-    print(f"built {args.preset} ({args.build}, {precision}) in {build_s:.1f} s on {device}", flush=True)
+    model, tokenizer, ids, build_s = build_model(
+        opts.preset, opts.build, cfg.model, device, DTYPES[precision], seed=cfg.loop.seed, version=version,
+        vision_pretrained=vision_pretrained,
+    )  # fmt: skip
+    print(f"built {opts.preset} ({opts.build}, {precision}) in {build_s:.1f} s on {device}", flush=True)
     rows = []
     try:
-        if args.eval:
-            for row in run_eval(model, ids, args, device, meter):
+        if opts.eval:
+            for row in run_eval(model, ids, opts, cfg, device, meter):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        if args.chat:
-            rows.append(run_chat(model, tokenizer, ids, args, device, meter))
+        if opts.chat:
+            rows.append(run_chat(model, tokenizer, ids, opts, cfg, device, meter))
             print(json.dumps(rows[-1]), flush=True)
-        if not args.no_train:
-            train_rows, engine = run_train(model, ids, args, precision, dist_info, meter)
+        if opts.train:
+            train_rows, engine = run_train(model, ids, opts, cfg, dist_info, meter)
             for row in train_rows:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -377,25 +315,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             forget_deepspeed_world_group()
     result = {
         "config": {
-            "preset": args.preset,
-            "build": args.build,
+            "preset": opts.preset,
+            "build": opts.build,
             "precision": precision,
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "pack_conversations": args.pack_conversations,
-            "images": args.images,
-            "expressions": args.expressions,
-            "text_tokens": args.text_tokens,
-            "original_hw": list(args.original_hw),
-            "steps": args.steps,
-            "warmup": args.warmup,
+            "gradient_checkpointing": cfg.loop.gradient_checkpointing,
+            "pack_conversations": cfg.loop.pack_conversations,
+            "images": opts.images,
+            "expressions": opts.expressions,
+            "text_tokens": opts.text_tokens,
+            "original_hw": list(opts.original_hw),
+            "steps": opts.steps,
+            "warmup": opts.warmup,
             "build_s": build_s,
             "argv": sys.argv[1:] if argv is None else list(argv),
         },
         "environment": {**env_before, "load_avg_after": list(os.getloadavg())},
         "rows": rows,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    if opts.json_path:
+        Path(opts.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.json_path).write_text(json.dumps(result, indent=1))
     print(table(result), flush=True)
     return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions, RunConfig]:
+    """The command line (this module's doc is its ``--help``): :func:`bench_options.parse_args`."""
+    return parse_bench_args(argv, description=__doc__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 
 from model.build import DTYPES, build_lfllm
-from training.config import model_options, parse_args
+from training.config import RunConfig, parse_config
 from training.evaluate import evaluate
 from training.loaders import build_val_loader
 from utils.mask_scores import DEFAULT_SCORE, SCORE_NAMES, spearman
+from utils.options import add_option_flags, option, options_from_args
 from utils.visualize import scatter_panel, side_by_side, write_png
 
 
@@ -98,44 +100,59 @@ def scatter_plot(expressions: Sequence[dict[str, Any]], figures: dict[str, Any])
     return side_by_side(panels, gap=0)
 
 
-def run_study(argv: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Evaluate ``--version`` on ``--val_dataset`` (train_ds.py's flags; single process) and return the
-    figures of :func:`correlations` and every expression's record."""
-    args = parse_args(["--eval_only", *argv])
+def run_study(cfg: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate ``--version`` on ``--val_dataset`` as ``train_ds.py --eval_only`` does (``cfg``; single
+    process) and return the figures of :func:`correlations` and every expression's record."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg.loop.seed)
     model, tokenizer = build_lfllm(
-        args.version, args.vision_pretrained, model_options(args), DTYPES[args.precision]
+        cfg.run.version, cfg.run.vision_pretrained, cfg.model, DTYPES[cfg.run.precision]
     )
     model.to(device)
-    loader = build_val_loader(
-        args, model.config, tokenizer, 0, 1, generated=args.eval_protocol == "generated"
-    )
+    protocol = cfg.eval.eval_protocol
+    loader = build_val_loader(cfg, model.config, tokenizer, 0, 1, generated=protocol == "generated")
     metrics = evaluate(
         model,
         loader,
         device,
-        protocol=args.eval_protocol,
+        protocol=protocol,
         tokenizer=tokenizer,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=cfg.generation.max_new_tokens,
     )
     expressions = metrics.expressions()
     figures = correlations(expressions) | {
-        "val_dataset": args.val_dataset,
-        "protocol": args.eval_protocol,
-        "version": args.version,
+        "val_dataset": cfg.eval.val_dataset,
+        "protocol": protocol,
+        "version": cfg.run.version,
         "gIoU": metrics.compute()["All"]["gIoU"],
     }
     return figures, expressions
 
 
+@dataclass(frozen=True)
+class StudyOptions:
+    """The study's own option (``train_ds.py --eval_only``'s come as a :class:`RunConfig`)."""
+
+    out: str = option("runs/mask_scores", "folder for mask_scores.{json,png}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[StudyOptions, RunConfig]:
+    """The command line as the study's options and ``train_ds.py --eval_only``'s configuration
+    (``SystemExit`` with a message on a bad value)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
+    add_option_flags(parser.add_argument_group("score study"), StudyOptions)
+    known, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        print("\nand train_ds.py --eval_only's flags:\n")
+    return options_from_args(StudyOptions, known), parse_config(["--eval_only", *rest])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI: ``--out DIR`` plus ``train_ds.py --eval_only`` flags; prints and returns the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    parser.add_argument("--out", default="runs/mask_scores", help="folder for mask_scores.{json,png}")
-    known, rest = parser.parse_known_args(argv)
-    figures, expressions = run_study(rest)
-    out = Path(known.out)
+    opts, cfg = parse_args(argv)
+    figures, expressions = run_study(cfg)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mask_scores.json").write_text(json.dumps({**figures, "expressions": expressions}, indent=2))
     write_png(out / "mask_scores.png", scatter_plot(expressions, figures))

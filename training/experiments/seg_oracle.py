@@ -25,6 +25,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from dataset.collate import move_batch
 from model.build import DTYPES, build_lfllm
 from model.lfllm import LFLLMForCausalLM, seg_predictor_positions
 from model.losses import mask_losses
-from training.config import model_options, parse_args
+from training.config import RunConfig, parse_config
 from training.ds_config import total_steps
 from training.evaluate import evaluate
 from training.features import prepare_feature_cache
@@ -44,6 +45,7 @@ from training.loaders import build_train_loader, build_val_loader
 from utils.batch import Batch
 from utils.boxes import grid_box, interior_point, mask_box
 from utils.distributed import DistInfo
+from utils.options import add_option_flags, at_least, option, options_from_args, problems
 
 
 def parse_mode(mode: str) -> tuple[str, int]:
@@ -140,32 +142,31 @@ def _gious(model: nn.Module, loader: Any, device: torch.device) -> dict[str, flo
     return {"gIoU": m["gIoU"], "cIoU": m["cIoU"]}
 
 
-def run_oracle(
-    args: argparse.Namespace, modes: Sequence[str], eval_every: int, dist_info: DistInfo
-) -> dict[str, Any]:
+def run_oracle(cfg: RunConfig, modes: Sequence[str], eval_every: int, dist_info: DistInfo) -> dict[str, Any]:
     """Train and validate one fresh projector + mask decoder per mode (same seed, data and schedule).
 
     Returns ``{"modes": {mode: {"steps": [...], "gIoU": [...], "cIoU": [...], "dice": [...], "wall_s"}}}``
     with the scores before training (step 0) and every ``eval_every`` steps.
     """
-    steps = total_steps(args)
-    warmup = min(args.warmup_steps, max(steps - 1, 0))
+    steps = total_steps(cfg.loop)
+    optim, loop = cfg.optim, cfg.loop
+    warmup = min(optim.warmup_steps, max(steps - 1, 0))
     out: dict[str, Any] = {"steps": steps, "modes": {}}
     for mode in modes:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(loop.seed)
         model, tokenizer = build_lfllm(
-            args.version, args.vision_pretrained, model_options(args), DTYPES[args.precision]
+            cfg.run.version, cfg.run.vision_pretrained, cfg.model, DTYPES[cfg.run.precision]
         )
         model.to(dist_info.device)
-        oracle = SegOracle(model, mode, args.seed).to(dist_info.device)
-        store = prepare_feature_cache(args, model, tokenizer, dist_info, train=True, val=True)
-        loader, sampler = build_train_loader(args, model.config, tokenizer, 0, store=store)
-        val_loader = build_val_loader(args, model.config, tokenizer, 0, 1, False, store=store)
+        oracle = SegOracle(model, mode, loop.seed).to(dist_info.device)
+        store = prepare_feature_cache(cfg, model, tokenizer, dist_info, train=True, val=True)
+        loader, sampler = build_train_loader(cfg, model.config, tokenizer, 0, store=store)
+        val_loader = build_val_loader(cfg, model.config, tokenizer, 0, 1, False, store=store)
         model.requires_grad_(False)
         params = oracle.trainable()
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * max(0.0, 1.0 - s / max(steps, 1))
         )
@@ -176,15 +177,15 @@ def run_oracle(
         }
         start, step, dice = time.perf_counter(), 0, []
         oracle.train()
-        for epoch in range(args.epochs):
+        for epoch in range(loop.epochs):
             sampler.set_epoch(epoch)
             for batch in loader:
-                if step >= (epoch + 1) * args.steps_per_epoch:
+                if step >= (epoch + 1) * loop.steps_per_epoch:
                     break
                 result = oracle.forward_lf(move_batch(batch, dist_info.device))
                 opt.zero_grad(set_to_none=True)
                 result["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
                 opt.step()
                 sched.step()
                 step += 1
@@ -216,39 +217,72 @@ NOT_USED = (
 )  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI: ``--mode`` (repeatable), ``--eval_every``, ``--out`` plus ``train_ds.py``'s training flags
-    (model, data, schedule); single process. Prints a table of the final scores; writes ``--out``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    parser.add_argument("--mode", action="append", help="point, code, cell:N or box:N (repeat for several)")
-    parser.add_argument("--eval_every", type=int, default=250, help="validate every N optimiser steps")
-    parser.add_argument("--out", default="runs/seg_oracle.json", help="JSON report")
-    known, rest = parser.parse_known_args(argv)
-    modes = known.mode or ["point", "code", "cell:8", "box:10"]
-    for mode in modes:
-        try:
+#: The modes run when no ``--mode`` is given.
+DEFAULT_MODES: tuple[str, ...] = ("point", "code", "cell:8", "box:10")
+
+
+@dataclass(frozen=True)
+class OracleOptions:
+    """The probe's own options (``train_ds.py``'s come as a :class:`RunConfig`)."""
+
+    mode: tuple[str, ...] = option(
+        (),
+        "point, code, cell:N or box:N (repeat for several; default: point, code, cell:8, box:10)",
+        repeat=True,
+    )
+    eval_every: int = option(250, "validate every N optimiser steps", check=at_least(1))
+    out: str = option("runs/seg_oracle.json", "JSON report")
+
+    def __post_init__(self) -> None:
+        for mode in self.mode:
             parse_mode(mode)
-        except ValueError as exc:
-            parser.error(str(exc))
-    if known.eval_every < 1:
-        parser.error(f"--eval_every must be >= 1, got {known.eval_every}")
-    args = parse_args(rest)
-    unused = sorted(set(args.given) & set(NOT_USED))
+        if problems(self):  # the one range check, --eval_every
+            raise ValueError(f"--eval_every must be >= 1, got {self.eval_every}")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """``--mode``, else :data:`DEFAULT_MODES`."""
+        return self.mode or DEFAULT_MODES
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[OracleOptions, RunConfig]:
+    """The command line as the probe's options and ``train_ds.py``'s configuration (``SystemExit`` with a
+    message on a bad value or a ``train_ds.py`` flag that would not act here)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
+    add_option_flags(parser.add_argument_group("oracle probe"), OracleOptions)
+    known, rest = parser.parse_known_args(argv)
+    try:
+        opts = options_from_args(OracleOptions, known)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        print("\nand train_ds.py's flags:\n")
+    cfg = parse_config(rest)
+    unused = sorted(cfg.given & set(NOT_USED))
     if unused:
         parser.error(
             f"{', '.join('--' + d for d in unused)}: not used by the oracle probe (one process, no language "
             "model: it trains only the [SEG] projector and SAM's mask decoder, and scores teacher-forced)"
         )
+    return opts, cfg
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI: ``--mode`` (repeatable), ``--eval_every``, ``--out`` plus ``train_ds.py``'s training flags
+    (model, data, schedule); single process. Prints a table of the final scores; writes ``--out``."""
+    opts, cfg = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = run_oracle(args, modes, known.eval_every, DistInfo(0, 1, 0, device))
+    result = run_oracle(cfg, opts.modes, opts.eval_every, DistInfo(0, 1, 0, device))
+    val_dataset = cfg.eval.val_dataset
     result.update(
-        version=args.version, vision_pretrained=args.vision_pretrained, val_dataset=args.val_dataset
+        version=cfg.run.version, vision_pretrained=cfg.run.vision_pretrained, val_dataset=val_dataset
     )
-    out = Path(known.out)
+    out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(
-        f"{'[SEG] replaced by':<20} {'gIoU':>7} {'cIoU':>7}  (val {args.val_dataset}, after {result['steps']} steps)"
+        f"{'[SEG] replaced by':<20} {'gIoU':>7} {'cIoU':>7}  (val {val_dataset}, after {result['steps']} steps)"
     )
     for mode, rec in result["modes"].items():
         print(f"{mode:<20} {100 * rec['gIoU'][-1]:7.2f} {100 * rec['cIoU'][-1]:7.2f}")
