@@ -25,7 +25,7 @@ from model.caam import CAAM
 from model.depth import disparity_to_depth_image
 from model.losses import answer_cross_entropy, mask_losses
 from model.options import CAAM_TARGETS, DEFAULT_MODEL_OPTIONS, DEPTH_PROJECTORS
-from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, reset_sam_buffers
+from model.sam import build_sam, normalise_sam_pixels, reset_sam_buffers
 from utils.batch import Batch
 
 _OPTIONS = DEFAULT_MODEL_OPTIONS
@@ -170,15 +170,7 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         """SAM image embeddings (B, C, g, g), one encoder pass per image."""
         sam_views = batch.get("sam_views") if self.caam_on("sam") else None
         x = self._aggregate(batch["sam_center"], sam_views, batch.get("sam_disparity"), batch["sam_scale"])
-        mean = x.new_tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(SAM_PIXEL_STD).view(1, 3, 1, 1)
-        x = (x * 255.0 - mean) / std
-        h, w = x.shape[-2:]
-        hw = batch["sam_resized_hw"]
-        ys = torch.arange(h, device=x.device).view(1, h, 1)
-        xs = torch.arange(w, device=x.device).view(1, 1, w)
-        valid = (ys < hw[:, 0].view(-1, 1, 1)) & (xs < hw[:, 1].view(-1, 1, 1))
-        x = x * valid.unsqueeze(1)  # SAM pads after normalising: the pad is exactly 0
+        x = normalise_sam_pixels(x * 255.0, batch["sam_resized_hw"])
         encoder = self.sam.image_encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             return encoder(x.to(encoder.patch_embed.proj.weight.dtype))

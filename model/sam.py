@@ -171,3 +171,26 @@ def load_sam(path: str | Path) -> tuple[Sam, dict[str, Any]]:
     if missing or unexpected:
         raise ValueError(f"{path}: SAM keys do not match; missing {missing[:5]}, unexpected {unexpected[:5]}")
     return sam, cfg
+
+
+def normalise_sam_pixels(x: torch.Tensor, resized_hw: torch.Tensor) -> torch.Tensor:
+    """SAM's input from RGB on 0..255: ``(x - pixel_mean) / pixel_std``, then exactly 0 outside each image's
+    resized (unpadded) area, as SAM pads after normalising. The one place SAM's input is normalised (the
+    model's ``encode_sam``, the SAM pretraining).
+
+    Args:
+        x: (B, 3, T, T) float RGB on 0..255, the resized image at the top left.
+        resized_hw: (B, 2) int, each image's (h, w) inside T x T.
+
+    Returns:
+        (B, 3, T, T) in ``x``'s dtype.
+    """
+    mean = x.new_tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(SAM_PIXEL_STD).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    h, w = x.shape[-2:]
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    hw = resized_hw.to(x.device)
+    valid = (ys < hw[:, 0].view(-1, 1, 1)) & (xs < hw[:, 1].view(-1, 1, 1))
+    return x * valid.unsqueeze(1)

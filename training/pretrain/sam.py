@@ -11,6 +11,7 @@ stage stops early when the point IoU has not improved for ``patience`` evaluatio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from dataset.synthetic.config import SyntheticConfig
 from dataset.synthetic.pretrain import HELD_OUT_START, pretrain_scene
 from dataset.transforms import sam_geometry
 from model.losses import mask_losses
-from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from model.sam import normalise_sam_pixels
 from training.pretrain.state import StageRun, cosine_lr
 from utils.boxes import interior_point
 from utils.metrics import mask_iou_stats
@@ -58,14 +59,14 @@ class Prompted:
     size: tuple[int, int]
 
 
-def _normalise(image: np.ndarray, target: int) -> tuple[torch.Tensor, tuple[int, int], float]:
+def sam_input(image: np.ndarray, target: int) -> tuple[torch.Tensor, tuple[int, int], float]:
+    """One (H, W, 3) uint8 image as SAM's input: longest side to ``target`` (``dataset.transforms
+    .sam_geometry``), normalised and zero-padded (``model.sam.normalise_sam_pixels``), as the model does.
+
+    Returns (x (3, T, T) float32, resized (h, w), SAM pixels per original pixel)."""
     views, _, (h, w), scale = sam_geometry(image[None], None, target)
-    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
-    x = (torch.from_numpy(views[0]).permute(2, 0, 1).float() - mean) / std
-    x[:, h:] = 0
-    x[:, :, w:] = 0
-    return x, (h, w), scale
+    x = torch.from_numpy(views[0]).permute(2, 0, 1).float()
+    return normalise_sam_pixels(x[None], torch.tensor([[h, w]]))[0], (h, w), scale
 
 
 def training_image(
@@ -75,7 +76,7 @@ def training_image(
     scene = pretrain_scene(image_id, cfg)
     if not len(scene.masks):
         return None
-    x, size, scale = _normalise(scene.image, target)
+    x, size, scale = sam_input(scene.image, target)
     pick = rng.permutation(len(scene.masks))[: opts.max_objects]
     masks = scene.masks[pick]
     if rng.random() < opts.box_prob:
@@ -111,8 +112,9 @@ def predict(sam: Sam, embedding: torch.Tensor, item: Prompted) -> tuple[torch.Te
     return sam.postprocess_masks(low_res, item.size, tuple(item.masks.shape[-2:]))[:, 0], iou[:, 0]
 
 
-def sam_loss(sam: Sam, items: list[Prompted]) -> tuple[torch.Tensor, float]:
-    """BCE + dice + IoU-head MSE over ``items``; also returns the batch's mean mask IoU."""
+def sam_loss(sam: Sam, items: list[Prompted], iou_weight: float = 1.0) -> tuple[torch.Tensor, float]:
+    """BCE + dice (+ ``iou_weight`` × the IoU head's MSE, SAM's objective) over ``items``; also returns the
+    batch's mean mask IoU."""
     embeddings = sam.image_encoder(torch.stack([it.x for it in items]))
     preds, gts, ious, true_ious = [], [], [], []
     for emb, it in zip(embeddings, items):
@@ -124,8 +126,51 @@ def sam_loss(sam: Sam, items: list[Prompted]) -> tuple[torch.Tensor, float]:
         true_ious.append(inter / union.clamp(min=1))
     bce, dice = mask_losses(preds, gts)
     true = torch.cat(true_ious)
+    if not iou_weight:
+        return bce + dice, float(true.mean())
     mse = torch.nn.functional.mse_loss(torch.cat(ious), true)
-    return bce + dice + mse, float(true.mean())
+    return bce + dice + iou_weight * mse, float(true.mean())
+
+
+def train_sam(
+    sam: Sam,
+    opt: torch.optim.Optimizer,
+    *,
+    start: int,
+    steps: int,
+    items_at: Callable[[int], list[Prompted]],
+    lr_at: Callable[[int], float],
+    iou_weight: float = 1.0,
+    after_step: Callable[[int, float, float], bool] | None = None,
+    desc: str = "pretrain SAM",
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> list[tuple[float, float]]:
+    """The SAM pretraining loop (both the tiny base's SAM stage and the random base's quick point-prompt
+    pretraining run it): for each step from ``start`` to ``steps``, set the learning rate ``lr_at(step)``,
+    draw ``items_at(step)``, take one AdamW step on :func:`sam_loss`; ``after_step(step + 1, loss, iou)``
+    (evaluation, checkpoints) returns True to stop early. ``stop_at`` ends before that step as a kill would.
+
+    Returns the (loss, mask IoU) of every step run."""
+    sam.train()
+    log: list[tuple[float, float]] = []
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress or start >= steps)
+    step = start
+    while step < steps and step != stop_at:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss, iou = sam_loss(sam, items_at(step), iou_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.append((loss.item(), iou))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{log[-1][0]:.3f}", iou=f"{iou:.3f}")
+        if after_step is not None and after_step(step, log[-1][0], iou):
+            break
+    bar.close()
+    return log
 
 
 @torch.no_grad()
@@ -139,7 +184,7 @@ def held_out_scores(sam: Sam, cfg: SyntheticConfig, count: int) -> dict[str, flo
         scene = pretrain_scene(HELD_OUT_START + i, cfg)
         if not len(scene.masks):
             continue
-        x, size, scale = _normalise(scene.image, target)
+        x, size, scale = sam_input(scene.image, target)
         masks = torch.from_numpy(scene.masks).float()
         emb = sam.image_encoder(x[None])[0]
         pts = torch.tensor([interior_point(m) for m in scene.masks], dtype=torch.float32).view(-1, 1, 2)
@@ -172,29 +217,19 @@ def run_sam_stage(
     target = sam.image_encoder.img_size
     opt = torch.optim.AdamW(sam.parameters(), lr=opts.lr, weight_decay=0.0)
     run = StageRun(ckpt, {"model": sam}, opt)
-    sam.train()
 
-    bar = tqdm(
-        total=opts.steps, initial=run.step, desc="pretrain SAM", unit="step", disable=not progress or run.done
-    )
-    while not run.done and run.step < opts.steps and run.step != stop_at:
-        step = run.step
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, opts.steps, opts.lr, opts.warmup)
+    def items_at(step: int) -> list[Prompted]:
         items = []
         for j in range(opts.images_per_step):
             rng = np.random.default_rng([seed, 1, step, j])
             item = training_image(step * opts.images_per_step + j + 1, cfg, opts, target, rng)
             if item is not None:
                 items.append(item)
-        loss, iou = sam_loss(sam, items)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run.log.append([loss.item(), iou])
-        run.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{run.log[-1][0]:.3f}", iou=f"{iou:.3f}", best=f"{run.best:.3f}")
+        return items
+
+    def after_step(step: int, loss: float, iou: float) -> bool:
+        run.log.append([loss, iou])
+        run.step = step
         if run.step % opts.eval_every == 0 or run.step == opts.steps:
             scores = held_out_scores(sam, cfg, opts.held_out)
             run.history.append({"step": run.step, **scores})
@@ -203,7 +238,14 @@ def run_sam_stage(
             run.done = len(run.history) - 1 - best_at >= opts.patience  # no gain in `patience` evaluations
         if run.step % opts.ckpt_every == 0 or run.done or run.step == opts.steps:
             run.save(finished=run.done or run.step == opts.steps)
-    bar.close()
+        return run.done
+
+    if not run.done:
+        train_sam(
+            sam, opt, start=run.step, steps=opts.steps, items_at=items_at,
+            lr_at=lambda step: cosine_lr(step, opts.steps, opts.lr, opts.warmup),
+            after_step=after_step, progress=progress, stop_at=stop_at,
+        )  # fmt: skip
     if run.best_state is not None:
         sam.load_state_dict(run.best_state)
     sam.eval()

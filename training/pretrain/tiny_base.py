@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from tokenizers import pre_tokenizers
-from tqdm import tqdm
 from transformers import (
     CLIPImageProcessor,
     LlamaTokenizer,
@@ -31,12 +30,10 @@ from transformers import (
 
 from dataset.prompts import ANSWER_TEMPLATES, QUESTION_TEMPLATES
 from dataset.scenes import SceneDataset, split_datasets
-from dataset.transforms import sam_geometry
-from model.losses import mask_losses
 from model.presets import Preset, get_preset, llava_config
-from model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, sam_config
+from model.sam import build_sam, sam_config
+from training.pretrain.sam import Prompted, sam_input, train_sam
 from utils.conversation import SYSTEM_PROMPT
-from utils.metrics import mask_iou_stats
 from utils.options import add_option_flags, option, options_from_args
 
 
@@ -120,62 +117,35 @@ def pretrain_tiny_sam(
     ``iou``).
     """
     size = sam.image_encoder.img_size
-    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
     data = []
     for center, masks in objects:
-        views, _, (h, w), _ = sam_geometry(center[None], None, size)
-        x = (torch.from_numpy(views[0]).permute(2, 0, 1).float() - mean) / std
-        x[:, h:] = 0
-        x[:, :, w:] = 0
-        data.append((x, torch.from_numpy(masks).float(), (h, w)))
+        x, hw, _ = sam_input(center, size)
+        data.append((x, torch.from_numpy(masks).float(), hw))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    sam.train()
     opt = torch.optim.AdamW(sam.parameters(), lr=options.lr, weight_decay=0.0)
     total = max(1, options.steps)
 
     def schedule(step: int) -> float:
         return min(1.0, (step + 1) / max(1, options.warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    pe = sam.prompt_encoder
-    log: list[tuple[float, float]] = []
-    for _ in tqdm(range(options.steps), desc="pretrain tiny SAM", unit="step", disable=options.steps < 50):
-        idx = torch.randperm(len(data), generator=gen)[: options.images_per_step].tolist()
-        embeddings = sam.image_encoder(torch.stack([data[i][0] for i in idx]))
-        preds, gts = [], []
-        for j, i in enumerate(idx):
-            _, masks, (h, w) = data[i]
-            pick = torch.randperm(len(masks), generator=gen)[: options.max_objects]
-            gt = masks[pick]
+    def items_at(step: int) -> list[Prompted]:
+        items = []
+        for i in torch.randperm(len(data), generator=gen)[: options.images_per_step].tolist():
+            x, masks, (h, w) = data[i]
+            gt = masks[torch.randperm(len(masks), generator=gen)[: options.max_objects]]
             points = []
             for m in gt:
                 ys, xs = torch.nonzero(m, as_tuple=True)
                 k = int(torch.randint(len(ys), (1,), generator=gen))
                 points.append([(float(xs[k]) + 0.5) * w / m.shape[1], (float(ys[k]) + 0.5) * h / m.shape[0]])
-            coords = torch.tensor(points).view(-1, 1, 2)
-            labels = torch.ones(len(points), 1, dtype=torch.int)
-            sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
-            low_res, _ = sam.mask_decoder(
-                image_embeddings=embeddings[j : j + 1],
-                image_pe=pe.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            preds.append(sam.postprocess_masks(low_res, (h, w), tuple(gt.shape[-2:]))[:, 0])
-            gts.append(gt)
-        bce, dice = mask_losses(preds, gts)
-        loss = bce + dice
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            inter, union = zip(*(mask_iou_stats(p, g) for p, g in zip(preds, gts)))
-            iou = float((torch.cat(inter) / torch.cat(union).clamp(min=1)).mean())
-        log.append((loss.item(), iou))
+            items.append(Prompted(x, gt, torch.tensor(points).view(-1, 1, 2), None, (h, w)))
+        return items
+
+    log = train_sam(
+        sam, opt, start=0, steps=options.steps, items_at=items_at, lr_at=lambda step: options.lr * schedule(step),
+        iou_weight=0.0, desc="pretrain tiny SAM", progress=options.steps >= 50,
+    )  # fmt: skip
     sam.eval()
     n = max(1, len(log) // 10)
     head, tail = log[:n] or [(float("nan"),) * 2], log[-n:] or [(float("nan"),) * 2]
