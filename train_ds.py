@@ -38,6 +38,7 @@ from training.loaders import build_train_loader, build_val_loader, prepare_estim
 from training.preflight import preflight
 from training.run_dir import RunInUseError, RunLock, check_resume_options
 from training.run_log import RunLogger
+from training.serve.merge import merged_record
 from training.trainer import Trainer, resume_source
 from utils import distributed
 from utils.distributed import DistInfo, init_distributed
@@ -92,7 +93,9 @@ def prepare_disparity(cfg: RunConfig, model_config: Any, dist_info: DistInfo, *,
 
 
 def run_eval_only(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: RunLogger) -> SegMetrics:
-    """Evaluate ``--version`` (a merged LFLLM dir, or a LLaVA dir + SAM) on ``--val_dataset``."""
+    """Evaluate ``--version`` (a merged LFLLM dir, or a LLaVA dir + SAM) on ``--val_dataset``; the prompt
+    options a merged model recorded apply unless given on the command line."""
+    cfg = cfg.with_recorded(merged_record(cfg.run.version), groups=("prompt",))
     torch.manual_seed(cfg.loop.seed)  # a LLaVA dir gets fresh [SEG] heads: the same on every rank and run
     model, tokenizer = build_lfllm(
         cfg.run.version, cfg.run.vision_pretrained, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)

@@ -326,6 +326,25 @@ class RunConfig:
             values[name] = opts_cls(**kwargs)
         return cls(**values, given=frozenset(record.get("given") or ()))
 
+    def with_recorded(self, record: Mapping[str, Any] | None, groups: Sequence[str]) -> RunConfig:
+        """A copy whose fields of ``groups`` take the values ``record`` holds (a run record, or a merged
+        model's ``merge_info.json``) unless their flag was given on the command line: what a model was
+        trained with is what it is evaluated and served with (``--eval_only``, chat, the demo)."""
+        if not record:
+            return self
+        recorded = RunConfig.from_record(record)
+        values = {}
+        for name in groups:
+            opts = getattr(self, name)
+            keep = self.given_fields(type(opts))
+            changes = {
+                f.name: getattr(getattr(recorded, name), f.name)
+                for f in dataclasses.fields(opts)
+                if is_option(f) and f.name not in keep and _in_record(record, self.RECORD_KEYS[name], f.name)
+            }
+            values[name] = dataclasses.replace(opts, **changes)
+        return dataclasses.replace(self, **values)
+
     def resume_values(self) -> dict[str, Any]:
         """``group.field`` -> value for every option a resumed run must share with the run it continues."""
         out = {}
@@ -334,6 +353,12 @@ class RunConfig:
                 if is_option(f) and f.metadata.get("resume"):
                     out[f"{self.RECORD_KEYS[name]}.{f.name}"] = getattr(opts, f.name)
         return json.loads(json.dumps(out, default=str))
+
+
+def _in_record(record: Mapping[str, Any], key: str, name: str) -> bool:
+    """Whether ``record`` holds field ``name`` (in its group ``key``, or flat as earlier records did)."""
+    nested = record.get(key)
+    return (isinstance(nested, Mapping) and name in nested) or name in record
 
 
 _DEFAULT_CONFIG = RunConfig()

@@ -75,6 +75,25 @@ def save_merged(
     return out
 
 
+def merged_record(version: str | Path) -> dict[str, Any] | None:
+    """The run record of a merged model: its ``merge_info.json``'s ``run_record`` (the configuration it was
+    merged with), with the prompt options the file states flat (``conv_type`` / ``model_max_length``, all
+    that earlier merges recorded); None for a folder that is not a merged model. Raises ``ValueError`` naming the file when it is not a JSON object."""
+    info = Path(version) / MERGE_INFO
+    if not info.is_file():
+        return None
+    try:
+        record = json.loads(info.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{info}: not a JSON object ({exc})") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{info}: not a JSON object (a {type(record).__name__})")
+    run = dict(record.get("run_record") or {})
+    # the flat conv_type / model_max_length are the merged model's prompt (chat has always read them)
+    flat = {k: record[k] for k in ("conv_type", "model_max_length") if record.get(k) is not None}
+    return {**run, "prompt_options": {**(run.get("prompt_options") or {}), **flat}}
+
+
 def merge_to_hf(cfg: RunConfig, opts: MergeOptions, meta: dict[str, Any] | None) -> tuple[Path, int]:
     """Rebuild the base ``cfg.run.version`` (+ ``cfg.run.vision_pretrained``) with ``cfg``'s model and
     trainable options, load ``opts.weight`` into its trainable set, merge, save to ``opts.save_path``.
@@ -106,6 +125,7 @@ def merge_to_hf(cfg: RunConfig, opts: MergeOptions, meta: dict[str, Any] | None)
         "model_options": dataclasses.asdict(cfg.model),
         "trainable_options": dataclasses.asdict(cfg.trainable),
         "trained": {k: (meta or {}).get(k) for k in ("global_step", "epoch")},
+        "run_record": cfg.to_record(),
     }
     out = save_merged(merged, tokenizer, version, opts.save_path, opts.max_shard_size, info)
     return out, count

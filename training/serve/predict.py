@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dataset.collate import TokenSpec, collate_batch, move_batch
 from dataset.errors import DataError
 from dataset.lightfield import LightFieldLayout, read_rgb
-from dataset.options import DEFAULT_PROMPT_OPTIONS, DataOptions, DepthSource, PromptOptions
+from dataset.options import DataOptions, DepthSource, PromptOptions
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.single_scene import SceneQueries, SceneQuery
 from model.build import DTYPES, build_lfllm
@@ -35,6 +35,7 @@ from model.inference import Generated, generate_masks
 from model.options import GenerationOptions
 from training.config import RunConfig, RunOptions, config_from_namespace
 from training.evaluate import scene_disparity
+from training.serve.merge import merged_record
 from utils.batch import Batch
 from utils.mask_scores import DEFAULT_SCORE, scores_of_one
 from utils.options import add_option_flags, explicit_dests, option
@@ -83,27 +84,16 @@ def parse_serve(
     return args, ServeConfig(config_from_namespace(args, explicit_dests(parser, argv)), device=args.device)
 
 
-def recorded_prompt(version: str | Path, key: str) -> Any:
-    """A prompt option (e.g. ``conv_type``) a merged model recorded in its ``merge_info.json``, or None."""
-    info = Path(version) / "merge_info.json"
-    if not info.is_file():
-        return None
-    try:
-        return json.loads(info.read_text()).get(key)
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{info}: not a JSON object ({exc})") from exc
-
-
 def recorded_conv_type(version: str | Path) -> str | None:
     """The ``conv_type`` a merged model was trained with (its ``merge_info.json``), if recorded."""
-    return recorded_prompt(version, "conv_type")
+    return ((merged_record(version) or {}).get("prompt_options") or {}).get("conv_type")
 
 
 class Segmenter:
     """A loaded model + the training-time sample pipeline, answering (scene, expressions) queries."""
 
     def __init__(self, serve: ServeConfig) -> None:
-        cfg = serve.config
+        cfg = serve.config.with_recorded(merged_record(serve.config.run.version), groups=("prompt",))
         device = torch.device(serve.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         precision = (
             cfg.run.precision if "precision" in cfg.given else ("bf16" if device.type == "cuda" else "fp32")
@@ -113,11 +103,7 @@ class Segmenter:
         self.tokenizer, self.device = tokenizer, device
         self.max_new_tokens = cfg.generation.max_new_tokens
         config = model.config
-        self.conv_type = (
-            cfg.prompt.conv_type
-            if "conv_type" in cfg.given
-            else recorded_conv_type(cfg.run.version) or DEFAULT_PROMPT_OPTIONS.conv_type
-        )
+        self.conv_type = cfg.prompt.conv_type
         self.spec = SampleSpec.from_model_config(config, self.conv_type)
         self.tokens = TokenSpec.from_tokenizer(
             tokenizer, config.image_seq_length, cfg.prompt.model_max_length
