@@ -13,13 +13,14 @@ import torch
 
 from dataset.collate import collate_batch
 from dataset.refer_seg import SampleSpec
-from dataset.transforms import longest_side_shape
+from dataset.transforms import disparity_scale, longest_side_shape
 from model.build import build_lfllm, cast_model, option_fields
 from model.lfllm import LFLLMConfig, LFLLMForCausalLM
 from model.options import ModelOptions
 from model.presets import get_preset, llava_config
 from model.sam import reset_sam_buffers, sam_config
 from training.pretrain.tiny_base import write_tiny_base
+from utils.batch import Sample
 from utils.tokens import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN
 
 
@@ -200,8 +201,8 @@ def synthetic_sample(
     original_hw: tuple[int, int],
     pack: bool,
     with_answer: bool = True,
-) -> dict[str, Any]:
-    """One scene in the format of ``dataset.refer_seg.ReferSegDataset`` items (uint8 views at CLIP and SAM
+) -> Sample:
+    """One scene as a :class:`utils.batch.Sample` (the format of ``dataset.refer_seg.ReferSegDataset`` items (uint8 views at CLIP and SAM
     geometry, disparity, conversations, masks at the original size)."""
     spec = SampleSpec.from_model_config(config)
     s, t = spec.clip_size, spec.sam_size
@@ -220,7 +221,6 @@ def synthetic_sample(
         if x is not None:  # SAM's input is padded with zeros below/right of the resized image
             x[..., nh:, :] = 0
             x[..., nw:] = 0
-    clip_w = max(s, round(w * s / min(h, w)))
     if pack:
         convs = [conversation(config, ids, gen, expressions, text_tokens, with_answer)]
     else:
@@ -230,11 +230,11 @@ def synthetic_sample(
         "clip_center": pixels(3, s, s),
         "clip_views": pixels(views, 3, s, s) if spec.caam_clip else None,
         "clip_disparity": disparity(s) if spec.needs_disparity else None,
-        "clip_scale": clip_w / w,
+        "clip_scale": disparity_scale(h, w, s, "clip"),
         "sam_center": sam_center,
         "sam_views": sam_views,
         "sam_disparity": disparity(t) if spec.caam_sam else None,
-        "sam_scale": nw / w,
+        "sam_scale": disparity_scale(h, w, t, "sam"),
         "sam_resized_hw": (nh, nw),
         "original_hw": (h, w),
         "conversations": convs,
