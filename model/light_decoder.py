@@ -1,0 +1,157 @@
+"""A light mask decoder over the MLLM's own features (MLLMSeg's design, adapted to LLaVA): no SAM.
+
+Three inputs, all already computed by the model that emits ``[SEG]``:
+
+* **detail** tokens: the vision tower's patch features before the projector, (B, P, Dv) for B images on a
+  g x g grid (P = g²);
+* **semantic** tokens: the LLM's last-layer states at the image-token positions of each conversation,
+  (N, P, Dl). With the expression before the image (``--prompt_order expression_first``) they have already
+  read the expression;
+* the ``[SEG]`` state, (M, Dl), one per mask, with the conversation it belongs to.
+
+Fusion, per mask: (1) *detail-enhanced*: the semantic tokens of its conversation attend to the detail tokens
+of its image (cross-attention, learned 2D positions on both); (2) *semantic-consistent*: the ``[SEG]`` query
+attends to the enhanced tokens, and the tokens are modulated by the updated query; a small self-attention
+block mixes them. (3) A sub-pixel head (``PixelShuffle``, as MLLMSeg's) lifts the g x g tokens to a
+(g·r) x (g·r) map of per-pixel embeddings; the mask logits are their dot product with an MLP of the query.
+The logits are returned as logits: losses take them as such (MLLMSeg's release applies a logits loss to
+probabilities; not copied).
+
+Shapes: B images, N conversations, M masks, P = g² tokens, C the decoder width, r the upscale factor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LightDecoderConfig:
+    """Widths of the light decoder (``vision_dim`` / ``llm_dim`` come from the model)."""
+
+    vision_dim: int
+    llm_dim: int
+    grid: int
+    dim: int = 256
+    heads: int = 8
+    upscale: int = 4
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"light decoder width {self.dim} is not a multiple of its {self.heads} heads")
+        if self.upscale not in (1, 2, 4, 8):
+            raise ValueError(f"light decoder upscale {self.upscale}: expected 1, 2, 4 or 8")
+        if self.grid < 1:
+            raise ValueError(f"light decoder grid {self.grid}: must be >= 1")
+
+
+class _CrossBlock(nn.Module):
+    """Pre-norm cross-attention + MLP, residual (queries (X, Q, C) attend to keys (X, K, C))."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        kv = self.norm_kv(kv)
+        q = q + self.attn(self.norm_q(q), kv, kv, need_weights=False)[0]
+        return q + self.mlp(self.norm_mlp(q))
+
+
+class LightMaskDecoder(nn.Module):
+    """See the module docstring. ``forward`` -> mask logits (M, g·r, g·r) at the token grid's frame (the
+    CLIP input's square); :func:`masks_to_image` maps them to an image's size."""
+
+    def __init__(self, cfg: LightDecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c, r = cfg.dim, cfg.upscale
+        self.detail_in = nn.Sequential(nn.LayerNorm(cfg.vision_dim), nn.Linear(cfg.vision_dim, c))
+        self.semantic_in = nn.Sequential(nn.LayerNorm(cfg.llm_dim), nn.Linear(cfg.llm_dim, c))
+        self.seg_in = nn.Sequential(nn.LayerNorm(cfg.llm_dim), nn.Linear(cfg.llm_dim, c))
+        self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, c) * 0.02)
+        self.detail_enhance = _CrossBlock(c, cfg.heads)
+        self.query_update = _CrossBlock(c, cfg.heads)
+        self.modulate = nn.Linear(c, 2 * c)
+        self.mix = nn.TransformerEncoderLayer(
+            c, cfg.heads, 2 * c, dropout=0.0, batch_first=True, norm_first=True
+        )
+        out = max(c // (r * r), 16)
+        self.head = nn.Sequential(
+            nn.Conv2d(c, out * r * r, 3, padding=1),
+            nn.PixelShuffle(r),
+            nn.GroupNorm(1, out),
+            nn.GELU(),
+            nn.Conv2d(out, out, 3, padding=1),
+        )
+        self.query_out = nn.Sequential(nn.Linear(c, c), nn.GELU(), nn.Linear(c, out))
+
+    def forward(
+        self,
+        detail: torch.Tensor,
+        semantic: torch.Tensor,
+        seg: torch.Tensor,
+        seg_conv: torch.Tensor,
+        conv_image: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mask logits for every ``[SEG]``.
+
+        Args:
+            detail: (B, P, Dv) vision patch features before the projector.
+            semantic: (N, P, Dl) LLM last-layer states at the image-token positions.
+            seg: (M, Dl) ``[SEG]`` states.
+            seg_conv: (M,) int64 conversation of each ``[SEG]``.
+            conv_image: (N,) int64 image of each conversation.
+
+        Returns:
+            (M, g·r, g·r) float32 logits.
+        """
+        g, p = self.cfg.grid, self.cfg.grid * self.cfg.grid
+        if detail.shape[1] != p or semantic.shape[1] != p:
+            raise ValueError(
+                f"light decoder: {detail.shape[1]} detail and {semantic.shape[1]} semantic tokens for a "
+                f"{g}x{g} grid"
+            )
+        dtype = self.pos.dtype
+        d = self.detail_in(detail.to(dtype)) + self.pos
+        s = self.semantic_in(semantic.to(dtype)) + self.pos
+        q = self.seg_in(seg.to(dtype))[:, None]  # (M, 1, C)
+        image_of = conv_image[seg_conv]
+        tokens = self.detail_enhance(s[seg_conv], d[image_of])  # (M, P, C): semantic reads detail
+        q = self.query_update(q, tokens)  # [SEG] reads the enhanced tokens
+        scale, shift = self.modulate(q).chunk(2, dim=-1)
+        tokens = self.mix(tokens * (1 + scale) + shift)  # semantic-consistent: tokens follow the query
+        grid = tokens.transpose(1, 2).reshape(len(tokens), -1, g, g)
+        pixels = self.head(grid)  # (M, out, g·r, g·r)
+        weights = self.query_out(q[:, 0])  # (M, out)
+        logits = torch.einsum("mchw,mc->mhw", pixels, weights) / math.sqrt(weights.shape[-1])
+        return logits.float()
+
+
+def masks_to_image(
+    logits: torch.Tensor, size: int, original_hw: tuple[int, int], resized_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Logits on the CLIP input square -> logits at the original (H, W).
+
+    The image was resized to ``resized_hw`` (shortest side ``size``, ``dataset.transforms
+    .shortest_side_shape``) and centre-cropped to ``size`` x ``size`` (``clip_geometry``): the square is
+    upsampled to the crop window, the margins outside the crop take the nearest border value, and the
+    result is resized to the original. (M, s', s') -> (M, H, W) float32.
+    """
+    rh, rw = resized_hw
+    top, left = (rh - size) // 2, (rw - size) // 2
+    square = nn.functional.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear")
+    padded = nn.functional.pad(square, (left, rw - size - left, top, rh - size - top), mode="replicate")
+    return nn.functional.interpolate(padded, size=tuple(original_hw), mode="bilinear")[:, 0]
+
+
+def parameter_count(cfg: LightDecoderConfig) -> int:
+    """Parameters of a light decoder of ``cfg`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in LightMaskDecoder(cfg).parameters())
