@@ -4,6 +4,7 @@ mask losses on logits against hand-computed values."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -113,3 +114,46 @@ def test_mask_losses_take_logits_hand_computed():
     p1 = 1 / (1 + math.exp(-2))
     expected_dice = 1 - (2 * 0.5 / 1000 + 1e-6) / ((0.5 + p1 + 1) / 1000 + 1e-6)
     assert dice_per_mask(logits, target).item() == pytest.approx(expected_dice, rel=1e-5)
+
+
+# ------------------------------------------------------------------ the grid ceiling (training/experiments)
+def test_grid_ceiling_pooling_by_hand():
+    from training.experiments.grid_ceiling import pooled_masks
+
+    aligned = torch.zeros(1, 32, 32)
+    aligned[0, 8:16, 16:24] = 1  # exactly one cell of a 4 x 4 grid
+    line = torch.zeros(1, 32, 32)
+    line[0, 5, :] = 1  # 1/8 of each cell of its row: below 0.5 everywhere
+    for geometry in ("full", "clip", "sam"):
+        inter, union = mask_iou_stats(pooled_masks(aligned, 4, geometry), aligned)
+        assert float(inter / union) > 0.55, geometry  # the cell's centre survives the bilinear upsampling
+        assert not pooled_masks(line, 4, geometry).any(), geometry
+        assert pooled_masks(aligned, 32, geometry).eq(aligned.bool()).all(), geometry  # one pixel a cell
+    # clip geometry: only the centre square reaches the grid; an object in the margin is lost
+    wide = torch.zeros(1, 20, 40)
+    wide[0, :, :8] = 1  # left margin of a 20 x 40 image (the square spans columns 10..30)
+    assert not pooled_masks(wide, 20, "clip").any() and pooled_masks(wide, 20, "full").any()
+    with pytest.raises(ValueError, match="geometry 'x'"):
+        pooled_masks(aligned, 4, "x")
+
+
+def test_grid_ceiling_rises_with_the_grid_and_reports_every_subset(tiny_dataset, tmp_path, capsys):
+    from training.experiments.grid_ceiling import main
+
+    out = tmp_path / "ceiling.json"
+    argv = [
+        "--dataset_dir",
+        str(tiny_dataset),
+        "--val_dataset",
+        "ref-urbanlf-syn|syn|val",
+        "--grids",
+        "2,16,96",
+    ]
+    assert main([*argv, "--geometry", "sam", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    coarse, mid, exact = (record["grids"][g]["subsets"]["All"]["gIoU"] for g in ("2", "16", "96"))
+    # SAM's frame pads the 64 x 96 image to 96 x 96: a 96 x 96 grid is one pixel a cell, exact
+    assert coarse < mid < exact and exact == pytest.approx(1.0)
+    assert "grid ceiling (sam geometry)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv[:4], "--grids", "0,8"])
