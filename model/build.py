@@ -129,7 +129,7 @@ def _lfllm_config(
     )
 
 
-NEW_MODULES = ("sam.", "seg_projector.", "caam.", "depth_projector.")
+NEW_MODULES = ("sam.", "seg_projector.", "caam.", "depth_projector.", "semantic_fusion.")
 
 
 def _load_llava_weights(

@@ -95,8 +95,14 @@ def _masks_for_sequences(
     seg_cols = torch.tensor(list(first.values()), device=device)
     seg = model.seg_projector(hidden[seg_rows, seg_cols])
     seg_image = images[seg_rows]
+    states = model.conversation_states(hidden, padded)
     masks, ious = model.decode_masks_scored(
-        seg, seg_image, image_embeddings, batch["sam_resized_hw"], batch["original_hw"]
+        seg,
+        seg_image,
+        image_embeddings,
+        batch["sam_resized_hw"],
+        batch["original_hw"],
+        None if states is None else states[seg_rows],
     )
     taken = [0] * len(masks)  # each image's masks come in the order of its rows in ``first``
     for row in first:

@@ -23,6 +23,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from model.caam import CAAM
 from model.depth import disparity_to_depth_image
+from model.light_decoder import SemanticFusion
 from model.losses import answer_cross_entropy, mask_losses
 from model.options import CAAM_TARGETS, DEFAULT_MODEL_OPTIONS, DEPTH_PROJECTORS
 from model.sam import build_sam, normalise_sam_pixels, reset_sam_buffers
@@ -53,6 +54,7 @@ class LFLLMConfig(LlavaConfig):
     use_mm_start_end: bool = _OPTIONS.use_mm_start_end
     prompt_order: str = _OPTIONS.prompt_order
     answer_box: bool = _OPTIONS.answer_box
+    semantic_fusion: bool = _OPTIONS.semantic_fusion
     clip_image_mean: list | tuple = (0.48145466, 0.4578275, 0.40821073)
     clip_image_std: list | tuple = (0.26862954, 0.26130258, 0.27577711)
     ce_loss_weight: float = _OPTIONS.ce_loss_weight
@@ -103,7 +105,18 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         self.depth_projector = None
         if config.use_depth and config.depth_projector == "separate":
             self.depth_projector = LlavaMultiModalProjector(config)
+        self.semantic_fusion = None
+        if config.semantic_fusion:
+            self.semantic_fusion = SemanticFusion(hidden, config.out_dim)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' initialisation, except layers marked ``zero_init`` (the semantic fusion's output:
+        an untrained fusion must leave the SAM route unchanged)."""
+        super()._init_weights(module)
+        if getattr(module, "zero_init", False):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -220,6 +233,17 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         return out.last_hidden_state
 
     # ------------------------------------------------------------------ masks
+    def conversation_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The LLM's states at each conversation's image-token positions, then its ``<DEPTH>`` positions:
+        (N, T, D), what the semantic fusion reads; None without it."""
+        if self.semantic_fusion is None:
+            return None
+        ids = [self.config.image_token_id]
+        if self.config.use_depth and self.config.depth_token_id is not None:
+            ids.append(self.config.depth_token_id)
+        n, d = input_ids.shape[0], hidden.shape[-1]
+        return torch.cat([hidden[input_ids == token_id].view(n, -1, d) for token_id in ids], dim=1)
+
     def decode_masks(
         self,
         seg_embeddings: torch.Tensor,
@@ -227,14 +251,16 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         image_embeddings: torch.Tensor,
         resized_hw: torch.Tensor,
         original_hw: list[tuple[int, int]],
+        states: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """SAM mask decoder prompted with projected ``[SEG]`` states (masks of :meth:`decode_masks_scored`).
 
         Returns, per image, mask logits (k_i, H_i, W_i) at original resolution, in ``[SEG]`` order.
         """
-        return self.decode_masks_scored(seg_embeddings, seg_image, image_embeddings, resized_hw, original_hw)[
-            0
-        ]
+        out = self.decode_masks_scored(
+            seg_embeddings, seg_image, image_embeddings, resized_hw, original_hw, states
+        )
+        return out[0]
 
     def decode_masks_scored(
         self,
@@ -243,10 +269,13 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         image_embeddings: torch.Tensor,
         resized_hw: torch.Tensor,
         original_hw: list[tuple[int, int]],
+        states: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """SAM mask decoder prompted with projected ``[SEG]`` states, with SAM's own quality estimate.
 
-        ``seg_embeddings`` (M, C); ``seg_image`` (M,) image index of each; ``image_embeddings`` (B, C, g, g).
+        ``seg_embeddings`` (M, C); ``seg_image`` (M,) image index of each; ``image_embeddings`` (B, C, g, g);
+        ``states`` (M, T, D): the LLM states of each ``[SEG]``'s conversation (:meth:`conversation_states`),
+        read by the semantic fusion into the decoder's dense prompt (``--semantic_fusion``).
         Returns, per image, mask logits (k_i, H_i, W_i) at original resolution and SAM's predicted IoU
         (k_i,) float32 of each mask (the decoder's IoU head), both in ``[SEG]`` order.
         """
@@ -265,6 +294,9 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
                 continue
             sparse = seg_embeddings[sel].to(dtype).unsqueeze(1)
             dense = no_mask.expand(sparse.shape[0], -1, *g)
+            if states is not None and self.semantic_fusion is not None:
+                embedding = image_embeddings[i : i + 1].expand(len(sel), -1, -1, -1)
+                dense = dense + self.semantic_fusion(embedding, pe, states[sel])
             low_res, iou_pred = decoder(
                 image_embeddings=image_embeddings[i : i + 1],
                 image_pe=pe,
@@ -306,8 +338,14 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
                 f"[SEG] tokens per image {found.tolist()} != masks per image {expected.tolist()}"
             )
         seg_embeddings = self.seg_projector(hidden[rows, cols])
+        states = self.conversation_states(hidden, input_ids)
         pred_masks, pred_ious = self.decode_masks_scored(
-            seg_embeddings, seg_image, image_embeddings, batch["sam_resized_hw"], batch["original_hw"]
+            seg_embeddings,
+            seg_image,
+            image_embeddings,
+            batch["sam_resized_hw"],
+            batch["original_hw"],
+            None if states is None else states[rows],
         )
         result = {"pred_masks": pred_masks, "pred_ious": [iou.detach() for iou in pred_ious]}
         labels = batch.get("labels")

@@ -155,3 +155,44 @@ def parameter_count(cfg: LightDecoderConfig) -> int:
     """Parameters of a light decoder of ``cfg`` (built on the meta device: no memory)."""
     with torch.device("meta"):
         return sum(p.numel() for p in LightMaskDecoder(cfg).parameters())
+
+
+class SemanticFusion(nn.Module):
+    """LIRA's semantic fusion (SEFE) adapted to the SAM route: SAM's image embedding reads the LLM's states
+    at the image-token positions (and the ``<DEPTH>`` positions) of the ``[SEG]``'s conversation by one
+    cross-attention layer; the result enters SAM's mask decoder as its dense prompt, so the decoder's image
+    side knows what the conversation is about and ``[SEG]`` no longer carries the location alone.
+
+    The output projection starts at zero: an untrained fusion leaves the SAM route exactly as it was.
+    """
+
+    def __init__(self, llm_dim: int, sam_dim: int, heads: int = 8) -> None:
+        super().__init__()
+        heads = heads if sam_dim % heads == 0 else 1
+        self.states_in = nn.Sequential(nn.LayerNorm(llm_dim), nn.Linear(llm_dim, sam_dim))
+        self.norm = nn.LayerNorm(sam_dim)
+        self.attn = nn.MultiheadAttention(sam_dim, heads, batch_first=True)
+        self.out = nn.Linear(sam_dim, sam_dim)
+        self.out.zero_init = (
+            True  # kept zero by LFLLMForCausalLM._init_weights (HF re-initialises missing weights)
+        )
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, image_embedding: torch.Tensor, pe: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Dense prompts, one per ``[SEG]``.
+
+        Args:
+            image_embedding: (K, C, g, g) SAM image embedding of each ``[SEG]``'s image.
+            pe: (1, C, g, g) SAM's dense positional encoding.
+            states: (K, T, Dl) the LLM states of each ``[SEG]``'s conversation (image, then depth tokens).
+
+        Returns:
+            (K, C, g, g) in ``image_embedding``'s dtype.
+        """
+        k, c, gh, gw = image_embedding.shape
+        dtype = self.out.weight.dtype
+        queries = (image_embedding + pe).flatten(2).transpose(1, 2).to(dtype)  # (K, g², C)
+        keys = self.states_in(states.to(dtype))
+        fused = self.attn(self.norm(queries), keys, keys, need_weights=False)[0]
+        return self.out(fused).transpose(1, 2).reshape(k, c, gh, gw).to(image_embedding.dtype)

@@ -74,6 +74,12 @@ class ModelOptions:
         "answers state the target's box (0.1 grid) before [SEG]; evaluated with --eval_protocol generated",
         resume=True,
     )
+    semantic_fusion: bool = option(
+        False,
+        "LIRA-style semantic fusion: SAM's image embedding reads the LLM's image/depth-token states by "
+        "cross-attention, as SAM's dense prompt",
+        resume=True,
+    )
     out_dim: int = option(
         256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)", resume=True
     )

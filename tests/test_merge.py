@@ -30,12 +30,14 @@ from utils.safe_load import UnsafeCheckpointError, deepspeed_records, verify_tor
 PREFIX = "base_model.model."
 
 
-def make_trained_export(tiny_base: dict[str, Path], out_dir: Path, seed: int = 1):
+def make_trained_export(
+    tiny_base: dict[str, Path], out_dir: Path, seed: int = 1, options: ModelOptions | None = None
+):
     """Tiny base + make_trainable with every trainable tensor perturbed (LoRA B non-zero, new token rows,
     [SEG] head and SAM decoder changed), exported as training writes it. Returns (wrapped model, tokenizer,
     export dir)."""
     torch.manual_seed(0)
-    options, train_options = ModelOptions(), TrainableOptions()
+    options, train_options = options or ModelOptions(), TrainableOptions()
     model, tokenizer = build_lfllm(tiny_base["llava"], tiny_base["sam"], options)
     wrapped = make_trainable(model, train_options)
     gen = torch.Generator().manual_seed(seed)
