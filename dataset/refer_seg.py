@@ -42,6 +42,7 @@ class SampleSpec:
     pack_conversations: bool = False
     prompt_order: str = PROMPT_ORDERS[0]  # the model option's default (model.options)
     answer_box: bool = False
+    depth_stream: bool = False  # the disparity at SAM geometry reaches the mask decoder
 
     @classmethod
     def from_model_config(cls, config: Any, conv_type: str = "llava_v1", pack: bool = False) -> SampleSpec:
@@ -58,11 +59,17 @@ class SampleSpec:
             pack_conversations=pack,
             prompt_order=str(config.prompt_order),
             answer_box=bool(config.answer_box),
+            depth_stream=bool(getattr(config, "depth_stream", False)),
         )
 
     @property
     def needs_disparity(self) -> bool:
-        return self.use_depth or self.caam_clip or self.caam_sam
+        return self.use_depth or self.caam_clip or self.sam_disparity
+
+    @property
+    def sam_disparity(self) -> bool:
+        """Whether samples carry the disparity at SAM geometry (CAAM on SAM, the depth stream)."""
+        return self.caam_sam or self.depth_stream
 
 
 def check_box_text(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -124,7 +131,7 @@ class ReferSegDataset(torch.utils.data.Dataset):
         sam_in = np.concatenate([center, raw["views"]]) if spec.caam_sam else center
         clip_views, clip_disp, clip_scale = clip_geometry(clip_in, disp, spec.clip_size)
         sam_views, sam_disp, sam_hw, sam_scale = sam_geometry(
-            sam_in, disp if spec.caam_sam else None, spec.sam_size
+            sam_in, disp if spec.sam_disparity else None, spec.sam_size
         )
         clip_t, sam_t = _chw(clip_views), _chw(sam_views)
         return {

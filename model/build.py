@@ -129,7 +129,7 @@ def _lfllm_config(
     )
 
 
-NEW_MODULES = ("sam.", "seg_projector.", "caam.", "depth_projector.", "semantic_fusion.")
+NEW_MODULES = ("sam.", "seg_projector.", "caam.", "depth_projector.", "semantic_fusion.", "depth_stream.")
 
 
 def _load_llava_weights(

@@ -103,6 +103,7 @@ def _masks_for_sequences(
         batch["sam_resized_hw"],
         batch["original_hw"],
         None if states is None else states[seg_rows],
+        model.sam_depth(batch),
     )
     taken = [0] * len(masks)  # each image's masks come in the order of its rows in ``first``
     for row in first:

@@ -22,7 +22,7 @@ from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from model.caam import CAAM
-from model.depth import disparity_to_depth_image
+from model.depth import DepthStream, depth_grid, disparity_to_depth_image
 from model.light_decoder import SemanticFusion
 from model.losses import answer_cross_entropy, mask_losses
 from model.options import CAAM_TARGETS, DEFAULT_MODEL_OPTIONS, DEPTH_PROJECTORS
@@ -55,6 +55,7 @@ class LFLLMConfig(LlavaConfig):
     prompt_order: str = _OPTIONS.prompt_order
     answer_box: bool = _OPTIONS.answer_box
     semantic_fusion: bool = _OPTIONS.semantic_fusion
+    depth_stream: bool = _OPTIONS.depth_stream
     clip_image_mean: list | tuple = (0.48145466, 0.4578275, 0.40821073)
     clip_image_std: list | tuple = (0.26862954, 0.26130258, 0.27577711)
     ce_loss_weight: float = _OPTIONS.ce_loss_weight
@@ -108,11 +109,14 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         self.semantic_fusion = None
         if config.semantic_fusion:
             self.semantic_fusion = SemanticFusion(hidden, config.out_dim)
+        self.depth_stream = None
+        if config.depth_stream:
+            self.depth_stream = DepthStream(config.out_dim)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         """transformers' initialisation, except layers marked ``zero_init`` (the semantic fusion's output:
-        an untrained fusion must leave the SAM route unchanged)."""
+        an untrained fusion or depth stream must leave the SAM route unchanged)."""
         super()._init_weights(module)
         if getattr(module, "zero_init", False):
             nn.init.zeros_(module.weight)
@@ -199,6 +203,19 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         image_tokens, depth_tokens = self.encode_clip(batch)
         return image_tokens, depth_tokens, self.encode_sam(batch)
 
+    def sam_depth(self, batch: Batch) -> torch.Tensor | None:
+        """The depth stream's input (B, 2, 4g, 4g) (:func:`model.depth.depth_grid`): from a feature cache
+        (``sam_depth``) or from the batch's SAM-geometry disparity; None without ``--depth_stream``."""
+        if self.depth_stream is None:
+            return None
+        if "sam_depth" in batch:
+            return batch["sam_depth"]
+        disparity = batch.get("sam_disparity")
+        if disparity is None:
+            raise ValueError("--depth_stream needs the scene's disparity at SAM geometry; the batch has none")
+        grid = int(self.sam.prompt_encoder.image_embedding_size[0])
+        return depth_grid(disparity, batch["sam_resized_hw"], grid, tuple(self.config.depth_range))
+
     # ------------------------------------------------------------------ language model
     def build_inputs_embeds(
         self,
@@ -252,13 +269,14 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         resized_hw: torch.Tensor,
         original_hw: list[tuple[int, int]],
         states: torch.Tensor | None = None,
+        depth: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """SAM mask decoder prompted with projected ``[SEG]`` states (masks of :meth:`decode_masks_scored`).
 
         Returns, per image, mask logits (k_i, H_i, W_i) at original resolution, in ``[SEG]`` order.
         """
         out = self.decode_masks_scored(
-            seg_embeddings, seg_image, image_embeddings, resized_hw, original_hw, states
+            seg_embeddings, seg_image, image_embeddings, resized_hw, original_hw, states, depth
         )
         return out[0]
 
@@ -270,12 +288,15 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         resized_hw: torch.Tensor,
         original_hw: list[tuple[int, int]],
         states: torch.Tensor | None = None,
+        depth: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """SAM mask decoder prompted with projected ``[SEG]`` states, with SAM's own quality estimate.
 
         ``seg_embeddings`` (M, C); ``seg_image`` (M,) image index of each; ``image_embeddings`` (B, C, g, g);
         ``states`` (M, T, D): the LLM states of each ``[SEG]``'s conversation (:meth:`conversation_states`),
-        read by the semantic fusion into the decoder's dense prompt (``--semantic_fusion``).
+        read by the semantic fusion into the decoder's dense prompt (``--semantic_fusion``); ``depth``
+        (B, 2, 4g, 4g): each image's depth grid (:meth:`sam_depth`), encoded by the depth stream into the
+        dense prompt and the fusion's queries (``--depth_stream``).
         Returns, per image, mask logits (k_i, H_i, W_i) at original resolution and SAM's predicted IoU
         (k_i,) float32 of each mask (the decoder's IoU head), both in ``[SEG]`` order.
         """
@@ -284,6 +305,9 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         pe = self.sam.prompt_encoder.get_dense_pe().to(dtype)
         no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).view(1, -1, 1, 1)
         g = image_embeddings.shape[-2:]
+        depth_dense = None
+        if depth is not None and self.depth_stream is not None:
+            depth_dense = self.depth_stream(depth).to(dtype)  # (B, C, g, g)
         masks_out, ious_out = [], []
         for i in range(image_embeddings.shape[0]):
             sel = (seg_image == i).nonzero(as_tuple=True)[0]
@@ -294,9 +318,12 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
                 continue
             sparse = seg_embeddings[sel].to(dtype).unsqueeze(1)
             dense = no_mask.expand(sparse.shape[0], -1, *g)
+            embedding = image_embeddings[i : i + 1]
+            if depth_dense is not None:
+                dense = dense + depth_dense[i : i + 1]
+                embedding = embedding + depth_dense[i : i + 1]
             if states is not None and self.semantic_fusion is not None:
-                embedding = image_embeddings[i : i + 1].expand(len(sel), -1, -1, -1)
-                dense = dense + self.semantic_fusion(embedding, pe, states[sel])
+                dense = dense + self.semantic_fusion(embedding.expand(len(sel), -1, -1, -1), pe, states[sel])
             low_res, iou_pred = decoder(
                 image_embeddings=image_embeddings[i : i + 1],
                 image_pe=pe,
@@ -346,6 +373,7 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
             batch["sam_resized_hw"],
             batch["original_hw"],
             None if states is None else states[rows],
+            self.sam_depth(batch),
         )
         result = {"pred_masks": pred_masks, "pred_ious": [iou.detach() for iou in pred_ious]}
         labels = batch.get("labels")

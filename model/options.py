@@ -80,6 +80,12 @@ class ModelOptions:
         "cross-attention, as SAM's dense prompt",
         resume=True,
     )
+    depth_stream: bool = option(
+        False,
+        "the disparity map reaches SAM's mask decoder directly: pooled to 4x SAM's grid, encoded by a small "
+        "conv net, added to the dense prompt (and the semantic fusion's queries)",
+        resume=True,
+    )
     out_dim: int = option(
         256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)", resume=True
     )

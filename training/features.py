@@ -108,6 +108,7 @@ def cache_key(
         "use_depth": spec.use_depth,
         "caam_clip": spec.caam_clip,
         "caam_sam": spec.caam_sam,
+        "depth_stream": spec.depth_stream,
         "caam_mode": config.caam_mode,
         "caam_offsets": config.caam_offsets,
         "depth_range": list(config.depth_range),
@@ -229,14 +230,18 @@ class FeatureStore:
 @torch.no_grad()
 def encode_scenes(model: LFLLMForCausalLM, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
     """The frozen front end on a collated batch, split per scene: image tokens (T, D), depth tokens
-    (T, D) when depth tokens are on, SAM embeddings (C, g, g)."""
+    (T, D) when depth tokens are on, SAM embeddings (C, g, g), the depth stream's input (2, 4g, 4g) when
+    it is on."""
     image_tokens, depth_tokens = model.encode_clip(batch)
     sam = model.encode_sam(batch)
+    depth = model.sam_depth(batch)
     out = []
     for i in range(sam.shape[0]):
         entry = {"image_tokens": image_tokens[i], "sam_embeddings": sam[i]}
         if depth_tokens is not None:
             entry["depth_tokens"] = depth_tokens[i]
+        if depth is not None:
+            entry["sam_depth"] = depth[i]
         out.append(entry)
     return out
 

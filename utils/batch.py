@@ -25,7 +25,7 @@ class Batch(TypedDict, total=False):
     clip_scale: Tensor  # (B,) float32 CLIP pixels per original pixel (rescales disparity for the warp)
     sam_center: Tensor  # (B, 3, T, T) uint8 centre view, longest side T, zero-padded bottom/right
     sam_views: Tensor  # (B, V, 3, T, T) uint8 neighbours at SAM geometry (CAAM on SAM)
-    sam_disparity: Tensor  # (B, T, T) float32 disparity in px at SAM geometry (CAAM on SAM)
+    sam_disparity: Tensor  # (B, T, T) float32 disparity in px at SAM geometry (CAAM on SAM, depth stream)
     sam_scale: Tensor  # (B,) float32 SAM pixels per original pixel
     sam_resized_hw: Tensor  # (B, 2) int64 size of the resized (unpadded) image inside T x T
     original_hw: list[tuple[int, int]]  # B x (H_i, W_i)
@@ -33,6 +33,7 @@ class Batch(TypedDict, total=False):
     image_tokens: Tensor  # (B, T, D) projected CLIP tokens of the (CAAM-aggregated) view
     depth_tokens: Tensor  # (B, T, D) projected CLIP tokens of the depth image (depth tokens on)
     sam_embeddings: Tensor  # (B, C, g, g) SAM image-encoder output of the (CAAM-aggregated) view
+    sam_depth: Tensor  # (B, 2, 4g, 4g) the depth stream's input (model.depth.depth_grid; depth stream on)
     input_ids: Tensor  # (N, L) int64, visual placeholders expanded, right-padded
     labels: Tensor  # (N, L) int64, utils.tokens.IGNORE_INDEX outside the answers
     attention_mask: Tensor  # (N, L) int64, 1 on real tokens
@@ -63,13 +64,14 @@ class Sample(TypedDict, total=False):
     clip_scale: float  # CLIP pixels per original pixel
     sam_center: Tensor  # (3, T, T) uint8
     sam_views: Tensor | None  # (V, 3, T, T) uint8 (CAAM on SAM)
-    sam_disparity: Tensor | None  # (T, T) float32 px (CAAM on SAM)
+    sam_disparity: Tensor | None  # (T, T) float32 px (CAAM on SAM, depth stream)
     sam_scale: float  # SAM pixels per original pixel
     sam_resized_hw: tuple[int, int]  # the resized (unpadded) image inside T x T
     original_hw: tuple[int, int]  # (H, W)
     image_tokens: Tensor  # (T, D) from the feature cache
     depth_tokens: Tensor  # (T, D) from the feature cache
     sam_embeddings: Tensor  # (C, g, g) from the feature cache
+    sam_depth: Tensor  # (2, 4g, 4g) from the feature cache (depth stream on)
     conversations: list[tuple[list[int], list[int]]]  # k x (input_ids, labels) (or one packed conversation)
     masks: Tensor | None  # (k, H, W) uint8 {0, 1}; None when predicting
     image_id: int | str
@@ -91,8 +93,9 @@ STACKED_KEYS: tuple[str, ...] = (
     "image_tokens",
     "depth_tokens",
     "sam_embeddings",
+    "sam_depth",
 )
 #: The keys a feature cache holds per scene (the frozen front end's outputs).
-FEATURE_KEYS: tuple[str, ...] = ("image_tokens", "depth_tokens", "sam_embeddings")
+FEATURE_KEYS: tuple[str, ...] = ("image_tokens", "depth_tokens", "sam_embeddings", "sam_depth")
 #: The per-scene metadata lists carried through unchanged.
 META_KEYS: tuple[str, ...] = ("image_id", "ds", "sentences", "subsets", "scene_dir", "center_path")

@@ -233,7 +233,7 @@ def synthetic_sample(
         "clip_scale": disparity_scale(h, w, s, "clip"),
         "sam_center": sam_center,
         "sam_views": sam_views,
-        "sam_disparity": disparity(t) if spec.caam_sam else None,
+        "sam_disparity": disparity(t) if spec.sam_disparity else None,
         "sam_scale": disparity_scale(h, w, t, "sam"),
         "sam_resized_hw": (nh, nw),
         "original_hw": (h, w),

@@ -1,0 +1,135 @@
+"""The depth stream of the SAM route (``--depth_stream``, model/depth.DepthStream): its input against a
+hand-computed pooling, bad inputs refused, an untrained stream is the plain route, a trained one makes the
+masks depend on the disparity, the feature cache serves the same input, and it runs through train_ds.py,
+the merge and --eval_only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.build import build_lfllm, load_tokenizer
+from model.depth import DepthStream, depth_grid
+from model.inference import teacher_forced_masks
+from model.lfllm import LFLLMForCausalLM
+from model.options import ModelOptions
+from model.trainable import TrainableOptions, make_trainable
+from tests.conftest import TINY_DS, model_batch
+from tests.test_merge import merge
+from tests.test_train import _args, run_train
+from training.features import cached_batch
+
+
+def test_depth_grid_pools_valid_pixels_as_computed_by_hand():
+    # T = 8, grid 1 -> a 4 x 4 output, each cell a 2 x 2 block; the image fills 6 rows x 5 columns.
+    disp = torch.zeros(1, 8, 8)
+    disp[0, :6, :5] = torch.arange(30, dtype=torch.float32).view(6, 5) / 10  # 0.0 .. 2.9 px
+    disp[0, 0, 0] = float("nan")
+    out = depth_grid(disp, torch.tensor([[6, 5]]), grid=1, disp_range=(-1.0, 1.0))
+    assert out.shape == (1, 2, 4, 4)
+    valid = torch.tensor([[3, 4, 2, 0], [4, 4, 2, 0], [4, 4, 2, 0], [0, 0, 0, 0]]) / 4
+    assert torch.allclose(out[0, 1], valid)
+
+    def mapped(*vals):  # (d - lo) / (hi - lo), not clipped, averaged over the valid pixels
+        return sum((v + 1.0) / 2.0 for v in vals) / len(vals)
+
+    assert out[0, 0, 0, 0].item() == pytest.approx(mapped(0.1, 0.5, 0.6))  # the NaN pixel left out
+    assert out[0, 0, 0, 2].item() == pytest.approx(mapped(0.4, 0.9))  # column 5 is padding
+    assert out[0, 0, 2, 1].item() == pytest.approx(mapped(2.2, 2.3, 2.7, 2.8))  # above hi: kept apart
+    assert out[0, 0, 3].abs().sum() == 0 and out[0, 0, :, 3].abs().sum() == 0  # padding reads 0
+
+
+@pytest.mark.parametrize(
+    ("shape", "grid", "rng", "message"),
+    [
+        ((1, 8, 8), 1, (1.0, 1.0), "lo < hi"),
+        ((1, 8, 6), 1, (-1.0, 1.0), "(B, T, T)"),
+        ((1, 8, 8), 3, (-1.0, 1.0), "not a multiple of 12"),
+    ],
+)
+def test_depth_grid_refuses_bad_input(shape, grid, rng, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        depth_grid(torch.zeros(shape), torch.tensor([[8, 8]]), grid, rng)
+
+
+def _masks(model, batch) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [m.clone() for m in model.forward_lf(batch)["pred_masks"]]
+
+
+def test_untrained_stream_is_the_plain_route_and_a_trained_one_reads_the_disparity(tiny_base, tiny_dataset):
+    torch.manual_seed(0)
+    model, tok = build_lfllm(tiny_base["llava"], tiny_base["sam"], ModelOptions(depth_stream=True))
+    model.eval()
+    stream = model.depth_stream
+    assert isinstance(stream, DepthStream) and stream.out.weight.abs().sum() == 0
+    batch = model_batch(model, tok, tiny_dataset, n=2)
+    grid = model.sam.prompt_encoder.image_embedding_size[0]
+    assert batch["sam_disparity"].shape[-1] == model.config.sam_config["img_size"]
+    assert model.sam_depth(batch).shape == (2, 2, 4 * grid, 4 * grid)
+    streamed = _masks(model, batch)
+    model.depth_stream = None  # the SAM route without the stream
+    plain = _masks(model, batch)
+    model.depth_stream = stream
+    assert all(torch.equal(a, b) for a, b in zip(streamed, plain))
+    with torch.no_grad():
+        stream.out.weight.normal_(0, 0.5)
+    trained = _masks(model, batch)
+    swapped = dict(batch, sam_disparity=batch["sam_disparity"].flip(0))  # each scene gets the other's
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(_masks(model, swapped), trained))
+    del batch["sam_disparity"]
+    with pytest.raises(ValueError, match="--depth_stream needs the scene's disparity"):
+        model.sam_depth(batch)
+
+
+def test_stream_trains_and_the_feature_cache_serves_the_same_input(tiny_base, tiny_dataset):
+    torch.manual_seed(0)
+    options = ModelOptions(depth_stream=True, semantic_fusion=True)
+    model, tok = build_lfllm(tiny_base["llava"], tiny_base["sam"], options)
+    wrapped = make_trainable(model, TrainableOptions())
+    trained = {n for n, p in wrapped.named_parameters() if p.requires_grad and "depth_stream" in n}
+    assert any(n.endswith("out.weight") for n in trained) and any(".net." in n for n in trained)
+    batch = model_batch(model, tok, tiny_dataset, n=2)
+    with torch.no_grad():
+        model.depth_stream.out.weight.add_(0.05)
+    wrapped(lf_batch=batch)["loss"].backward()
+    assert model.depth_stream.net[0].weight.grad.abs().sum() > 0
+    model.eval()
+    cached = cached_batch(model, batch)
+    assert "sam_disparity" not in cached and cached["sam_depth"].shape[1] == 2
+    for a, b in zip(teacher_forced_masks(model, cached), teacher_forced_masks(model, batch), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_train_ds_with_stream_merge_and_eval_only(tiny_base, tiny_dataset, tmp_path):
+    runs = tmp_path / "runs"
+    args = _args(tiny_base, tiny_dataset, runs, "streamed", "--depth_stream", "--semantic_fusion",
+                 "--epochs", "1", "--steps_per_epoch", "2", "--no_eval",
+                 "--feature_cache", str(tmp_path / "cache"))  # fmt: skip
+    run_train(args)
+    record = json.loads((runs / "streamed" / "export" / "last" / "trainable.json").read_text())
+    assert record["model_options"]["depth_stream"] is True
+    merged = merge(
+        "--weight",
+        runs / "streamed" / "export" / "last",
+        "--save_path",
+        tmp_path / "m",
+        "--precision",
+        "fp32",
+    )
+    assert json.loads((merged / "config.json").read_text())["depth_stream"] is True
+    loaded = LFLLMForCausalLM.from_pretrained(merged)
+    export = load_file(runs / "streamed" / "export" / "last" / "trainable.safetensors")
+    for name, tensor in loaded.depth_stream.state_dict().items():  # the trained stream, not a fresh one
+        assert torch.equal(tensor, export[f"base_model.model.depth_stream.{name}"]), name
+    batch = model_batch(loaded, load_tokenizer(merged), tiny_dataset, split="val", n=1, train=False)
+    assert teacher_forced_masks(loaded, batch)[0].shape[-2:] == batch["gt_masks"][0].shape[-2:]
+    out = run_train([
+        "--eval_only", "--version", str(merged), "--dataset_dir", str(tiny_dataset),
+        "--val_dataset", f"{TINY_DS}|syn|val", "--log_base_dir", str(runs), "--exp_name", "streamed_eval",
+        "--precision", "fp32", "--workers", "0",
+    ])  # fmt: skip
+    assert "gIoU" in out and (runs / "streamed_eval" / "eval.json").is_file()
