@@ -98,7 +98,7 @@ def run_eval_only(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: Ru
     cfg = cfg.with_recorded(merged_record(cfg.run.version), groups=("prompt",))
     torch.manual_seed(cfg.loop.seed)  # a LLaVA dir gets fresh [SEG] heads: the same on every rank and run
     model, tokenizer = build_lfllm(
-        cfg.run.version, cfg.run.vision_pretrained, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)
+        cfg.run.version, cfg.sam_checkpoint, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)
     )
     protocol = cfg.eval.eval_protocol
     check_protocol(model.config, protocol)
@@ -133,7 +133,7 @@ def run_training(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: Run
     """Build the model, wrap it with peft and DeepSpeed, train, and evaluate at every epoch end."""
     torch.manual_seed(cfg.loop.seed)
     model, tokenizer = build_lfllm(
-        cfg.run.version, cfg.run.vision_pretrained, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)
+        cfg.run.version, cfg.sam_checkpoint, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)
     )
     if not cfg.eval.no_eval:
         check_protocol(model.config, cfg.eval.eval_protocol)  # before any training step

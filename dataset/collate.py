@@ -99,9 +99,9 @@ def collate_batch(samples: list[Sample], pad_id: int) -> Batch:
             batch[key] = torch.stack([torch.as_tensor(v) for v in values])
         elif any(v is not None for v in values):
             raise ValueError(f"{key} is present in some samples of the batch but not in others")
-    for key in ("clip_scale", "sam_scale"):
-        batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.float32)
-    batch["sam_resized_hw"] = torch.tensor([s["sam_resized_hw"] for s in samples], dtype=torch.long)
+    for key, dtype in (("clip_scale", torch.float32), ("sam_scale", torch.float32), ("sam_resized_hw", torch.long)):
+        if samples[0].get(key) is not None:  # no SAM keys for the light mask head
+            batch[key] = torch.tensor([s[key] for s in samples], dtype=dtype)
     batch["original_hw"] = [tuple(s["original_hw"]) for s in samples]
     convs = [(i, ids, lab) for i, s in enumerate(samples) for ids, lab in s["conversations"]]
     length = max(len(ids) for _, ids, _ in convs)

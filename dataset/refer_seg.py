@@ -33,7 +33,7 @@ class SampleSpec:
     """What a sample must contain for a given model (derived from its config)."""
 
     clip_size: int
-    sam_size: int
+    sam_size: int | None  # None: no SAM (the light mask head); no SAM-geometry keys
     use_depth: bool
     caam_clip: bool
     caam_sam: bool
@@ -48,12 +48,14 @@ class SampleSpec:
     def from_model_config(cls, config: Any, conv_type: str = "llava_v1", pack: bool = False) -> SampleSpec:
         """Read sizes and switches from an ``LFLLMConfig``."""
         caam = bool(config.use_caam)
+        light = getattr(config, "mask_head", "sam") == "light"
         return cls(
-            clip_size=config.vision_config.image_size,
-            sam_size=config.sam_config["img_size"],
+            # the light head's detail pass sets the CLIP-geometry size (the LLM's view is pooled from it)
+            clip_size=int(getattr(config, "light_detail_size", 0) or config.vision_config.image_size),
+            sam_size=None if light else config.sam_config["img_size"],
             use_depth=bool(config.use_depth),
             caam_clip=caam and config.caam_target in ("clip", "both"),
-            caam_sam=caam and config.caam_target in ("sam", "both"),
+            caam_sam=caam and not light and config.caam_target in ("sam", "both"),
             use_mm_start_end=bool(config.use_mm_start_end),
             conv_type=conv_type,
             pack_conversations=pack,
@@ -130,33 +132,38 @@ class ReferSegDataset(torch.utils.data.Dataset):
         clip_in = np.concatenate([center, raw["views"]]) if spec.caam_clip else center
         sam_in = np.concatenate([center, raw["views"]]) if spec.caam_sam else center
         clip_views, clip_disp, clip_scale = clip_geometry(clip_in, disp, spec.clip_size)
-        sam_views, sam_disp, sam_hw, sam_scale = sam_geometry(
-            sam_in, disp if spec.sam_disparity else None, spec.sam_size
-        )
-        clip_t, sam_t = _chw(clip_views), _chw(sam_views)
-        return {
+        clip_t = _chw(clip_views)
+        sample = {
             "clip_center": clip_t[0],
             "clip_views": clip_t[1:] if spec.caam_clip else None,
             "clip_disparity": None if clip_disp is None else torch.from_numpy(clip_disp),
             "clip_scale": clip_scale,
+            "original_hw": raw["center"].shape[:2],
+        }
+        if spec.sam_size is None:  # the light head: no SAM geometry
+            return sample
+        sam_views, sam_disp, sam_hw, sam_scale = sam_geometry(
+            sam_in, disp if spec.sam_disparity else None, spec.sam_size
+        )
+        sam_t = _chw(sam_views)
+        return {
+            **sample,
             "sam_center": sam_t[0],
             "sam_views": sam_t[1:] if spec.caam_sam else None,
             "sam_disparity": None if sam_disp is None else torch.from_numpy(sam_disp),
             "sam_scale": sam_scale,
             "sam_resized_hw": sam_hw,
-            "original_hw": raw["center"].shape[:2],
         }
 
     def _geometry(self, hw: tuple[int, int]) -> dict[str, Any]:
         """The per-scene geometry the model needs besides its encodings (no image read)."""
         h, w = (int(v) for v in hw)
         spec = self.spec
-        return {
-            "clip_scale": disparity_scale(h, w, spec.clip_size, "clip"),
-            "sam_scale": disparity_scale(h, w, spec.sam_size, "sam"),
-            "sam_resized_hw": longest_side_shape(h, w, spec.sam_size),
-            "original_hw": (h, w),
-        }
+        out = {"clip_scale": disparity_scale(h, w, spec.clip_size, "clip"), "original_hw": (h, w)}
+        if spec.sam_size is not None:
+            out["sam_scale"] = disparity_scale(h, w, spec.sam_size, "sam")
+            out["sam_resized_hw"] = longest_side_shape(h, w, spec.sam_size)
+        return out
 
     def conversations(
         self, sentences: list[str], rng: random.Random | None, masks: np.ndarray | None = None

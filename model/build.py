@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, PreTrainedTokenizerBase
 from transformers import logging as transformers_logging
 
-from model.lfllm import LFLLMConfig, LFLLMForCausalLM
+from model.lfllm import LFLLMConfig, LFLLMForCausalLM, light_decoder_config
 from model.options import ModelOptions, mismatched_flags, recorded_options
 from model.sam import load_sam
 from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
@@ -93,19 +93,21 @@ def load_tokenizer(version: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def option_fields(options: ModelOptions, sam_cfg: dict) -> dict:
-    """The :class:`model.lfllm.LFLLMConfig` fields that ``options`` sets, for a SAM of config ``sam_cfg``."""
+def option_fields(options: ModelOptions, sam_cfg: dict | None) -> dict:
+    """The :class:`model.lfllm.LFLLMConfig` fields that ``options`` sets, for a SAM of config ``sam_cfg``
+    (None: the light mask head, no SAM)."""
     fields = recorded_options(options)
     fields.pop("image_size", None)  # a SAM property (sam_config["img_size"]), not a config field
     fields["depth_range"] = list(options.depth_range)
     # The [SEG] projector feeds SAM's prompt slots, so its width is SAM's (256 for every official SAM).
-    fields["out_dim"] = sam_cfg["prompt_embed_dim"]
+    if sam_cfg is not None:
+        fields["out_dim"] = sam_cfg["prompt_embed_dim"]
     fields["caam_offsets"] = [list(o) for o in parse_views(options.caam_views)]
     return fields
 
 
 def _lfllm_config(
-    version: str | Path, sam_cfg: dict, options: ModelOptions, ids: dict[str, int]
+    version: str | Path, sam_cfg: dict | None, options: ModelOptions, ids: dict[str, int]
 ) -> LFLLMConfig:
     base = AutoConfig.from_pretrained(version).to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
@@ -129,7 +131,8 @@ def _lfllm_config(
     )
 
 
-NEW_MODULES = ("sam.", "seg_projector.", "caam.", "depth_projector.", "semantic_fusion.", "depth_stream.")
+NEW_MODULES = ("sam.", "seg_projector.", "caam.", "depth_projector.", "semantic_fusion.", "depth_stream.",
+               "light_decoder.")  # fmt: skip
 
 
 def _load_llava_weights(
@@ -158,6 +161,8 @@ def cast_model(model: LFLLMForCausalLM, dtype: torch.dtype) -> LFLLMForCausalLM:
     """Cast to ``dtype`` but keep SAM's prompt encoder in float32 (its Fourier features fail in bf16),
     with its float32 values exact: they are put back after the cast instead of being rounded through
     ``dtype`` and up again."""
+    if model.sam is None:  # the light mask head
+        return model.to(dtype)
     prompt_state = {k: v.float() for k, v in model.sam.prompt_encoder.state_dict().items()}
     model.to(dtype)
     model.sam.prompt_encoder.float()
@@ -217,10 +222,16 @@ def build_lfllm(
     """
     options = options or ModelOptions()
     check_pretrained_dir(version)
-    tokenizer = load_tokenizer(version)
     if AutoConfig.from_pretrained(version).model_type == "lfllm":
+        tokenizer = load_tokenizer(version)
         # Loaded straight in ``dtype`` (no float32 copy first); the prompt encoder stays float32 and exact
         # through ``_keep_in_fp32_modules_strict``.
+        light = AutoConfig.from_pretrained(version).to_dict().get("mask_head") == "light"
+        if light and "vision_pretrained" in given:
+            raise OptionMismatchError(
+                f"--vision_pretrained {vision_pretrained}: the merged model {version} has the light mask head "
+                "(--mask_head light), which has no SAM; drop the flag"
+            )
         if "vision_pretrained" in given and not _same_file(vision_pretrained, merged_from_sam(version)):
             raise OptionMismatchError(
                 f"--vision_pretrained {vision_pretrained}: the merged model {version} holds its own SAM "
@@ -231,10 +242,14 @@ def build_lfllm(
         recorded = recorded_options(model.config)
         recorded["caam_views"] = model.config.caam_offsets or []
         check_given_options(f"the merged model {version}", options, given, recorded)
-        odd = {str(t.dtype) for t in model.sam.prompt_encoder.state_dict().values()} - {"torch.float32"}
+        odd = set()
+        if model.sam is not None:
+            odd = {str(t.dtype) for t in model.sam.prompt_encoder.state_dict().values()} - {"torch.float32"}
         if odd:
             raise RuntimeError(f"{version}: SAM's prompt encoder loaded as {odd}, expected float32")
         return model, tokenizer
+    if options.mask_head == "light":
+        return _build_light(version, vision_pretrained, options, dtype)
     if vision_pretrained is None:
         raise ValueError(f"{version} is a LLaVA directory: pass the SAM checkpoint with --vision_pretrained")
     sam, sam_cfg = load_sam(vision_pretrained)
@@ -244,14 +259,39 @@ def build_lfllm(
         {"out_dim", "image_size"} & set(given),
         {"out_dim": sam_cfg["prompt_embed_dim"], "image_size": sam_cfg["img_size"]},
     )
-    ids, added = add_special_tokens(tokenizer, options.use_mm_start_end)
-    config = _lfllm_config(version, sam_cfg, options, ids)
-    config.new_token_ids = sorted(added)
-    model = _load_llava_weights(version, config, dtype)
-    # Never shrink: HF LLaVA checkpoints pad their vocabulary (32064 rows for 32002 tokens).
-    rows = max(len(tokenizer), model.get_input_embeddings().weight.shape[0])
-    model.resize_token_embeddings(rows, mean_resizing=False)
+    model, tokenizer = _new_lfllm(version, sam_cfg, options, dtype)
     model.sam.prompt_encoder.float()  # before loading, so its float32 checkpoint values stay exact
     model.sam.load_state_dict(sam.state_dict())
     del sam
     return cast_model(model, dtype), tokenizer
+
+
+def _new_lfllm(
+    version: str | Path, sam_cfg: dict | None, options: ModelOptions, dtype: torch.dtype
+) -> tuple[LFLLMForCausalLM, PreTrainedTokenizerBase]:
+    """LLaVA from ``version`` with the new tokens added and the embeddings resized; LFLLM's own modules
+    fresh (SAM still empty)."""
+    tokenizer = load_tokenizer(version)
+    ids, added = add_special_tokens(tokenizer, options.use_mm_start_end)
+    config = _lfllm_config(version, sam_cfg, options, ids)
+    config.new_token_ids = sorted(added)
+    if config.mask_head == "light":
+        light_decoder_config(config)  # a bad --light_detail_size is refused before the weights load
+    model = _load_llava_weights(version, config, dtype)
+    # Never shrink: HF LLaVA checkpoints pad their vocabulary (32064 rows for 32002 tokens).
+    rows = max(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    return model, tokenizer
+
+
+def _build_light(
+    version: str | Path, vision_pretrained: str | Path | None, options: ModelOptions, dtype: torch.dtype
+) -> tuple[LFLLMForCausalLM, PreTrainedTokenizerBase]:
+    """A LLaVA directory with the light mask head: no SAM checkpoint is read (one given is refused)."""
+    if vision_pretrained is not None:
+        raise ValueError(
+            f"--vision_pretrained {vision_pretrained}: the light mask head (--mask_head light) has no SAM; "
+            "drop the flag (or use --mask_head sam)"
+        )
+    model, tokenizer = _new_lfllm(version, None, options, dtype)
+    return model.to(dtype), tokenizer

@@ -93,18 +93,7 @@ def _masks_for_sequences(
     hidden = model.language_hidden(embeds, attention)
     seg_rows = torch.tensor(list(first), device=device)
     seg_cols = torch.tensor(list(first.values()), device=device)
-    seg = model.seg_projector(hidden[seg_rows, seg_cols])
-    seg_image = images[seg_rows]
-    states = model.conversation_states(hidden, padded)
-    masks, ious = model.decode_masks_scored(
-        seg,
-        seg_image,
-        image_embeddings,
-        batch["sam_resized_hw"],
-        batch["original_hw"],
-        None if states is None else states[seg_rows],
-        model.sam_depth(batch),
-    )
+    masks, ious = model.predict_masks(hidden, padded, seg_rows, seg_cols, images, image_embeddings, batch)
     taken = [0] * len(masks)  # each image's masks come in the order of its rows in ``first``
     for row in first:
         i = conv_image[row]

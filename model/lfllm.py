@@ -23,11 +23,12 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from model.caam import CAAM
 from model.depth import DepthStream, depth_grid, disparity_to_depth_image
-from model.light_decoder import SemanticFusion
+from model.light_decoder import LightDecoderConfig, LightMaskDecoder, SemanticFusion, masks_to_image
 from model.losses import answer_cross_entropy, mask_losses
-from model.options import CAAM_TARGETS, DEFAULT_MODEL_OPTIONS, DEPTH_PROJECTORS
+from model.options import CAAM_TARGETS, DEFAULT_MODEL_OPTIONS, DEPTH_PROJECTORS, MASK_HEADS
 from model.sam import build_sam, normalise_sam_pixels, reset_sam_buffers
 from utils.batch import Batch
+from utils.geometry import shortest_side_shape
 
 _OPTIONS = DEFAULT_MODEL_OPTIONS
 
@@ -56,6 +57,9 @@ class LFLLMConfig(LlavaConfig):
     answer_box: bool = _OPTIONS.answer_box
     semantic_fusion: bool = _OPTIONS.semantic_fusion
     depth_stream: bool = _OPTIONS.depth_stream
+    mask_head: str = _OPTIONS.mask_head
+    light_detail_size: int = _OPTIONS.light_detail_size
+    light_dim: int = _OPTIONS.light_dim
     clip_image_mean: list | tuple = (0.48145466, 0.4578275, 0.40821073)
     clip_image_std: list | tuple = (0.26862954, 0.26130258, 0.27577711)
     ce_loss_weight: float = _OPTIONS.ce_loss_weight
@@ -64,6 +68,26 @@ class LFLLMConfig(LlavaConfig):
 
 
 AutoConfig.register("lfllm", LFLLMConfig)
+
+
+def light_decoder_config(config: LFLLMConfig) -> LightDecoderConfig:
+    """The light decoder's shapes for a model config: the detail grid of the tower at its detail size, the
+    LLM's token grid at the tower's own size. Raises ``ValueError`` naming ``--light_detail_size``."""
+    vision = config.vision_config
+    size, patch = int(vision.image_size), int(vision.patch_size)
+    detail = int(config.light_detail_size or size)
+    if detail % size:
+        raise ValueError(
+            f"--light_detail_size {detail}: expected a multiple of the vision tower's input size {size} "
+            "(the LLM's view is the detail view pooled by a whole factor)"
+        )
+    return LightDecoderConfig(
+        vision_dim=int(vision.hidden_size),
+        llm_dim=int(config.text_config.hidden_size),
+        grid=detail // patch,
+        semantic_grid=size // patch,
+        dim=int(config.light_dim),
+    )
 
 
 def seg_predictor_positions(input_ids: torch.Tensor, seg_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,17 +111,25 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
 
     def __init__(self, config: LFLLMConfig) -> None:
         super().__init__(config)
-        if config.sam_config is None:
+        if config.mask_head not in MASK_HEADS:
+            raise ValueError(f"mask_head {config.mask_head!r} not in {MASK_HEADS}")
+        light = config.mask_head == "light"
+        if config.sam_config is None and not light:
             raise ValueError("LFLLMConfig.sam_config is required (see model.sam.sam_config)")
         if config.caam_target not in CAAM_TARGETS:
             raise ValueError(f"caam_target {config.caam_target!r} not in {CAAM_TARGETS}")
         if config.depth_projector not in DEPTH_PROJECTORS:
             raise ValueError(f"depth_projector {config.depth_projector!r} not in {DEPTH_PROJECTORS}")
         hidden = config.text_config.hidden_size
-        self.sam = build_sam(config.sam_config)
-        self.seg_projector = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, config.out_dim)
-        )
+        # The SAM route: SAM + the [SEG] projector into its prompt slots. The light route: neither.
+        self.sam = self.seg_projector = self.light_decoder = None
+        if light:
+            self.light_decoder = LightMaskDecoder(light_decoder_config(config))
+        else:
+            self.sam = build_sam(config.sam_config)
+            self.seg_projector = nn.Sequential(
+                nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, config.out_dim)
+            )
         self.caam = None
         if config.use_caam:
             offsets = [tuple(o) for o in (config.caam_offsets or [])]
@@ -116,8 +148,11 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
 
     def _init_weights(self, module: nn.Module) -> None:
         """transformers' initialisation, except layers marked ``zero_init`` (the semantic fusion's output:
-        an untrained fusion or depth stream must leave the SAM route unchanged)."""
+        an untrained fusion or depth stream must leave the SAM route unchanged), and the light decoder's
+        learned positions (a bare Parameter transformers does not know)."""
         super()._init_weights(module)
+        if isinstance(module, LightMaskDecoder):  # its learned positions are a bare Parameter
+            nn.init.normal_(module.pos, std=0.02)
         if getattr(module, "zero_init", False):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
@@ -128,7 +163,8 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         construction leaves them uninitialised)."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        reset_sam_buffers(model.sam)
+        if model.sam is not None:
+            reset_sam_buffers(model.sam)
         return loaded
 
     # ------------------------------------------------------------------ visual encoders
@@ -153,35 +189,59 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         return self.caam(x, views.float() / 255.0, disp)
 
     def _vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """CLIP tower on (K,3,S,S) normalised pixels -> selected patch features (K, T, Dv)."""
+        """CLIP tower on (K,3,S,S) normalised pixels -> selected patch features (K, T, Dv); at a size other
+        than the tower's own (the light head's detail pass) its position embeddings are interpolated."""
         tower = self.model.vision_tower
-        out = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True)
+        resize = pixels.shape[-1] != self.config.vision_config.image_size
+        out = tower(
+            pixels.to(tower.dtype), output_hidden_states=True, return_dict=True, interpolate_pos_encoding=resize
+        )
         feats = out.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]
         return feats
 
+    @property
+    def detail_size(self) -> int:
+        """The light head's detail-pass input size (the CLIP-geometry size of its batches); the tower's own
+        size for the SAM route."""
+        return int(self.config.light_detail_size or self.config.vision_config.image_size)
+
     def encode_clip(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image tokens (B, T, D) and depth tokens (B, T, D) or None; the tower runs once on 2B images."""
+        image_tokens, depth_tokens, _ = self.encode_vision(batch)
+        return image_tokens, depth_tokens
+
+    def encode_vision(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Image tokens (B, T, D), depth tokens (B, T, D) or None, and the light head's detail features
+        (B, Pd, Dv) (the tower's patch features before the projector; None in the SAM route).
+
+        The batch's CLIP-geometry images are at :attr:`detail_size`; the LLM's view is that image
+        area-pooled to the tower's size (the same crop window), so one CAAM aggregation serves both."""
         clip_views = batch.get("clip_views") if self.caam_on("clip") else None
         x = self._aggregate(
             batch["clip_center"], clip_views, batch.get("clip_disparity"), batch["clip_scale"]
         )
         mean = x.new_tensor(self.config.clip_image_mean).view(1, 3, 1, 1)
         std = x.new_tensor(self.config.clip_image_std).view(1, 3, 1, 1)
-        pixels = [(x - mean) / std]
+        factor = x.shape[-1] // self.config.vision_config.image_size
+        pool = (lambda t: nn.functional.avg_pool2d(t, factor)) if factor > 1 else (lambda t: t)
+        pixels = [(pool(x) - mean) / std]
         if self.config.use_depth:
             depth = disparity_to_depth_image(batch["clip_disparity"].float(), tuple(self.config.depth_range))
-            pixels.append((depth - mean) / std)
+            pixels.append((pool(depth) - mean) / std)
         trainable_input = x.requires_grad
+        b = x.shape[0]
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable_input):
             feats = self._vision_features(torch.cat(pixels))
-        b = x.shape[0]
+            detail = None
+            if self.light_decoder is not None:
+                detail = self._vision_features((x - mean) / std) if factor > 1 else feats[:b]
         image_tokens = self.model.multi_modal_projector(feats[:b])
         if not self.config.use_depth:
-            return image_tokens, None
+            return image_tokens, None, detail
         projector = self.depth_projector or self.model.multi_modal_projector
-        return image_tokens, projector(feats[b:])
+        return image_tokens, projector(feats[b:]), detail
 
     def encode_sam(self, batch: Batch) -> torch.Tensor:
         """SAM image embeddings (B, C, g, g), one encoder pass per image."""
@@ -193,15 +253,19 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
             return encoder(x.to(encoder.patch_embed.proj.weight.dtype))
 
     def encode_frozen(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(image tokens (B, T, D), depth tokens (B, T, D) or None, SAM embeddings (B, C, g, g)): the
+        """(image tokens (B, T, D), depth tokens (B, T, D) or None, the mask head's image features): SAM
+        embeddings (B, C, g, g) in the SAM route, the detail features (B, Pd, Dv) in the light route. The
         outputs of the frozen front end, taken from the batch when a feature cache put them there
-        (``image_tokens`` / ``depth_tokens`` / ``sam_embeddings``), else computed from its images."""
-        if "sam_embeddings" in batch:
+        (``image_tokens`` / ``depth_tokens`` / ``sam_embeddings`` or ``vision_features``), else computed."""
+        visual_key = "sam_embeddings" if self.sam is not None else "vision_features"
+        if "image_tokens" in batch:
+            if visual_key not in batch:
+                raise ValueError(f"the cached batch has no {visual_key} for this model's mask head")
             image_tokens = batch["image_tokens"]
             depth_tokens = batch.get("depth_tokens") if self.config.use_depth else None
-            return image_tokens, depth_tokens, batch["sam_embeddings"]
-        image_tokens, depth_tokens = self.encode_clip(batch)
-        return image_tokens, depth_tokens, self.encode_sam(batch)
+            return image_tokens, depth_tokens, batch[visual_key]
+        image_tokens, depth_tokens, detail = self.encode_vision(batch)
+        return image_tokens, depth_tokens, detail if self.sam is None else self.encode_sam(batch)
 
     def sam_depth(self, batch: Batch) -> torch.Tensor | None:
         """The depth stream's input (B, 2, 4g, 4g) (:func:`model.depth.depth_grid`): from a feature cache
@@ -337,6 +401,52 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
             ious_out.append(iou_pred[:, 0].float())
         return masks_out, ious_out
 
+    def predict_masks(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        conv_image: torch.Tensor,
+        visual: torch.Tensor,
+        batch: Batch,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Masks of the ``[SEG]`` predictors at (``rows``, ``cols``) of ``hidden`` (N, L, D), by this model's
+        mask head; ``visual`` is :meth:`encode_frozen`'s third output. Returns, per image, mask logits
+        (k_i, H_i, W_i) at original resolution and a score (k_i,) of each, in ``[SEG]`` order (row-major):
+        SAM's predicted IoU, or for the light head its mean probability inside the mask (0 when empty)."""
+        seg_image = conv_image[rows]
+        if self.light_decoder is None:
+            states = self.conversation_states(hidden, input_ids)
+            return self.decode_masks_scored(
+                self.seg_projector(hidden[rows, cols]),
+                seg_image,
+                visual,
+                batch["sam_resized_hw"],
+                batch["original_hw"],
+                None if states is None else states[rows],
+                self.sam_depth(batch),
+            )
+        n, d = input_ids.shape[0], hidden.shape[-1]
+        semantic = hidden[input_ids == self.config.image_token_id].view(n, -1, d)
+        masks_out, scores_out = [], []
+        if len(rows):
+            logits = self.light_decoder(visual, semantic, hidden[rows, cols], rows, conv_image)
+        size = self.detail_size
+        for i, (height, width) in enumerate(batch["original_hw"]):
+            sel = (seg_image == i).nonzero(as_tuple=True)[0]
+            if len(sel) == 0:
+                masks_out.append(hidden.new_zeros((0, int(height), int(width)), dtype=torch.float32))
+                scores_out.append(hidden.new_zeros((0,), dtype=torch.float32))
+                continue
+            hw = (int(height), int(width))
+            masks = masks_to_image(logits[sel], size, hw, shortest_side_shape(*hw, size))
+            prob = masks.detach().sigmoid()
+            inside = (masks.detach() > 0).float()
+            scores_out.append((prob * inside).sum((1, 2)) / inside.sum((1, 2)).clamp_min(1.0))
+            masks_out.append(masks)
+        return masks_out, scores_out
+
     # ------------------------------------------------------------------ full step
     def forward(self, *args, lf_batch: Batch | None = None, **kwargs):
         """``forward(lf_batch=batch)`` runs the segmentation step (see :meth:`forward_lf`); any other
@@ -352,7 +462,7 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         image of (k_i, H_i, W_i) logits at original resolution, in the order of ``batch["gt_masks"]``) and
         ``pred_ious`` (list per image of (k_i,) SAM-predicted IoUs, detached; no loss trains them).
         """
-        image_tokens, depth_tokens, image_embeddings = self.encode_frozen(batch)
+        image_tokens, depth_tokens, visual = self.encode_frozen(batch)
         input_ids, conv_image = batch["input_ids"], batch["conv_image"]
         embeds = self.build_inputs_embeds(input_ids, conv_image, image_tokens, depth_tokens)
         hidden = self.language_hidden(embeds, batch["attention_mask"])
@@ -364,16 +474,8 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
             raise ValueError(
                 f"[SEG] tokens per image {found.tolist()} != masks per image {expected.tolist()}"
             )
-        seg_embeddings = self.seg_projector(hidden[rows, cols])
-        states = self.conversation_states(hidden, input_ids)
-        pred_masks, pred_ious = self.decode_masks_scored(
-            seg_embeddings,
-            seg_image,
-            image_embeddings,
-            batch["sam_resized_hw"],
-            batch["original_hw"],
-            None if states is None else states[rows],
-            self.sam_depth(batch),
+        pred_masks, pred_ious = self.predict_masks(
+            hidden, input_ids, rows, cols, conv_image, visual, batch
         )
         result = {"pred_masks": pred_masks, "pred_ious": [iou.detach() for iou in pred_ious]}
         labels = batch.get("labels")

@@ -5,8 +5,9 @@ Three inputs, all already computed by the model that emits ``[SEG]``:
 * **detail** tokens: the vision tower's patch features before the projector, (B, P, Dv) for B images on a
   g x g grid (P = g²);
 * **semantic** tokens: the LLM's last-layer states at the image-token positions of each conversation,
-  (N, P, Dl). With the expression before the image (``--prompt_order expression_first``) they have already
-  read the expression;
+  (N, Ps, Dl) on a gs x gs grid (gs = g, or coarser when the detail pass runs at a higher resolution than the
+  LLM's view: they are then upsampled bilinearly to g x g). With the expression before the image
+  (``--prompt_order expression_first``) they have already read the expression;
 * the ``[SEG]`` state, (M, Dl), one per mask, with the conversation it belongs to.
 
 Fusion, per mask: (1) *detail-enhanced*: the semantic tokens of its conversation attend to the detail tokens
@@ -36,6 +37,7 @@ class LightDecoderConfig:
     vision_dim: int
     llm_dim: int
     grid: int
+    semantic_grid: int = 0  # the LLM's token grid when coarser than ``grid``; 0: the same
     dim: int = 256
     heads: int = 8
     upscale: int = 4
@@ -47,6 +49,15 @@ class LightDecoderConfig:
             raise ValueError(f"light decoder upscale {self.upscale}: expected 1, 2, 4 or 8")
         if self.grid < 1:
             raise ValueError(f"light decoder grid {self.grid}: must be >= 1")
+        if self.semantic_grid < 0 or self.semantic_grid > self.grid:
+            raise ValueError(
+                f"light decoder semantic grid {self.semantic_grid}: expected 0 or 1..{self.grid} (the detail grid)"
+            )
+
+    @property
+    def llm_grid(self) -> int:
+        """The grid of the semantic tokens."""
+        return self.semantic_grid or self.grid
 
 
 class _CrossBlock(nn.Module):
@@ -84,7 +95,7 @@ class LightMaskDecoder(nn.Module):
         )
         out = max(c // (r * r), 16)
         self.head = nn.Sequential(
-            nn.Conv2d(c, out * r * r, 3, padding=1),
+            nn.Conv2d(c, out * r * r, 1),  # 1 x 1 before the shuffle: the 3 x 3 mixing runs after it, 9x cheaper
             nn.PixelShuffle(r),
             nn.GroupNorm(1, out),
             nn.GELU(),
@@ -104,7 +115,7 @@ class LightMaskDecoder(nn.Module):
 
         Args:
             detail: (B, P, Dv) vision patch features before the projector.
-            semantic: (N, P, Dl) LLM last-layer states at the image-token positions.
+            semantic: (N, Ps, Dl) LLM last-layer states at the image-token positions (Ps = gs²).
             seg: (M, Dl) ``[SEG]`` states.
             seg_conv: (M,) int64 conversation of each ``[SEG]``.
             conv_image: (N,) int64 image of each conversation.
@@ -112,15 +123,20 @@ class LightMaskDecoder(nn.Module):
         Returns:
             (M, g·r, g·r) float32 logits.
         """
-        g, p = self.cfg.grid, self.cfg.grid * self.cfg.grid
-        if detail.shape[1] != p or semantic.shape[1] != p:
+        g, gs = self.cfg.grid, self.cfg.llm_grid
+        if detail.shape[1] != g * g or semantic.shape[1] != gs * gs:
             raise ValueError(
                 f"light decoder: {detail.shape[1]} detail and {semantic.shape[1]} semantic tokens for a "
-                f"{g}x{g} grid"
+                f"{g}x{g} detail and {gs}x{gs} semantic grid"
             )
         dtype = self.pos.dtype
         d = self.detail_in(detail.to(dtype)) + self.pos
-        s = self.semantic_in(semantic.to(dtype)) + self.pos
+        s = self.semantic_in(semantic.to(dtype))
+        if gs != g:  # (N, gs², C) -> (N, g², C), bilinear on the grid
+            s = s.transpose(1, 2).reshape(len(s), -1, gs, gs)
+            s = nn.functional.interpolate(s, size=(g, g), mode="bilinear", align_corners=False)
+            s = s.flatten(2).transpose(1, 2)
+        s = s + self.pos
         q = self.seg_in(seg.to(dtype))[:, None]  # (M, 1, C)
         image_of = conv_image[seg_conv]
         tokens = self.detail_enhance(s[seg_conv], d[image_of])  # (M, P, C): semantic reads detail

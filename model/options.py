@@ -28,6 +28,9 @@ from utils.views import parse_views
 CAAM_TARGETS: tuple[str, ...] = ("clip", "sam", "both")
 CAAM_MODES: tuple[str, ...] = ("fixed", "learned", "occlusion")
 DEPTH_PROJECTORS: tuple[str, ...] = ("shared", "separate")
+MASK_HEADS: tuple[str, ...] = ("sam", "light")
+#: The options that only exist in the SAM route (refused with ``--mask_head light``).
+SAM_ROUTE_OPTIONS: tuple[str, ...] = ("semantic_fusion", "depth_stream")
 
 
 def _views(text: str) -> str:
@@ -86,6 +89,22 @@ class ModelOptions:
         "conv net, added to the dense prompt (and the semantic fusion's queries)",
         resume=True,
     )
+    mask_head: str = option(
+        "sam",
+        "what turns [SEG] into a mask: SAM's decoder on SAM's image embedding, or the light decoder over "
+        "the MLLM's own features (MLLMSeg's design; no SAM at all)",
+        choices=MASK_HEADS,
+        resume=True,
+    )
+    light_detail_size: int = option(
+        0,
+        "light head: input size (px) of the vision tower's detail pass, a multiple of the tower's own size "
+        "(position embeddings interpolated; the LLM's tokens come from the same view pooled to the tower's "
+        "size); 0: the tower's own size",
+        check=at_least(0),
+        resume=True,
+    )
+    light_dim: int = option(256, "light head: decoder width (a multiple of 8)", check=at_least(8), resume=True)
     out_dim: int = option(
         256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)", resume=True
     )
@@ -107,9 +126,26 @@ class ModelOptions:
             ("caam_mode", CAAM_MODES),
             ("depth_projector", DEPTH_PROJECTORS),
             ("prompt_order", PROMPT_ORDERS),
+            ("mask_head", MASK_HEADS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of {allowed}")
+        if self.mask_head == "light":
+            for name in SAM_ROUTE_OPTIONS:
+                if getattr(self, name):
+                    raise ValueError(
+                        f"--{name} belongs to the SAM route; the light head (--mask_head light) reads the "
+                        "MLLM's states itself: drop one of the two"
+                    )
+            if self.use_caam and self.caam_target == "sam":
+                raise ValueError(
+                    "--caam_target sam: the light head (--mask_head light) has no SAM encoder; use clip or both "
+                    "(both: the vision tower's passes)"
+                )
+        elif self.light_detail_size:
+            raise ValueError("--light_detail_size is an option of the light head: add --mask_head light")
+        if self.light_dim % 8:
+            raise ValueError(f"--light_dim {self.light_dim}: expected a multiple of 8 (its attention heads)")
         _views(self.caam_views)
 
     @classmethod

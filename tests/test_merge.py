@@ -38,7 +38,8 @@ def make_trained_export(
     export dir)."""
     torch.manual_seed(0)
     options, train_options = options or ModelOptions(), TrainableOptions()
-    model, tokenizer = build_lfllm(tiny_base["llava"], tiny_base["sam"], options)
+    sam = None if options.mask_head == "light" else tiny_base["sam"]
+    model, tokenizer = build_lfllm(tiny_base["llava"], sam, options)
     wrapped = make_trainable(model, train_options)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -48,7 +49,7 @@ def make_trained_export(
     wrapped.eval()
     meta = {
         "version": str(tiny_base["llava"]),
-        "vision_pretrained": str(tiny_base["sam"]),
+        "vision_pretrained": None if sam is None else str(sam),
         "model_options": dataclasses.asdict(options),
         "trainable_options": dataclasses.asdict(train_options),
         "global_step": 7,

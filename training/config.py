@@ -107,7 +107,12 @@ class RunConfig:
     def problems(self) -> list[str]:
         """Every out-of-range value and every inconsistent combination, one message each."""
         lines = [line for opts in self.groups().values() for line in problems(opts)]
-        for check in (self.datasets.sample_weights, self._check_targets, self._check_estimator):
+        for check in (
+            self.datasets.sample_weights,
+            self._check_targets,
+            self._check_estimator,
+            self._check_mask_head,
+        ):
             try:
                 check()
             except ValueError as exc:
@@ -119,6 +124,23 @@ class RunConfig:
             raise ValueError(
                 "--lora_target_modules is empty: name the language-model layers (e.g. q_proj,v_proj)"
             )
+
+    #: The flags that only mean something with SAM (refused with ``--mask_head light``).
+    SAM_FLAGS: ClassVar[tuple[str, ...]] = ("vision_pretrained", "train_mask_decoder", "out_dim", "image_size")
+
+    def _check_mask_head(self) -> None:
+        if self.model.mask_head != "light":
+            return
+        given = sorted(set(self.SAM_FLAGS) & set(self.given))
+        if given:
+            flags = ", ".join(f"--{name}" for name in given)
+            raise ValueError(f"{flags}: the light mask head (--mask_head light) has no SAM; drop {flags}")
+
+    @property
+    def sam_checkpoint(self) -> str | None:
+        """The SAM checkpoint to build a base with: ``--vision_pretrained`` in the SAM route, None for the
+        light mask head (a merged model holds its own SAM; the given flag is checked against it)."""
+        return None if self.model.mask_head == "light" else self.run.vision_pretrained
 
     def _check_estimator(self) -> None:
         try:

@@ -40,7 +40,9 @@ def build_engine(model: LFLLMForCausalLM, cfg: RunConfig, on_cpu: bool) -> tuple
     ds_config = deepspeed_config(cfg.optim, cfg.loop, cfg.run.precision, on_cpu=on_cpu, trainable_numel=numel)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, model_parameters=params, config=ds_config)
     # DeepSpeed casts the whole module to bf16/fp16; SAM's prompt encoder (frozen) must stay float32.
-    unwrap(engine.module).sam.prompt_encoder.float()
+    inner = unwrap(engine.module)
+    if inner.sam is not None:
+        inner.sam.prompt_encoder.float()
     # from_pretrained returns eval mode: without this, LoRA dropout and gradient checkpointing are off.
     engine.train()
     return engine, ds_config

@@ -85,8 +85,9 @@ def _tensor_digest(h: Any, module: torch.nn.Module | None) -> None:
 def frozen_fingerprint(model: LFLLMForCausalLM) -> str:
     """sha256 of the frozen front end's weights (CLIP tower, projector(s), SAM image encoder, CAAM)."""
     h = hashlib.sha256()
+    sam_encoder = None if model.sam is None else model.sam.image_encoder
     for module in (model.model.vision_tower, model.model.multi_modal_projector, model.depth_projector,
-                   model.sam.image_encoder, model.caam):  # fmt: skip
+                   sam_encoder, model.caam):  # fmt: skip
         _tensor_digest(h, module)
     return h.hexdigest()
 
@@ -109,6 +110,7 @@ def cache_key(
         "caam_clip": spec.caam_clip,
         "caam_sam": spec.caam_sam,
         "depth_stream": spec.depth_stream,
+        "mask_head": config.mask_head,
         "caam_mode": config.caam_mode,
         "caam_offsets": config.caam_offsets,
         "depth_range": list(config.depth_range),
@@ -119,7 +121,7 @@ def cache_key(
         "estimated_disparity_name": data.estimated_disparity_name,
         "disparity_set": sorted(disparity_set),
         "view_pattern": data.view_pattern,
-        "compute_dtype": str(next(model.sam.image_encoder.parameters()).dtype),
+        "compute_dtype": str(next(model.model.vision_tower.parameters()).dtype),
         "storage_dtype": str(storage),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
@@ -232,12 +234,12 @@ def encode_scenes(model: LFLLMForCausalLM, batch: dict[str, Any]) -> list[dict[s
     """The frozen front end on a collated batch, split per scene: image tokens (T, D), depth tokens
     (T, D) when depth tokens are on, SAM embeddings (C, g, g), the depth stream's input (2, 4g, 4g) when
     it is on."""
-    image_tokens, depth_tokens = model.encode_clip(batch)
-    sam = model.encode_sam(batch)
+    image_tokens, depth_tokens, visual = model.encode_frozen(batch)
+    visual_key = "sam_embeddings" if model.sam is not None else "vision_features"
     depth = model.sam_depth(batch)
     out = []
-    for i in range(sam.shape[0]):
-        entry = {"image_tokens": image_tokens[i], "sam_embeddings": sam[i]}
+    for i in range(visual.shape[0]):
+        entry = {"image_tokens": image_tokens[i], visual_key: visual[i]}
         if depth_tokens is not None:
             entry["depth_tokens"] = depth_tokens[i]
         if depth is not None:
@@ -327,7 +329,7 @@ def build_feature_cache(
 def open_store(cfg: RunConfig, model: LFLLMForCausalLM, spec: SampleSpec) -> FeatureStore:
     """The store of this run's configuration under ``--feature_cache`` (refused when not cacheable)."""
     check_cacheable(model.config)
-    compute = next(model.sam.image_encoder.parameters()).dtype
+    compute = next(model.model.vision_tower.parameters()).dtype
     storage = STORAGE_DTYPES[cfg.run.feature_cache_dtype] or compute
     key = cache_key(model, spec, cfg.data, cfg.datasets.disparity_set, storage)
     return FeatureStore(Path(cfg.run.feature_cache), key, compute, storage, spec)

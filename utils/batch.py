@@ -5,8 +5,8 @@
 Shapes: B scenes (images), V neighbour views, N conversations (all scenes' together, ``conv_image`` maps
 each to its scene), L tokens, S the CLIP input size, T the SAM input size, k_i masks of scene i at its
 original size (H_i, W_i). A key that a model configuration does not use is absent (not None): no
-``clip_views`` without CAAM on CLIP, no ``clip_disparity`` without depth tokens, no ``gt_masks`` when
-predicting.
+``clip_views`` without CAAM on CLIP, no ``clip_disparity`` without depth tokens, no ``sam_*`` key for the
+light mask head (its CLIP-geometry images are at its detail size S), no ``gt_masks`` when predicting.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Batch(TypedDict, total=False):
     depth_tokens: Tensor  # (B, T, D) projected CLIP tokens of the depth image (depth tokens on)
     sam_embeddings: Tensor  # (B, C, g, g) SAM image-encoder output of the (CAAM-aggregated) view
     sam_depth: Tensor  # (B, 2, 4g, 4g) the depth stream's input (model.depth.depth_grid; depth stream on)
+    vision_features: Tensor  # (B, Pd, Dv) the light head's detail features (the tower before the projector)
     input_ids: Tensor  # (N, L) int64, visual placeholders expanded, right-padded
     labels: Tensor  # (N, L) int64, utils.tokens.IGNORE_INDEX outside the answers
     attention_mask: Tensor  # (N, L) int64, 1 on real tokens
@@ -72,6 +73,7 @@ class Sample(TypedDict, total=False):
     depth_tokens: Tensor  # (T, D) from the feature cache
     sam_embeddings: Tensor  # (C, g, g) from the feature cache
     sam_depth: Tensor  # (2, 4g, 4g) from the feature cache (depth stream on)
+    vision_features: Tensor  # (Pd, Dv) from the feature cache (light mask head)
     conversations: list[tuple[list[int], list[int]]]  # k x (input_ids, labels) (or one packed conversation)
     masks: Tensor | None  # (k, H, W) uint8 {0, 1}; None when predicting
     image_id: int | str
@@ -94,8 +96,15 @@ STACKED_KEYS: tuple[str, ...] = (
     "depth_tokens",
     "sam_embeddings",
     "sam_depth",
+    "vision_features",
 )
 #: The keys a feature cache holds per scene (the frozen front end's outputs).
-FEATURE_KEYS: tuple[str, ...] = ("image_tokens", "depth_tokens", "sam_embeddings", "sam_depth")
+FEATURE_KEYS: tuple[str, ...] = (
+    "image_tokens",
+    "depth_tokens",
+    "sam_embeddings",
+    "sam_depth",
+    "vision_features",
+)
 #: The per-scene metadata lists carried through unchanged.
 META_KEYS: tuple[str, ...] = ("image_id", "ds", "sentences", "subsets", "scene_dir", "center_path")

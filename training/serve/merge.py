@@ -100,7 +100,7 @@ def merge_to_hf(cfg: RunConfig, opts: MergeOptions, meta: dict[str, Any] | None)
 
     Returns (output directory, number of tensors loaded). Raises ``FileNotFoundError`` / ``KeyError`` /
     ``ValueError`` naming the file or flag on bad input, before the output directory is written."""
-    version, vision_pretrained = cfg.run.version, cfg.run.vision_pretrained
+    version, vision_pretrained = cfg.run.version, cfg.sam_checkpoint
     dtype = DTYPES[opts.precision]
     # Read the trained tensors first: a DeepSpeed checkpoint is parsed (and released) before the base exists.
     source = open_weights(opts.weight, opts.tag)
