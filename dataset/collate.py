@@ -99,7 +99,11 @@ def collate_batch(samples: list[Sample], pad_id: int) -> Batch:
             batch[key] = torch.stack([torch.as_tensor(v) for v in values])
         elif any(v is not None for v in values):
             raise ValueError(f"{key} is present in some samples of the batch but not in others")
-    for key, dtype in (("clip_scale", torch.float32), ("sam_scale", torch.float32), ("sam_resized_hw", torch.long)):
+    for key, dtype in (
+        ("clip_scale", torch.float32),
+        ("sam_scale", torch.float32),
+        ("sam_resized_hw", torch.long),
+    ):
         if samples[0].get(key) is not None:  # no SAM keys for the light mask head
             batch[key] = torch.tensor([s[key] for s in samples], dtype=dtype)
     batch["original_hw"] = [tuple(s["original_hw"]) for s in samples]

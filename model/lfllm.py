@@ -194,7 +194,10 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         tower = self.model.vision_tower
         resize = pixels.shape[-1] != self.config.vision_config.image_size
         out = tower(
-            pixels.to(tower.dtype), output_hidden_states=True, return_dict=True, interpolate_pos_encoding=resize
+            pixels.to(tower.dtype),
+            output_hidden_states=True,
+            return_dict=True,
+            interpolate_pos_encoding=resize,
         )
         feats = out.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
@@ -474,9 +477,7 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
             raise ValueError(
                 f"[SEG] tokens per image {found.tolist()} != masks per image {expected.tolist()}"
             )
-        pred_masks, pred_ious = self.predict_masks(
-            hidden, input_ids, rows, cols, conv_image, visual, batch
-        )
+        pred_masks, pred_ious = self.predict_masks(hidden, input_ids, rows, cols, conv_image, visual, batch)
         result = {"pred_masks": pred_masks, "pred_ious": [iou.detach() for iou in pred_ious]}
         labels = batch.get("labels")
         ce = (

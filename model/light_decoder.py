@@ -94,8 +94,9 @@ class LightMaskDecoder(nn.Module):
             c, cfg.heads, 2 * c, dropout=0.0, batch_first=True, norm_first=True
         )
         out = max(c // (r * r), 16)
+        # 1 x 1 before the shuffle, the 3 x 3 mixing after it (9x cheaper than 3 x 3 on the coarse grid)
         self.head = nn.Sequential(
-            nn.Conv2d(c, out * r * r, 1),  # 1 x 1 before the shuffle: the 3 x 3 mixing runs after it, 9x cheaper
+            nn.Conv2d(c, out * r * r, 1),
             nn.PixelShuffle(r),
             nn.GroupNorm(1, out),
             nn.GELU(),

@@ -104,7 +104,9 @@ class ModelOptions:
         check=at_least(0),
         resume=True,
     )
-    light_dim: int = option(256, "light head: decoder width (a multiple of 8)", check=at_least(8), resume=True)
+    light_dim: int = option(
+        256, "light head: decoder width (a multiple of 8)", check=at_least(8), resume=True
+    )
     out_dim: int = option(
         256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)", resume=True
     )

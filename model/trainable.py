@@ -19,7 +19,14 @@ from torch import nn
 from model.lfllm import LFLLMForCausalLM
 from utils.options import at_least, fraction, option
 
-ALWAYS_TRAINED = ("seg_projector.", "caam.", "depth_projector.", "semantic_fusion.", "depth_stream.", "light_decoder.")
+ALWAYS_TRAINED = (
+    "seg_projector.",
+    "caam.",
+    "depth_projector.",
+    "semantic_fusion.",
+    "depth_stream.",
+    "light_decoder.",
+)
 
 
 @dataclass(frozen=True)

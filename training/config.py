@@ -126,7 +126,12 @@ class RunConfig:
             )
 
     #: The flags that only mean something with SAM (refused with ``--mask_head light``).
-    SAM_FLAGS: ClassVar[tuple[str, ...]] = ("vision_pretrained", "train_mask_decoder", "out_dim", "image_size")
+    SAM_FLAGS: ClassVar[tuple[str, ...]] = (
+        "vision_pretrained",
+        "train_mask_decoder",
+        "out_dim",
+        "image_size",
+    )
 
     def _check_mask_head(self) -> None:
         if self.model.mask_head != "light":
