@@ -79,6 +79,18 @@ def test_bench_train_eval_chat_tiny(tmp_path, one_rank, capsys):
     assert len(table) == 5 and table[-1].startswith("| tiny | train step | off |")
 
 
+def test_bench_times_the_light_route(one_rank):
+    argv = ["--preset", "tiny", "--mask_head", "light", "--light_detail_size", "112", "--steps", "1"]
+    result = bench.main(
+        [*argv, "--warmup", "0", "--eval", "--chat", "--chat_queries", "1", "--max_new_tokens", "2"]
+    )
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert list(rows) == ["eval", "chat", "train"] and rows["chat"]["mask_decoded"]
+    by_module = set(rows["train"]["forward_TFLOP_by_module"])
+    assert "LightMaskDecoder" in by_module and not {"ImageEncoderViT", "MaskDecoder"} & by_module
+    assert all(torch.isfinite(torch.tensor(rows["train"]["losses"])))
+
+
 def test_bench_packed_direct_build_with_checkpointing(one_rank):
     argv = ["--preset", "tiny", "--build", "direct", "--pack_conversations", "--gradient_checkpointing"]
     result = bench.main([*argv, "--steps", "1", "--warmup", "0"])

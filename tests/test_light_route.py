@@ -5,11 +5,13 @@ learns (overfits a few scenes)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import app
 import chat
 from model.build import build_lfllm, load_tokenizer
 from model.inference import teacher_forced_masks
@@ -21,6 +23,10 @@ from tests.test_chat import _scene
 from tests.test_merge import make_trained_export, merge
 from tests.test_train import _args, run_train
 from training.config import parse_config
+from training.serve.demo import Demo, load_examples
+from training.serve.predict import Segmenter, parse_serve
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LIGHT = ModelOptions(mask_head="light", light_detail_size=224)
 
@@ -52,9 +58,16 @@ def test_every_light_parameter_is_initialised(tiny_base):
         assert 0.005 < model.light_decoder.pos.std() < 0.05
 
 
-def test_merged_light_model_loads_alone_and_gives_the_same_masks(tiny_base, tiny_dataset, tmp_path):
-    wrapped, _, export = make_trained_export(tiny_base, tmp_path / "export", options=LIGHT)
-    out = merge("--weight", export, "--save_path", tmp_path / "merged", "--precision", "fp32")
+@pytest.fixture(scope="module")
+def light_merged(tiny_base, tmp_path_factory):
+    """(the trained light model before the merge, its merged fp32 folder)."""
+    wrapped, _, export = make_trained_export(tiny_base, tmp_path_factory.mktemp("export"), options=LIGHT)
+    out = merge("--weight", export, "--save_path", tmp_path_factory.mktemp("merged"), "--precision", "fp32")
+    return wrapped, out
+
+
+def test_merged_light_model_loads_alone_and_gives_the_same_masks(light_merged, tiny_dataset):
+    wrapped, out = light_merged
     config = json.loads((out / "config.json").read_text())
     assert config["mask_head"] == "light" and config["sam_config"] is None
     names = load_file(next(out.glob("*.safetensors"))).keys()
@@ -176,3 +189,12 @@ def test_the_light_head_overfits_a_few_scenes(tiny_base, tmp_path):
     ]
     assert len(ious) >= 3 and min(ious) > 0.9, ious
     assert all(((s > 0.5) & (s <= 1)).all() for s in scores)  # mean probability inside a confident mask
+
+
+def test_the_demo_answers_with_a_light_model(light_merged, tmp_path):
+    parser = app.build_parser(str(light_merged[1]), str(ROOT / "examples"))
+    args, serve = parse_serve(parser, ["--max_new_tokens", "3"])
+    demo = Demo(Segmenter(serve), load_examples(args.examples), tmp_path)
+    result = demo.run("Image1", None, "the rider")
+    assert result.message == "" and max(result.overlay.shape[:2]) >= 512
+    assert result.score.startswith("score ") == (result.scores is not None)

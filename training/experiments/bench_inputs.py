@@ -64,7 +64,7 @@ def random_config(preset_name: str, options: ModelOptions) -> tuple[LFLLMConfig,
     for key in ("model_type", "architectures", "transformers_version", "image_token_id"):
         base.pop(key, None)
     base["image_token_index"] = ids.image
-    sam_cfg = sam_config(preset.sam_variant)
+    sam_cfg = None if options.mask_head == "light" else sam_config(preset.sam_variant)
     config = LFLLMConfig(
         **base,
         **option_fields(options, sam_cfg),
@@ -87,7 +87,8 @@ def build_direct(config: LFLLMConfig, dtype: torch.dtype, device: torch.device) 
     finally:
         torch.set_default_dtype(previous)
     model.to(device)  # CAAM keeps small tensors on the CPU by construction
-    reset_sam_buffers(model.sam)
+    if model.sam is not None:
+        reset_sam_buffers(model.sam)
     return cast_model(model, dtype)
 
 
@@ -147,7 +148,8 @@ def build_model(
                 raise SystemExit(f"--preset {preset}: --build files writes only the tiny base")
             with tempfile.TemporaryDirectory(prefix="lfllm_bench_") as tmp:
                 paths = write_tiny_base(tmp, TINY_CORPUS, seed=seed)
-                model, tokenizer = build_lfllm(paths["llava"], paths["sam"], options, dtype)
+                sam = None if options.mask_head == "light" else paths["sam"]
+                model, tokenizer = build_lfllm(paths["llava"], sam, options, dtype)
         model.to(device)
         ids = token_ids_from_tokenizer(tokenizer, model.config)
     return model.eval(), tokenizer, ids, time.perf_counter() - tic
@@ -215,12 +217,21 @@ def synthetic_sample(
     def disparity(size: int) -> torch.Tensor:
         return torch.rand(size, size, generator=gen) * 2 - 1
 
-    nh, nw = longest_side_shape(h, w, t)
-    sam_center, sam_views = pixels(3, t, t), pixels(views, 3, t, t) if spec.caam_sam else None
-    for x in (sam_center, sam_views):
-        if x is not None:  # SAM's input is padded with zeros below/right of the resized image
-            x[..., nh:, :] = 0
-            x[..., nw:] = 0
+    sam: dict[str, Any] = {}
+    if t is not None:  # the SAM route (the light mask head has no SAM geometry)
+        nh, nw = longest_side_shape(h, w, t)
+        sam_center, sam_views = pixels(3, t, t), pixels(views, 3, t, t) if spec.caam_sam else None
+        for x in (sam_center, sam_views):
+            if x is not None:  # SAM's input is padded with zeros below/right of the resized image
+                x[..., nh:, :] = 0
+                x[..., nw:] = 0
+        sam = {
+            "sam_center": sam_center,
+            "sam_views": sam_views,
+            "sam_disparity": disparity(t) if spec.sam_disparity else None,
+            "sam_scale": disparity_scale(h, w, t, "sam"),
+            "sam_resized_hw": (nh, nw),
+        }
     if pack:
         convs = [conversation(config, ids, gen, expressions, text_tokens, with_answer)]
     else:
@@ -231,11 +242,7 @@ def synthetic_sample(
         "clip_views": pixels(views, 3, s, s) if spec.caam_clip else None,
         "clip_disparity": disparity(s) if spec.needs_disparity else None,
         "clip_scale": disparity_scale(h, w, s, "clip"),
-        "sam_center": sam_center,
-        "sam_views": sam_views,
-        "sam_disparity": disparity(t) if spec.sam_disparity else None,
-        "sam_scale": disparity_scale(h, w, t, "sam"),
-        "sam_resized_hw": (nh, nw),
+        **sam,
         "original_hw": (h, w),
         "conversations": convs,
         "masks": masks,
