@@ -17,8 +17,20 @@ EPOCHS=${EPOCHS:-10}
 STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-250}
 LR=${LR:-1e-3}
 SAM_PRETRAIN_STEPS=${SAM_PRETRAIN_STEPS:-600}
+# The mask head: sam (SAM's decoder, with SAM_ROUTE_FLAGS) or light (MLLMSeg's decoder over the model's own
+# features, no SAM; its detail pass runs the vision tower at LIGHT_DETAIL_SIZE px).
+MASK_HEAD=${MASK_HEAD:-sam}
+# The SAM route's extras: the LLM's image/depth-token states and the disparity itself reach SAM's decoder
+# (docs/RESULTS.md: +6.6 gIoU over the plain route over seeds 0-2; the depth swap then costs the depth kinds > 5).
+# SAM_ROUTE_FLAGS= (empty) trains the plain LISA-style route.
+SAM_ROUTE_FLAGS=${SAM_ROUTE_FLAGS-"--semantic_fusion --depth_stream"}
+LIGHT_DETAIL_SIZE=${LIGHT_DETAIL_SIZE:-336}
 PY=.venv/bin/python
 export TOKENIZERS_PARALLELISM=false
+if [ "$MASK_HEAD" != sam ] && [ "$MASK_HEAD" != light ]; then
+  echo "error: MASK_HEAD=$MASK_HEAD: expected sam or light" >&2
+  exit 2
+fi
 for knob in NUM_TRAIN NUM_VAL NUM_EXTRA EPOCHS STEPS_PER_EPOCH; do
   if ! [[ ${!knob} =~ ^[1-9][0-9]*$ || ( $knob = NUM_EXTRA && ${!knob} = 0 ) ]]; then
     echo "error: $knob=${!knob}: expected a positive whole number$([ $knob = NUM_EXTRA ] && echo ' or 0')" >&2
@@ -94,9 +106,17 @@ print("image_first" if first else "expression_first")
 EOF
 )}
 
-stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM + depth on)"
+if [ "$MASK_HEAD" = light ]; then  # no SAM anywhere
+  HEAD_FLAGS=(--mask_head light --light_detail_size "$LIGHT_DETAIL_SIZE")
+  MERGE_FLAGS=()
+else
+  read -r -a ROUTE <<< "$SAM_ROUTE_FLAGS"
+  HEAD_FLAGS=(--vision_pretrained "$BASE/sam_tiny.pth" "${ROUTE[@]}")
+  MERGE_FLAGS=(--vision_pretrained "$BASE/sam_tiny.pth")
+fi
+stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + ${MASK_HEAD} mask head ${HEAD_FLAGS[*]:2}; CAAM + depth on)"
 .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py \
-  --version "$BASE/llava" --vision_pretrained "$BASE/sam_tiny.pth" \
+  --version "$BASE/llava" "${HEAD_FLAGS[@]}" \
   --dataset_dir "$OUT/dataset" "${DATA_FLAGS[@]}" --val_dataset "$DS|syn|val" \
   --log_base_dir "$OUT/runs" --exp_name quickstart --precision $PRECISION \
   --prompt_order "$PROMPT_ORDER" $LORA_FLAGS \
@@ -105,8 +125,7 @@ stamp "3/5 train with the deepspeed launcher (LoRA + [SEG] + SAM decoder, CAAM +
   --feature_cache "$OUT/feature_cache" ${TRAIN_FLAGS:-}
 
 stamp "4/5 merge LoRA into a Hugging Face model -> $OUT/merged, then evaluate it"
-$PY merge_lora_weights_and_save_hf_model.py --version "$BASE/llava" \
-  --vision_pretrained "$BASE/sam_tiny.pth" \
+$PY merge_lora_weights_and_save_hf_model.py --version "$BASE/llava" "${MERGE_FLAGS[@]}" \
   --weight "$OUT/runs/quickstart/export/last" --save_path "$OUT/merged" --precision $PRECISION
 # A model whose answers state the box before [SEG] (--answer_box) is scored on what it generates.
 PROTOCOL=$($PY -c "import json,sys; print('generated' if json.load(open(sys.argv[1])).get('answer_box') else 'teacher_forced')" "$OUT/merged/config.json")
