@@ -33,7 +33,9 @@ def test_shapes_and_a_clear_error_on_the_wrong_grid():
     out = dec(*_inputs(torch.Generator().manual_seed(0)))
     assert out.shape == (4, 32, 32) and out.dtype == torch.float32
     detail, semantic, seg, seg_conv, conv_image = _inputs(torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="63 detail and 64 semantic tokens for a 8x8 grid"):
+    with pytest.raises(
+        ValueError, match="63 detail and 64 semantic tokens for a 8x8 detail and 8x8 semantic grid"
+    ):
         dec(detail[:, :63], semantic, seg, seg_conv, conv_image)
     with pytest.raises(ValueError, match="not a multiple"):
         LightDecoderConfig(vision_dim=8, llm_dim=8, grid=4, dim=30, heads=4)
@@ -157,3 +159,21 @@ def test_grid_ceiling_rises_with_the_grid_and_reports_every_subset(tiny_dataset,
     assert "grid ceiling (sam geometry)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*argv[:4], "--grids", "0,8"])
+
+
+def test_a_coarser_semantic_grid_is_upsampled_to_the_detail_grid():
+    """The LLM's tokens on a 4x4 grid under an 8x8 detail pass: each semantic token reaches the pixels of
+    its own region (bilinear), and a semantic grid finer than the detail grid is refused."""
+    torch.manual_seed(0)
+    cfg = LightDecoderConfig(vision_dim=12, llm_dim=16, grid=8, semantic_grid=4, dim=32, heads=4, upscale=4)
+    dec = LightMaskDecoder(cfg).eval()
+    gen = torch.Generator().manual_seed(2)
+    detail = torch.randn(2, 64, 12, generator=gen)
+    semantic = torch.randn(3, 16, 16, generator=gen, requires_grad=True)
+    seg = torch.randn(4, 16, generator=gen)
+    out = dec(detail, semantic, seg, torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 1]))
+    assert out.shape == (4, 32, 32)
+    out[0].sum().backward()
+    assert semantic.grad[0].abs().sum() > 0 and semantic.grad[1:].abs().sum() == 0  # mask 0 reads conv 0 only
+    with pytest.raises(ValueError, match="semantic grid 9"):
+        LightDecoderConfig(vision_dim=8, llm_dim=8, grid=8, semantic_grid=9)
