@@ -1,4 +1,5 @@
-"""LFLLM: transformers' LLaVA + a ``[SEG]`` token + SAM's mask decoder + CAAM + depth tokens.
+"""LFLLM: transformers' LLaVA + a ``[SEG]`` token + a mask head (SAM's decoder, or the light decoder) + CAAM +
+depth tokens.
 
 Why a subclass of ``LlavaForConditionalGeneration`` rather than a wrapper around one: the subclass
 inherits ``from_pretrained`` / ``save_pretrained`` (one HF directory holds LLaVA, SAM and the new modules,
@@ -7,8 +8,15 @@ module discovery, all unchanged. LLaVA's own ``forward`` is untouched and still 
 segmentation path is ``forward(lf_batch=...)`` (see :meth:`LFLLMForCausalLM.forward`), so the DeepSpeed
 engine can call the module as usual.
 
+Two mask routes behind one call (:meth:`LFLLMForCausalLM.predict_masks`): SAM's mask decoder prompted by the
+projected ``[SEG]`` state (with the optional semantic fusion and depth stream), or the light decoder over the
+tower's detail features, the image-token states and ``[SEG]`` (``--mask_head light``: no SAM is built).
+
 Shapes used below: B images, V neighbour views, N conversations, L tokens, M ``[SEG]`` tokens,
 S the CLIP input size, T the SAM input size, g = T / 16 the SAM embedding grid.
+
+Length: about 510 lines, one ``nn.Module`` whose methods are the model's whole path (encoders, placeholders,
+language model, both mask routes, the step); split over files the order of that path would be lost.
 """
 
 from __future__ import annotations
