@@ -91,6 +91,16 @@ def test_bench_times_the_light_route(one_rank):
     assert all(torch.isfinite(torch.tensor(rows["train"]["losses"])))
 
 
+def test_bench_interleaves_the_light_head_with_the_sam_route(one_rank):
+    argv = ["--preset", "tiny", "--steps", "2", "--warmup", "0", "--no_flops", "--compare_light", "112"]
+    result = bench.main([*argv, "--semantic_fusion"])
+    sam, light = result["rows"]
+    assert "light head at 112 px (interleaved with the sam route)" in light["desc"]
+    assert light["light_over_route"] > 0 and light["route_interleaved_s_median"] > 0
+    assert len(light["losses"]) == 2 and all(torch.isfinite(torch.tensor(light["losses"])))
+    assert light["trainable_M"] != sam["trainable_M"]
+
+
 def test_bench_packed_direct_build_with_checkpointing(one_rank):
     argv = ["--preset", "tiny", "--build", "direct", "--pack_conversations", "--gradient_checkpointing"]
     result = bench.main([*argv, "--steps", "1", "--warmup", "0"])

@@ -72,6 +72,12 @@ class BenchOptions:
     feature_cache: bool = option(
         False, "also time each train/eval step on cached front-end features (training.features)"
     )
+    compare_light: int = option(
+        0,
+        "also time the light mask head (--mask_head light, detail pass at this many px) against the model's "
+        "route, the two engines' steps interleaved; 0: off",
+        check=at_least(0),
+    )
 
     def __post_init__(self) -> None:
         lines = problems(self)
