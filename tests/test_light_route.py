@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import app
 import chat
-from model.build import build_lfllm, load_tokenizer
+from model.build import OptionMismatchError, build_lfllm, load_tokenizer
 from model.inference import teacher_forced_masks
 from model.lfllm import LFLLMForCausalLM, seg_predictor_positions
 from model.losses import mask_losses
@@ -198,3 +198,12 @@ def test_the_demo_answers_with_a_light_model(light_merged, tmp_path):
     result = demo.run("Image1", None, "the rider")
     assert result.message == "" and max(result.overlay.shape[:2]) >= 512
     assert result.score.startswith("score ") == (result.scores is not None)
+
+
+def test_a_sam_checkpoint_given_with_a_merged_light_model_is_refused(light_merged, tiny_base):
+    with pytest.raises(OptionMismatchError, match=r"has the light mask head .* which has no SAM"):
+        build_lfllm(light_merged[1], tiny_base["sam"], given={"vision_pretrained"})
+    with pytest.raises(
+        ValueError, match="--light_detail_size 100: expected a multiple of the vision tower's"
+    ):
+        build_lfllm(tiny_base["llava"], None, ModelOptions(mask_head="light", light_detail_size=100))
