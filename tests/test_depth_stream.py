@@ -19,6 +19,7 @@ from model.options import ModelOptions
 from model.trainable import TrainableOptions, make_trainable
 from tests.conftest import TINY_DS, model_batch
 from tests.test_merge import merge
+from tests.test_semantic_fusion import _masks
 from tests.test_train import _args, run_train
 from training.features import cached_batch
 
@@ -53,11 +54,6 @@ def test_depth_grid_pools_valid_pixels_as_computed_by_hand():
 def test_depth_grid_refuses_bad_input(shape, grid, rng, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         depth_grid(torch.zeros(shape), torch.tensor([[8, 8]]), grid, rng)
-
-
-def _masks(model, batch) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [m.clone() for m in model.forward_lf(batch)["pred_masks"]]
 
 
 def test_untrained_stream_is_the_plain_route_and_a_trained_one_reads_the_disparity(tiny_base, tiny_dataset):
