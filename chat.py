@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dataset.errors import DataError
+from dataset.prompts import text_problem
 from training.serve.predict import (
     Segmenter,
     ServeConfig,
@@ -74,6 +75,9 @@ def interactive(seg: Segmenter, out_dir: Path, read: Callable[[str], str] = inpu
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        except UnicodeDecodeError as exc:  # a terminal that sends bytes other than UTF-8
+            print(f"error: the input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); type it again")
+            continue
         if not prompt:
             continue
         count += 1
@@ -95,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch_size must be >= 1")
     if args.lf_dir and args.lf_root:
         parser.error("choose one-shot (--lf_dir/--prompt) or batch (--lf_root/--expressions), not both")
+    if args.prompt is not None and text_problem(args.prompt):
+        parser.error(f"--prompt {text_problem(args.prompt)}")  # before the model is loaded
     out_dir = Path(args.out)
     try:
         seg = Segmenter(serve)

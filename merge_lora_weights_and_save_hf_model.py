@@ -16,6 +16,11 @@ shape, and peft merges LoRA and the new token rows into plain weights. The resul
 (``--save_path``: sharded safetensors, config with every LFLLM field, tokenizer, image processor) loads
 with ``LFLLMForCausalLM.from_pretrained(save_path)`` alone and with ``model.build.build_lfllm``.
 
+Nothing you have is overwritten: ``--save_path`` may not be, lie inside or hold ``--version``, ``--weight``
+or the SAM checkpoint, and a folder that is not empty is replaced only with ``--overwrite``
+(checked before anything is built). The model is written into a temporary folder beside ``--save_path`` and
+moved into place when complete: a crash or a full disk (named, with its free space) leaves what was there.
+
 Memory: the base is built directly in ``--precision``; only trained tensors are read into memory (full
 state dicts are memory-mapped), so the peak is about one copy of the model.
 

@@ -16,7 +16,9 @@ option.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from model.build import DTYPES, OptionMismatchError, build_lfllm, check_pretrain
 from model.options import ModelOptions
 from model.trainable import unwrap
 from training.baselines import baseline_metrics, summary_line
-from training.checkpoint import atomic_write_text
+from training.checkpoint import atomic_write_text, checkpoint_step, find_resume_checkpoint
 from training.config import RunConfig, parse_config
 from training.engine import build_engine
 from training.evaluate import check_protocol, evaluate
@@ -39,7 +41,7 @@ from training.preflight import preflight
 from training.run_dir import RunInUseError, RunLock, check_resume_options
 from training.run_log import RunLogger
 from training.serve.merge import merged_record
-from training.trainer import Trainer, resume_source
+from training.trainer import STOP, Trainer, TrainingInterrupted, resume_source
 from utils import distributed
 from utils.distributed import DistInfo, init_distributed
 from utils.metrics import SegMetrics
@@ -58,7 +60,8 @@ def _report(
     if not dist_info.is_main:
         return
     baselines = baseline_metrics(val_scenes(cfg, with_disparity=False))
-    title = f"{cfg.eval.val_dataset} ({cfg.eval.eval_protocol}), model {cfg.run.version}"
+    probe = "" if cfg.eval.eval_input == "exact" else f", input {cfg.eval.eval_input}"
+    title = f"{cfg.eval.val_dataset} ({cfg.eval.eval_protocol}{probe}), model {cfg.run.version}"
     print(metrics.table(title=title))
     print("baselines that ignore the expression:")
     print(summary_line("model", metrics))
@@ -67,6 +70,7 @@ def _report(
     record = {
         "val_dataset": cfg.eval.val_dataset,
         "protocol": cfg.eval.eval_protocol,
+        "eval_input": cfg.eval.eval_input,
         "version": cfg.run.version,
         **metrics.to_json(),
         "baselines": {name: m.to_json()["subsets"]["All"] for name, m in baselines.items()},
@@ -98,7 +102,12 @@ def run_eval_only(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: Ru
     cfg = cfg.with_recorded(merged_record(cfg.run.version), groups=("prompt",))
     torch.manual_seed(cfg.loop.seed)  # a LLaVA dir gets fresh [SEG] heads: the same on every rank and run
     model, tokenizer = build_lfllm(
-        cfg.run.version, cfg.sam_checkpoint, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)
+        cfg.run.version,
+        cfg.sam_checkpoint,
+        cfg.model,
+        DTYPES[cfg.run.precision],
+        given=_given(cfg),
+        light_pretrained=cfg.light_checkpoint,
     )
     protocol = cfg.eval.eval_protocol
     check_protocol(model.config, protocol)
@@ -133,7 +142,12 @@ def run_training(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: Run
     """Build the model, wrap it with peft and DeepSpeed, train, and evaluate at every epoch end."""
     torch.manual_seed(cfg.loop.seed)
     model, tokenizer = build_lfllm(
-        cfg.run.version, cfg.sam_checkpoint, cfg.model, DTYPES[cfg.run.precision], given=_given(cfg)
+        cfg.run.version,
+        cfg.sam_checkpoint,
+        cfg.model,
+        DTYPES[cfg.run.precision],
+        given=_given(cfg),
+        light_pretrained=cfg.light_checkpoint,
     )
     if not cfg.eval.no_eval:
         check_protocol(model.config, cfg.eval.eval_protocol)  # before any training step
@@ -203,24 +217,83 @@ def run(cfg: RunConfig, dist_info: DistInfo, run_dir: Path) -> None:
             lock.release()
 
 
+def resume_command(cfg: RunConfig, argv: Sequence[str] | None, world_size: int) -> str:
+    """The command that continues this run: its own command line, with ``--resume`` pointed at the run's
+    own checkpoints once it has one (an explicit ``--resume`` or ``--no_auto_resume`` would not find them)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for a in args if not a.startswith(("--local_rank=", "--local-rank="))]
+    own = cfg.run.run_dir / "ckpt_model"
+    if (cfg.run.resume or not cfg.run.auto_resume) and find_resume_checkpoint(own) is not None:
+        kept, skip = [], False
+        for arg in args:
+            if skip:
+                skip = False
+            elif arg == "--resume":
+                skip = True
+            elif not arg.startswith("--resume=") and arg != "--no_auto_resume":
+                kept.append(arg)
+        args = [*kept, "--resume", str(own)]
+    script = sys.argv[0] if argv is None and sys.argv[0].endswith(".py") else "train_ds.py"
+    launcher = ["deepspeed", "--num_gpus", str(world_size)] if world_size > 1 else [sys.executable]
+    return shlex.join([*launcher, script, *args])
+
+
+def interrupted_message(
+    cfg: RunConfig, argv: Sequence[str] | None, world_size: int, exc: BaseException
+) -> str:
+    """What a stopped run says: what was saved, and the command that resumes it."""
+    what = STOP.name
+    if isinstance(exc, TrainingInterrupted):
+        said = f"{what}: stopped after step {exc.step}; saved {exc.checkpoint} (step {exc.step})"
+        if exc.pending_validation:
+            said += ", whose validation runs when the run resumes"
+    else:
+        found = find_resume_checkpoint(cfg.run.run_dir / "ckpt_model")
+        if found is None:
+            said = f"{what}: stopped before this run saved a checkpoint"
+        else:
+            step = checkpoint_step(cfg.run.run_dir / "ckpt_model" / found[0])
+            said = f"{what}: stopped; the newest checkpoint is {cfg.run.run_dir / 'ckpt_model' / found[0]}"
+            said += (
+                f" (step {step}); the steps after it were not saved" if step is not None and step >= 0 else ""
+            )
+    return f"{said}. Resume with:\n  {resume_command(cfg, argv, world_size)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a user error (bad flag, file or data) ends with one ``error:`` line and status 2."""
-    cfg = parse_config(argv)
-    try:  # a wrong --version is named before any process group or model exists
-        check_pretrained_dir(cfg.run.version)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    dist_info = init_distributed(cfg.run.local_rank)
-    run_dir = cfg.run.run_dir
+    """Entry point; a user error (bad flag, file or data) ends with one ``error:`` line and status 2.
+    SIGINT (Ctrl-C) or SIGTERM while training finishes the optimiser step, saves ``last``, prints the
+    command that resumes and exits 128 + the signal (130 for Ctrl-C); before or after the steps it stops
+    at once with the same advice (:class:`training.trainer.StopRequest`)."""
+    installed = threading.current_thread() is threading.main_thread()
+    restore = STOP.install() if installed else None
+    cfg, world_size = None, 1
     try:
-        run(cfg, dist_info, run_dir)
-    except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        prefix = f"[rank {dist_info.rank}] " if dist_info.world_size > 1 else ""
-        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        cfg = parse_config(argv)
+        try:  # a wrong --version is named before any process group or model exists
+            check_pretrained_dir(cfg.run.version)
+        except USER_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        dist_info = init_distributed(cfg.run.local_rank)
+        world_size, STOP.verbose = dist_info.world_size, dist_info.is_main
+        run_dir = cfg.run.run_dir
+        try:
+            run(cfg, dist_info, run_dir)
+        except USER_ERRORS as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            prefix = f"[rank {dist_info.rank}] " if dist_info.world_size > 1 else ""
+            print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+            return 2
+        return 0
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        if STOP.verbose:
+            text = f"{STOP.name}: stopped" if cfg is None else interrupted_message(cfg, argv, world_size, exc)
+            print(f"\n{text}", file=sys.stderr, flush=True)
+        return STOP.exit_code
+    finally:
+        if restore is not None:
+            restore()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from dataset.errors import AnnotationError
 from dataset.lightfield import MAX_ABS_DISPARITY_PX, check_disparity_values
+from dataset.refer import ReferAnnotations
 from dataset.scenes import SceneDataset
 from utils.views import Offset
 
@@ -117,6 +119,30 @@ def check_datasets(
     return len(jobs), problems
 
 
+def check_annotations(groups: Iterable[SceneDataset]) -> list[Problem]:
+    """Every annotation a ref of ``groups`` points at that covers no pixel of its image (polygons outside
+    it, zero area) or does not decode: one problem each, naming the instances file, the annotation and
+    its refs. Areas are read from the RLE; nothing is decoded."""
+    used: dict[tuple[int, int], tuple[ReferAnnotations, list[int]]] = {}
+    for scenes in groups:
+        for scene in scenes.scenes:
+            ann = scenes.annotations[scene.ds_index]
+            for ref in scene.refs:
+                ref_ids = used.setdefault((id(ann), ref.ann_id), (ann, []))[1]
+                if ref.ref_id not in ref_ids:
+                    ref_ids.append(ref.ref_id)
+    problems = []
+    for (_, ann_id), (ann, ref_ids) in used.items():
+        refs = f"ref_id {', '.join(map(str, ref_ids))}"
+        try:
+            why = ann.empty_mask_problem(ann_id)
+        except AnnotationError as exc:
+            why = exc.problem
+        if why:
+            problems.append(Problem(ann.instances_path, f"{refs}: {why}"))
+    return problems
+
+
 def report(problems: Sequence[Problem], checked: int, limit: int = 50) -> str:
     """A readable summary: the count, then one line per problem (the first ``limit``)."""
     head = f"{len(problems)} problem(s) in {checked} scene(s):"
@@ -126,4 +152,4 @@ def report(problems: Sequence[Problem], checked: int, limit: int = 50) -> str:
     return "\n".join([head, *lines])
 
 
-__all__ = ["MAX_ABS_DISPARITY_PX", "Problem", "check_datasets", "check_scene", "report"]
+__all__ = ["MAX_ABS_DISPARITY_PX", "Problem", "check_annotations", "check_datasets", "check_scene", "report"]

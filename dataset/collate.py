@@ -66,7 +66,13 @@ def encode_conversation(
         chunks += [(tid, is_answer) for tid in tokenizer(text, add_special_tokens=False).input_ids]
     if len(chunks) > spec.model_max_length:
         seg_positions = [i for i, (t, _) in enumerate(chunks) if t == spec.seg_id]
-        if not seg_positions or seg_positions[-1] >= spec.model_max_length:
+        if not seg_positions:  # a prompt awaiting its answer (prediction): cutting it drops the question
+            raise ValueError(
+                f"prompt of {len(chunks)} tokens (placeholders counted once) exceeds "
+                f"model_max_length={spec.model_max_length}; cutting it would drop the end of the question: "
+                "shorten the expression"
+            )
+        if seg_positions[-1] >= spec.model_max_length:
             raise ValueError(
                 f"prompt of {len(chunks)} tokens (placeholders counted once) exceeds "
                 f"model_max_length={spec.model_max_length} and would be truncated past [SEG] "

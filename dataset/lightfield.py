@@ -95,7 +95,10 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise LightFieldError(path, "view file not found") from None
     except OSError as exc:
         raise LightFieldError(path, f"cannot read view file ({exc.strerror or exc})") from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV decodes
+        raise LightFieldError(path, f"cannot decode image ({str(exc).strip().splitlines()[-1]})") from None
     if image is None or image.ndim != 3 or image.shape[2] != 3:
         raise LightFieldError(path, "cannot decode image (corrupt or not an image)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -14,6 +14,10 @@ from typing import Literal
 from utils.conversation import TEMPLATES
 from utils.options import at_least, option
 
+#: What a scene set's light-field input may be replaced with, to measure what a model reads
+#: (``dataset.scenes.SceneDataset(probe=…)``, ``--eval_input``).
+PROBES: tuple[str, ...] = ("exact", "swapped_disparity", "centre_views")
+
 DepthSource = Literal["file", "estimate"]
 DEPTH_SOURCES: tuple[str, ...] = ("file", "estimate")
 

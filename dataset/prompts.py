@@ -54,8 +54,28 @@ def _wrap(token: str, use_mm_start_end: bool) -> str:
     return f"{IM_START_TOKEN}{token}{IM_END_TOKEN}" if use_mm_start_end else token
 
 
+def text_problem(text: object) -> str | None:
+    """Why ``text`` cannot be an expression (not a string; bytes that were not UTF-8, which Python keeps
+    as lone surrogates, e.g. from a command line or a JSON ``\\udcff`` escape), or None."""
+    if not isinstance(text, str):
+        return f"must be a string, got {type(text).__name__} {str(text)[:60]!r}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        return (
+            f"is not valid UTF-8 text ({byte} at character {exc.start}: {text[: exc.start][-30:]!r}…); "
+            "write the expression in UTF-8"
+        )
+    return None
+
+
 def clean_expression(expr: str) -> str:
     """Normalise an expression for insertion into a question (strip, drop a final full stop)."""
+    why = text_problem(expr)
+    if why:
+        raise ValueError(f"the expression {why}")
     text = " ".join(expr.strip().split())
     if not text:
         raise ValueError("empty referring expression")

@@ -163,12 +163,8 @@ def _index(items: Any, key: str, path: Path) -> dict[int, dict]:
     return table
 
 
-def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO segmentation into an (H, W) uint8 {0, 1} mask.
-
-    Accepts an RLE dict (``counts`` compressed str/bytes or an uncompressed list) or a list of polygons
-    ``[[x0, y0, x1, y1, ...], ...]`` in pixels. Raises ``ValueError`` on anything else.
-    """
+def segmentation_rle(segmentation: Any, height: int, width: int) -> dict:
+    """A COCO segmentation as one compressed RLE (what :func:`decode_segmentation` decodes)."""
     if isinstance(segmentation, dict):
         counts, size = segmentation.get("counts"), segmentation.get("size")
         if counts is None or size is None:
@@ -184,7 +180,26 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     else:
         raise ValueError(f"unsupported segmentation {str(segmentation)[:80]!r}")
+    return rle
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO segmentation into an (H, W) uint8 {0, 1} mask.
+
+    Accepts an RLE dict (``counts`` compressed str/bytes or an uncompressed list) or a list of polygons
+    ``[[x0, y0, x1, y1, ...], ...]`` in pixels. Raises ``ValueError`` on anything else.
+    """
+    rle = segmentation_rle(segmentation, height, width)
     return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+
+
+def _extent(segmentation: Any) -> str:
+    """Where polygons lie, for a message: ``"x -40..-5, y 3..20"`` (empty for an RLE)."""
+    if not isinstance(segmentation, list):
+        return ""
+    xs = [float(v) for p in segmentation for v in p[0::2]]
+    ys = [float(v) for p in segmentation for v in p[1::2]]
+    return f"x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}" if xs and ys else ""
 
 
 class ReferAnnotations:
@@ -289,6 +304,31 @@ class ReferAnnotations:
                 f"size {(height, width)}",
             )
         return mask
+
+    def empty_mask_problem(self, ann_id: int) -> str | None:
+        """Why annotation ``ann_id`` gives no mask (its segmentation covers no pixel of its image, e.g.
+        polygons outside it), or None when it covers at least one pixel. The area is read from the RLE,
+        nothing is decoded; a malformed segmentation raises as :meth:`mask` does."""
+        ann = self._anns.get(int(ann_id))
+        if ann is None:
+            raise AnnotationError(self.instances_path, f"no annotation with id {ann_id}")
+        image = self.image(ann["image_id"])
+        height, width = int(image["height"]), int(image["width"])
+        segmentation = ann.get("segmentation")
+        try:
+            area = int(mask_utils.area(segmentation_rle(segmentation, height, width)))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AnnotationError(
+                self.instances_path, f"annotation {ann_id} (image {ann['image_id']}): bad segmentation: {exc}"
+            ) from None
+        if area:
+            return None
+        extent = _extent(segmentation)
+        where = f"its polygons span {extent}, " if extent else ""
+        return (
+            f"annotation {ann_id} (image {ann['image_id']}) covers no pixel of its {width}×{height} image "
+            f"({where}outside the image or of zero area): it would train and score as an empty mask"
+        )
 
     def selectors_present(self) -> list[str]:
         """Every split name and subset tag some ref carries (what a split selector can name), splits

@@ -19,7 +19,7 @@ import torch.utils.data
 from transformers import PreTrainedTokenizerBase
 
 from dataset.collate import TokenSpec, encode_conversation
-from dataset.errors import LightFieldError
+from dataset.errors import DataError, LightFieldError
 from dataset.prompts import BOX_STEP, build_turns
 from dataset.scenes import SceneDataset
 from dataset.transforms import clip_geometry, disparity_scale, longest_side_shape, sam_geometry
@@ -43,6 +43,8 @@ class SampleSpec:
     prompt_order: str = PROMPT_ORDERS[0]  # the model option's default (model.options)
     answer_box: bool = False
     depth_stream: bool = False  # the disparity at SAM geometry reaches the mask decoder
+    max_positions: int | None = None  # the language model's positions (max_position_embeddings)
+    new_tokens: int = 0  # positions a conversation leaves free for generation (prediction: max_new_tokens)
 
     @classmethod
     def from_model_config(cls, config: Any, conv_type: str = "llava_v1", pack: bool = False) -> SampleSpec:
@@ -62,6 +64,7 @@ class SampleSpec:
             prompt_order=str(config.prompt_order),
             answer_box=bool(config.answer_box),
             depth_stream=bool(getattr(config, "depth_stream", False)),
+            max_positions=getattr(getattr(config, "text_config", None), "max_position_embeddings", None),
         )
 
     @property
@@ -187,10 +190,27 @@ class ReferSegDataset(torch.utils.data.Dataset):
             order=spec.prompt_order,
             boxes=boxes,
         )
-        return [
+        out = [
             encode_conversation(self.tokenizer, render_segments(spec.conv_type, c), self.tokens)
             for c in convs
         ]
+        for ids, _ in out:
+            self._check_positions(ids)
+        return out
+
+    def _check_positions(self, ids: list[int]) -> None:
+        """``ValueError`` when a conversation (plus the tokens kept free for generation) needs more
+        positions than the language model has: past them it answers from positions it never learned."""
+        limit, reserve = self.spec.max_positions, self.spec.new_tokens
+        if not limit or len(ids) + reserve <= limit:
+            return
+        visual = sum(1 for t in ids if t in (self.tokens.image_id, self.tokens.depth_id))
+        plus = f" + {reserve} tokens to generate (--max_new_tokens)" if reserve else ""
+        raise ValueError(
+            f"prompt of {len(ids)} tokens ({len(ids) - visual} text + {visual} image/depth){plus} exceeds "
+            f"the model's {limit} positions (max_position_embeddings): shorten the expression"
+            + (" or lower --max_new_tokens" if reserve and len(ids) < limit else "")
+        )
 
     def __getitem__(self, index: int) -> Sample:
         raw = self.scenes[index]
@@ -201,8 +221,8 @@ class ReferSegDataset(torch.utils.data.Dataset):
             sample = self._images(raw)
         try:
             sample["conversations"] = self.conversations(raw["sentences"], rng, raw.get("masks"))
-        except ValueError as exc:
-            raise ValueError(f"{raw['scene_dir']}: {exc}") from exc
+        except ValueError as exc:  # a DataError rebuilds cleanly from a DataLoader worker
+            raise DataError(raw["scene_dir"], str(exc)) from exc
         masks = raw.get("masks")  # None for prediction-only scenes (chat)
         sample.update(
             masks=None if masks is None else torch.from_numpy(masks),

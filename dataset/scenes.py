@@ -15,16 +15,26 @@ Two sources of pixels per ``<ds>``:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch.utils.data
 
 from dataset.errors import AnnotationError
-from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout, LightFieldSample, load_light_field, read_rgb
+from dataset.lightfield import (
+    DEFAULT_LAYOUT,
+    LightFieldLayout,
+    LightFieldSample,
+    load_light_field,
+    read_disparity,
+    read_rgb,
+)
+from dataset.options import PROBES
 from dataset.refer import Ref, ReferAnnotations
 from utils.views import NEIGHBOURHOODS, Offset, parse_views
 
@@ -84,6 +94,11 @@ class SceneDataset(torch.utils.data.Dataset):
         lf_root, image_root: folders relative to ``dataset_dir``; ``{ds}`` is the dataset name.
         with_pixels: False (a feature cache serves the encodings): items hold ``hw`` (H, W) from the
             annotations instead of ``center`` / ``views`` / ``offsets`` / ``disparity``; no image is read.
+        probe: what the light-field input is replaced with, to measure what a model reads (one of
+            :data:`PROBES`): ``"exact"`` (as on disk), ``"swapped_disparity"`` (each light-field scene gets
+            the disparity of the next light-field scene of this set, the last the first's; resized to the
+            scene's size, values scaled by the width ratio, when the sizes differ) or ``"centre_views"``
+            (every neighbour view replaced by the centre view). Masks and text are never changed.
 
     Items are dicts: ``image_id`` int, ``ds`` str, ``scene_dir`` str (the image file for 2D data),
     ``center`` (H, W, 3) uint8, ``views`` (V, H, W, 3) uint8, ``offsets`` (V, 2) int64, ``disparity``
@@ -107,6 +122,7 @@ class SceneDataset(torch.utils.data.Dataset):
         image_root: str = "refer_seg/{ds}/images",
         seed: int = 0,
         with_pixels: bool = True,
+        probe: str = "exact",
     ) -> None:
         if mode not in ("train", "val"):
             raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
@@ -128,6 +144,11 @@ class SceneDataset(torch.utils.data.Dataset):
         self.image_root = image_root
         self.seed = seed
         self.with_pixels = with_pixels
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
+        if probe != "exact" and not with_pixels:
+            raise ValueError(f"probe {probe!r} changes the pixels: it cannot be served from a feature cache")
+        self.probe = probe
         self.epoch = 0
         self.annotations = [ReferAnnotations.load(self.dataset_dir, ds, own or split_by) for ds, own in named]
         self.sources = [self._resolve_source(ds, source) for ds in self.names]
@@ -187,7 +208,8 @@ class SceneDataset(torch.utils.data.Dataset):
         path = self.scene_path(index)
         if self.sources[self.scenes[index].ds_index] == "lightfield":
             layout = self.layouts[self.scenes[index].ds_index]
-            return load_light_field(path, self.offsets, layout, self.with_disparity)
+            sample = load_light_field(path, self.offsets, layout, self.with_disparity)
+            return self._probed(index, sample)
         center = read_rgb(path)
         return LightFieldSample(
             center=center,
@@ -196,6 +218,36 @@ class SceneDataset(torch.utils.data.Dataset):
             disparity=None,
             scene_dir=str(path),
         )
+
+    def _probed(self, index: int, sample: LightFieldSample) -> LightFieldSample:
+        """``sample`` with its input replaced as :attr:`probe` says (see the class doc)."""
+        if self.probe == "centre_views":
+            views = np.broadcast_to(sample.center, sample.views.shape).copy()
+            return dataclasses.replace(sample, views=views)
+        if self.probe == "swapped_disparity" and sample.disparity is not None:
+            donor = self._donor(index)
+            if donor is None:
+                raise ValueError(
+                    f"probe 'swapped_disparity': {self.scene_path(index)} is the only light-field scene of "
+                    "the set; another scene's disparity is needed"
+                )
+            layout = self.layouts[self.scenes[donor].ds_index]
+            other = read_disparity(self.scene_path(donor) / layout.disparity_name)
+            h, w = sample.disparity.shape
+            if other.shape != (h, w):
+                scale = w / other.shape[1]
+                other = cv2.resize(other, (w, h), interpolation=cv2.INTER_NEAREST) * np.float32(scale)
+            return dataclasses.replace(sample, disparity=np.ascontiguousarray(other, dtype=np.float32))
+        return sample
+
+    def _donor(self, index: int) -> int | None:
+        """The light-field scene after ``index`` (cyclically) whose disparity the swap probe gives it."""
+        n = len(self.scenes)
+        for step in range(1, n):
+            other = (index + step) % n
+            if self.sources[self.scenes[other].ds_index] == "lightfield":
+                return other
+        return None
 
     def _masks(self, index: int, refs: list[Ref], hw: tuple[int, int]) -> np.ndarray:
         """(N, H, W) uint8 masks of ``refs``, each decoded once, checked against the centre's (H, W)."""

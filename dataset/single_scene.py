@@ -23,6 +23,7 @@ from dataset.disparity.cache import estimate_scenes, scenes_to_estimate
 from dataset.errors import LightFieldError
 from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout, load_light_field, read_disparity
 from dataset.options import DEFAULT_ESTIMATED_NAME, DEPTH_SOURCES, DepthSource
+from dataset.prompts import text_problem
 from utils.views import Offset
 
 
@@ -71,6 +72,10 @@ def load_scene(
     """
     if depth_source not in DEPTH_SOURCES:
         raise ValueError(f"depth_source must be one of {DEPTH_SOURCES}, got {depth_source!r}")
+    for i, sentence in enumerate(query.sentences):
+        why = text_problem(sentence)
+        if why:
+            raise ValueError(f"{query.scene_dir}: expression {i + 1} {why}")
     sentences = [s.strip() for s in query.sentences]
     if not sentences or not all(sentences):
         raise ValueError(

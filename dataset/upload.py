@@ -12,8 +12,11 @@ is written from the decoded pixels. Every problem is a :class:`UploadError` with
 from __future__ import annotations
 
 import io
+import lzma
 import stat
+import struct
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -23,10 +26,24 @@ import numpy as np
 
 from dataset.errors import DataError
 from dataset.lightfield import LightFieldLayout, read_disparity
+from utils.image_header import header_size
 from utils.views import Offset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MIB = 1 << 20
+#: What ``zipfile`` raises on an archive whose headers lie (names, sizes, offsets, checksums, methods,
+#: encryption flags); :class:`UploadError` is not among them (a ``ValueError``, but raised by us).
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    OSError,
+    OverflowError,
+    struct.error,
+)
 
 
 def size_text(n: int) -> str:
@@ -73,14 +90,22 @@ def _member_name(info: zipfile.ZipInfo) -> PurePosixPath:
     return path
 
 
+def _zip_problem(exc: BaseException) -> str:
+    what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, RuntimeError) and "encrypted" in what:
+        what = "it is encrypted (password-protected zips are not accepted)"
+    return what
+
+
 def read_zip(data: bytes, limits: UploadLimits) -> dict[str, bytes]:
     """The image and ``.npy`` members of a zip (bytes) by file name; other members are ignored.
 
-    Raises :class:`UploadError` for a corrupt archive, an unsafe member, or one over the limits.
+    Raises :class:`UploadError` for a corrupt archive (headers that disagree with the data: names, sizes,
+    offsets, checksums, compression method, encryption), an unsafe member, or one over the limits.
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
+    except ZIP_ERRORS:
         raise UploadError("the .zip file is not a readable zip archive") from None
     with archive:
         infos = [i for i in archive.infolist() if not i.is_dir()]
@@ -99,10 +124,21 @@ def read_zip(data: bytes, limits: UploadLimits) -> dict[str, bytes]:
                     f"{info.filename} is {size_text(info.file_size)}; at most "
                     f"{size_text(limits.max_file_bytes)} per file"
                 )
-            with archive.open(info) as member:  # read at most the limit: a lying header cannot bomb us
-                content = member.read(limits.max_file_bytes + 1)
+            try:  # read at most the limit: a lying size header cannot bomb us
+                with archive.open(info) as member:
+                    content = member.read(limits.max_file_bytes + 1)
+            except ZIP_ERRORS as exc:  # headers that disagree with the data
+                raise UploadError(
+                    f"the .zip file is damaged or its headers disagree with its contents: {info.filename}: "
+                    f"{_zip_problem(exc)}"
+                ) from None
             total += len(content)
-            if len(content) > limits.max_file_bytes or total > limits.max_total_bytes:
+            if len(content) > limits.max_file_bytes:
+                raise UploadError(
+                    f"{info.filename} unpacks to more than {size_text(limits.max_file_bytes)} per file "
+                    f"(its header says {size_text(info.file_size)}): the zip's headers lie"
+                )
+            if total > limits.max_total_bytes:
                 raise UploadError(f"the zip unpacks to more than {size_text(limits.max_total_bytes)}")
             if path.name in files:
                 raise UploadError(f"the zip holds two files named {path.name}: keep one scene per zip")
@@ -138,14 +174,28 @@ def read_upload(paths: Sequence[str | Path], limits: UploadLimits = UploadLimits
     return files
 
 
+def _check_size(name: str, width: int, height: int, limits: UploadLimits) -> None:
+    if max(width, height) > limits.max_side_px:
+        raise UploadError(f"{name} is {width}×{height} px; views up to {limits.max_side_px} px per side")
+
+
+def check_header(name: str, content: bytes, limits: UploadLimits) -> None:
+    """Refuse a view whose header states a size over ``limits.max_side_px``, before anything is decoded
+    (a PNG/JPG header is read from its first bytes; other files are left to the decoder)."""
+    size = header_size(content)
+    if size is not None:
+        _check_size(name, *size, limits)
+
+
 def _decode_image(name: str, content: bytes, limits: UploadLimits) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR)
+    check_header(name, content, limits)
+    try:
+        image = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # e.g. a header OpenCV refuses
+        image = None
     if image is None or image.ndim != 3:
         raise UploadError(f"{name} is not a decodable PNG/JPG image")
-    if max(image.shape[:2]) > limits.max_side_px:
-        raise UploadError(
-            f"{name} is {image.shape[1]}×{image.shape[0]} px; views up to {limits.max_side_px} px per side"
-        )
+    _check_size(name, image.shape[1], image.shape[0], limits)  # a file the header reader did not know
     return image  # BGR, as cv2.imwrite wants it
 
 
@@ -192,6 +242,8 @@ def write_uploaded_scene(
         raise UploadError(
             f"missing views {', '.join(missing)}: this model aggregates the centre's neighbours"
         )
+    for name, content in views.values():  # every size from its header first: nothing big is decoded
+        check_header(name, content, limits)
     decoded = {o: _decode_image(n, c, limits) for o, (n, c) in views.items()}
     h, w = decoded[(0, 0)].shape[:2]
     for offset, image in decoded.items():

@@ -2,6 +2,15 @@
 
 ``build_lfllm`` is the one entry point used by ``train_ds.py``, the merge script, ``chat.py`` and the
 tests; the tiny preset goes through it exactly like the real weights.
+
+What is loaded is exactly what was saved: a merged model's or a base LLaVA's weight files are opened first
+(a truncated file or a pickle payload is refused naming it), transformers' own loading report
+(``output_loading_info``) must hold no missing, unexpected or mis-shaped key (only LFLLM's new modules may
+be missing from a base LLaVA), and a merged model's token ids must be its tokenizer's; each refusal is one
+:class:`utils.safe_load.WeightsMismatchError` naming the file and the first key.
+
+Length: about 440 lines: every way a model comes from disk (a base LLaVA + SAM or the light head, a merged
+model) and the checks that what loads is what was saved; split, each path would lose its checks' view.
 """
 
 from __future__ import annotations
@@ -15,8 +24,16 @@ from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, PreTrain
 from transformers import logging as transformers_logging
 
 from model.lfllm import LFLLMConfig, LFLLMForCausalLM, light_decoder_config
+from model.light_decoder import load_light_decoder, read_light_decoder
 from model.options import ModelOptions, mismatched_flags, recorded_options
 from model.sam import load_sam
+from utils.safe_load import (
+    WeightsMismatchError,
+    mismatch_message,
+    read_weight_keys,
+    token_mismatch_message,
+    weight_files,
+)
 from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 from utils.views import parse_views
 
@@ -135,26 +152,125 @@ NEW_MODULES = ("sam.", "seg_projector.", "caam.", "depth_projector.", "semantic_
                "light_decoder.")  # fmt: skip
 
 
+def _file_keys(model: LFLLMForCausalLM, keys: dict[str, Path]) -> dict[str, tuple[Path, str]]:
+    """Model key -> (file, key as written there): transformers renames keys on loading (a LLaVA file's
+    ``language_model.model.*`` is the model's ``model.language_model.*``); its own renaming is applied to
+    every file key so that a refusal names the file that holds the key and the key as the file spells it."""
+    try:
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = getattr(model, "_weight_conversions", None) or []
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        meta = model.state_dict()
+        renamed = {
+            rename_source_key(k, renamings, converters, model.base_model_prefix, meta)[0]: k for k in keys
+        }
+    except (
+        ImportError,
+        AttributeError,
+        TypeError,
+        ValueError,
+    ):  # another transformers: file keys as they are
+        renamed = {k: k for k in keys}
+    return {model_key: (keys[file_key], file_key) for model_key, file_key in renamed.items()}
+
+
+def load_exact(
+    version: str | Path,
+    dtype: torch.dtype,
+    config: LFLLMConfig | None = None,
+    may_be_missing: tuple[str, ...] = (),
+    then: str = "",
+) -> LFLLMForCausalLM:
+    """``LFLLMForCausalLM.from_pretrained(version)``, refusing anything but exactly the saved weights.
+
+    The weight files are opened first (a truncated ``.safetensors`` or a payload in a ``.bin`` is refused
+    naming the file); then transformers' loading report must hold no missing key (except those under
+    ``may_be_missing``: modules a base LLaVA cannot have), no unexpected key and no mis-shaped one.
+    Raises :class:`WeightsMismatchError` naming the file and the first key of each kind, and ``then``."""
+    found = weight_files(version)
+    if found is None:
+        raise FileNotFoundError(
+            f"--version {version}: no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+        )
+    entry, files = found
+    keys = read_weight_keys(files)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its loading report is replaced by our refusal below
+    try:
+        model, info = LFLLMForCausalLM.from_pretrained(
+            version,
+            **({"config": config} if config is not None else {}),
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported, then refused here with the file named
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = sorted(k for k in info["missing_keys"] if not (may_be_missing and k.startswith(may_be_missing)))
+    unexpected, mismatched = sorted(info["unexpected_keys"]), sorted(info.get("mismatched_keys") or ())
+    if missing or unexpected or mismatched:
+        where = _file_keys(model, keys)
+        raise WeightsMismatchError(
+            mismatch_message(
+                [(entry, k) for k in missing],
+                [where.get(k, (entry, k)) for k in unexpected],
+                [(*where.get(k, (entry, k)), saved, want) for k, saved, want in mismatched],
+                expects=f"{Path(version) / 'config.json'} asks for",
+                then=then,
+            )
+        )
+    return model
+
+
 def _load_llava_weights(
     version: str | Path, config: LFLLMConfig, dtype: torch.dtype = torch.float32
 ) -> LFLLMForCausalLM:
     """LLaVA weights into a fresh LFLLM, loaded directly in ``dtype`` (no float32 detour: one copy of the
-    model in memory). Only LFLLM's own modules may be missing; nothing may be unexpected."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # the expected "missing sam.*" report is noise here
-    try:
-        model, info = LFLLMForCausalLM.from_pretrained(
-            version, config=config, dtype=dtype, output_loading_info=True
-        )
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    missing = [k for k in info["missing_keys"] if not k.startswith(NEW_MODULES)]
-    if missing or info["unexpected_keys"] or info.get("mismatched_keys"):
-        raise ValueError(
-            f"{version}: weights do not match the LLaVA architecture; missing {missing[:5]}, "
-            f"unexpected {list(info['unexpected_keys'])[:5]}, mismatched {list(info.get('mismatched_keys', []))[:5]}"
-        )
-    return model
+    model in memory). Only LFLLM's own modules may be missing; nothing may be unexpected or mis-shaped."""
+    return load_exact(
+        version,
+        dtype,
+        config,
+        may_be_missing=NEW_MODULES,
+        then=(
+            f"the weights in {version} are not what its config.json describes (loading would start the missing "
+            "weights from random values and drop the unexpected ones): refused; use the HF LLaVA folder as it "
+            "was downloaded or converted"
+        ),
+    )
+
+
+#: The config's token ids and the tokens they must be in the tokenizer.
+TOKEN_IDS = (("seg_token_id", SEG_TOKEN), ("image_token_index", IMAGE_TOKEN), ("depth_token_id", DEPTH_TOKEN))
+
+
+def check_token_ids(version: str | Path, config: LFLLMConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A merged model's config.json and tokenizer must agree: ``seg_token_id`` / ``image_token_index`` /
+    ``depth_token_id`` are the tokenizer's ids of ``[SEG]`` / ``<image>`` / ``<depth>``, ``<im_start>`` and
+    ``<im_end>`` are single tokens when the model wraps images in them, the pad id is the tokenizer's, and
+    every token id fits the embedding. Raises :class:`WeightsMismatchError` naming config.json and the
+    first key (a wrong ``seg_token_id`` would otherwise look for ``[SEG]`` at another token, silently)."""
+    vocab = tokenizer.get_vocab()
+    wrong = []
+    for key, token in TOKEN_IDS:
+        actual = vocab.get(token)
+        if getattr(config, key, None) != actual:
+            wrong.append((key, getattr(config, key, None), token, actual))
+    if config.use_mm_start_end:
+        wrong += [
+            ("use_mm_start_end", True, t, None) for t in (IM_START_TOKEN, IM_END_TOKEN) if t not in vocab
+        ]
+    pad = config.text_config.pad_token_id
+    if pad is not None and tokenizer.pad_token is not None and pad != tokenizer.pad_token_id:
+        wrong.append(("text_config.pad_token_id", pad, tokenizer.pad_token, tokenizer.pad_token_id))
+    rows = config.text_config.vocab_size
+    if len(tokenizer) > rows:
+        top = max(vocab, key=vocab.get)
+        wrong.append(("text_config.vocab_size", rows, top, vocab[top]))
+    if wrong:
+        raise WeightsMismatchError(token_mismatch_message(Path(version) / "config.json", version, wrong))
 
 
 def cast_model(model: LFLLMForCausalLM, dtype: torch.dtype) -> LFLLMForCausalLM:
@@ -205,6 +321,7 @@ def build_lfllm(
     options: ModelOptions | None = None,
     dtype: torch.dtype = torch.float32,
     given: Collection[str] = (),
+    light_pretrained: str | Path | None = None,
 ) -> tuple[LFLLMForCausalLM, PreTrainedTokenizerBase]:
     """Load LFLLM from ``version``.
 
@@ -219,6 +336,8 @@ def build_lfllm(
     Args:
         given: names of the :class:`ModelOptions` fields (and ``"vision_pretrained"``) set explicitly on a
             command line; the others are defaults that yield to what the weights hold.
+        light_pretrained: a light-decoder file (``model.light_decoder.save_light_decoder``) to start the
+            light head from, for a LLaVA directory with ``mask_head="light"`` only.
     """
     options = options or ModelOptions()
     check_pretrained_dir(version)
@@ -238,7 +357,21 @@ def build_lfllm(
                 f"(merged from {merged_from_sam(version)}); drop the flag (or evaluate the base LLaVA "
                 "directory with this SAM)"
             )
-        model = LFLLMForCausalLM.from_pretrained(version, dtype=dtype)
+        if light_pretrained is not None:
+            raise OptionMismatchError(
+                f"--light_pretrained {light_pretrained}: the merged model {version} holds its own light decoder; "
+                "drop the flag"
+            )
+        check_token_ids(version, AutoConfig.from_pretrained(version), tokenizer)
+        model = load_exact(
+            version,
+            dtype,
+            then=(
+                f"the weights in {version} are not what its config.json describes (loading would start the "
+                "missing weights from random values and drop the unexpected ones): refused; use the folder as "
+                "the merge wrote it, or merge again"
+            ),
+        )
         recorded = recorded_options(model.config)
         recorded["caam_views"] = model.config.caam_offsets or []
         check_given_options(f"the merged model {version}", options, given, recorded)
@@ -249,7 +382,9 @@ def build_lfllm(
             raise RuntimeError(f"{version}: SAM's prompt encoder loaded as {odd}, expected float32")
         return model, tokenizer
     if options.mask_head == "light":
-        return _build_light(version, vision_pretrained, options, dtype)
+        return _build_light(version, vision_pretrained, options, dtype, light_pretrained)
+    if light_pretrained is not None:
+        raise ValueError(f"--light_pretrained {light_pretrained}: the SAM route has no light decoder")
     if vision_pretrained is None:
         raise ValueError(f"{version} is a LLaVA directory: pass the SAM checkpoint with --vision_pretrained")
     sam, sam_cfg = load_sam(vision_pretrained)
@@ -285,13 +420,22 @@ def _new_lfllm(
 
 
 def _build_light(
-    version: str | Path, vision_pretrained: str | Path | None, options: ModelOptions, dtype: torch.dtype
+    version: str | Path,
+    vision_pretrained: str | Path | None,
+    options: ModelOptions,
+    dtype: torch.dtype,
+    light_pretrained: str | Path | None = None,
 ) -> tuple[LFLLMForCausalLM, PreTrainedTokenizerBase]:
-    """A LLaVA directory with the light mask head: no SAM checkpoint is read (one given is refused)."""
+    """A LLaVA directory with the light mask head: no SAM checkpoint is read (one given is refused); the
+    decoder starts from ``light_pretrained`` when given (checked before the LLaVA weights load)."""
     if vision_pretrained is not None:
         raise ValueError(
             f"--vision_pretrained {vision_pretrained}: the light mask head (--mask_head light) has no SAM; "
             "drop the flag (or use --mask_head sam)"
         )
+    if light_pretrained is not None:
+        read_light_decoder(light_pretrained)  # a missing or foreign file is refused before the base loads
     model, tokenizer = _new_lfllm(version, None, options, dtype)
+    if light_pretrained is not None:
+        load_light_decoder(model.light_decoder, light_pretrained)
     return model.to(dtype), tokenizer

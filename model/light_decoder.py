@@ -23,11 +23,22 @@ Shapes: B images, N conversations, M masks, P = g² tokens, C the decoder width,
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+#: ``format`` metadata of a light-decoder weight file (:func:`save_light_decoder`).
+LIGHT_FORMAT = "lfllm-light-decoder"
+#: Its name in a training export folder and in a base folder.
+LIGHT_FILE = "light_decoder.safetensors"
 
 
 @dataclass(frozen=True)
@@ -166,6 +177,78 @@ def masks_to_image(
     square = nn.functional.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear")
     padded = nn.functional.pad(square, (left, rw - size - left, top, rh - size - top), mode="replicate")
     return nn.functional.interpolate(padded, size=tuple(original_hw), mode="bilinear")[:, 0]
+
+
+def save_light_decoder(
+    state: Mapping[str, torch.Tensor],
+    cfg: LightDecoderConfig,
+    path: str | Path,
+    record: dict[str, Any] | None = None,
+) -> Path:
+    """Write a light decoder's weights (``LightMaskDecoder.state_dict()`` names) as a float32 safetensors file
+    whose metadata holds :data:`LIGHT_FORMAT`, the decoder's shapes (``cfg``) and ``record`` (how it was made).
+    Written to a temporary name first, then renamed: an existing file is never left half-written."""
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    meta = {"format": LIGHT_FORMAT, "config": json.dumps(asdict(cfg)), "record": json.dumps(record or {})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_light_decoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(tensors, decoder shapes, record) of a file written by :func:`save_light_decoder`. Raises
+    ``FileNotFoundError`` / ``ValueError`` naming ``--light_pretrained`` and the file."""
+    path = Path(path)
+    flag = f"--light_pretrained {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:  # safetensors raises its own error types for a torn or foreign file
+        raise ValueError(f"{flag}: not a readable .safetensors file ({exc})") from None
+    if meta.get("format") != LIGHT_FORMAT:
+        raise ValueError(
+            f"{flag}: not a light-decoder file (its metadata has no format {LIGHT_FORMAT!r}); a light training "
+            f"run writes one as export/<tag>/{LIGHT_FILE}"
+        )
+    try:
+        shapes, record = json.loads(meta["config"]), json.loads(meta.get("record", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{flag}: its metadata is damaged ({exc})") from None
+    return tensors, shapes, record
+
+
+@torch.no_grad()
+def load_light_decoder(decoder: LightMaskDecoder, path: str | Path) -> dict[str, Any]:
+    """Initialise ``decoder`` from a light-decoder file: its shapes must be the decoder's, every tensor
+    present with its shape and finite, nothing else in the file. Returns the file's record."""
+    tensors, shapes, record = read_light_decoder(path)
+    flag = f"--light_pretrained {path}"
+    want = asdict(decoder.cfg)
+    diff = [f"{k} {shapes.get(k)} in the file, {v} here" for k, v in want.items() if shapes.get(k) != v]
+    if diff:
+        raise ValueError(
+            f"{flag}: made for another light decoder ({'; '.join(diff)}); check --light_dim, "
+            "--light_detail_size and the base (--version)"
+        )
+    own = decoder.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{flag}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ValueError(
+                f"{flag}: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{flag}: {name} holds NaN or infinite values")
+    for name, tensor in tensors.items():
+        own[name].copy_(tensor)
+    return record
 
 
 def parameter_count(cfg: LightDecoderConfig) -> int:

@@ -25,6 +25,8 @@ MASK_HEAD=${MASK_HEAD:-sam}
 # SAM_ROUTE_FLAGS= (empty) trains the plain LISA-style route.
 SAM_ROUTE_FLAGS=${SAM_ROUTE_FLAGS-"--semantic_fusion --depth_stream"}
 LIGHT_DETAIL_SIZE=${LIGHT_DETAIL_SIZE:-336}
+# The light decoder's start: the base's pretrained one when it has it (scripts/pretrain_light_head.sh), else fresh.
+# LIGHT_PRETRAINED= (empty) starts it fresh.
 PY=.venv/bin/python
 export TOKENIZERS_PARALLELISM=false
 if [ "$MASK_HEAD" != sam ] && [ "$MASK_HEAD" != light ]; then
@@ -120,6 +122,8 @@ EOF
 
 if [ "$MASK_HEAD" = light ]; then  # no SAM anywhere
   HEAD_FLAGS=(--mask_head light --light_detail_size "$LIGHT_DETAIL_SIZE")
+  LIGHT_PRETRAINED=${LIGHT_PRETRAINED-$([ -f "$BASE/light_decoder.safetensors" ] && echo "$BASE/light_decoder.safetensors" || true)}
+  if [ -n "$LIGHT_PRETRAINED" ]; then HEAD_FLAGS+=(--light_pretrained "$LIGHT_PRETRAINED"); fi
   MERGE_FLAGS=()
 else
   read -r -a ROUTE <<< "$SAM_ROUTE_FLAGS"

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import app
 import chat
 from model.build import OptionMismatchError, build_lfllm, load_tokenizer
 from model.inference import teacher_forced_masks
 from model.lfllm import LFLLMForCausalLM, seg_predictor_positions
+from model.light_decoder import LIGHT_FILE, read_light_decoder, save_light_decoder
 from model.losses import mask_losses
 from model.options import ModelOptions
 from tests.conftest import TINY_DS, model_batch
@@ -124,6 +125,13 @@ def test_light_route_trains_on_two_ranks_with_the_cache_merges_and_evaluates(
         and "sam_embeddings" not in load_file(entries[0])
     )
     merged = merge("--weight", run / "export" / "last", "--save_path", tmp_path / "m", "--precision", "fp32")
+    # the decoder alone, exported beside the trainable weights, is the merged model's decoder
+    decoder_file = run / "export" / "last" / LIGHT_FILE
+    tensors, shapes, record = read_light_decoder(decoder_file)
+    assert shapes["grid"] == 8 and record["global_step"] == 2
+    merged_decoder = LFLLMForCausalLM.from_pretrained(merged).light_decoder.state_dict()
+    assert tensors.keys() == merged_decoder.keys()
+    assert all(torch.equal(tensors[k], merged_decoder[k]) for k in tensors)
     for protocol in ("teacher_forced", "generated"):
         out = run_train([
             "--eval_only", "--version", str(merged), "--dataset_dir", str(tiny_dataset),
@@ -207,3 +215,49 @@ def test_a_sam_checkpoint_given_with_a_merged_light_model_is_refused(light_merge
         ValueError, match="--light_detail_size 100: expected a multiple of the vision tower's"
     ):
         build_lfllm(tiny_base["llava"], None, ModelOptions(mask_head="light", light_detail_size=100))
+
+
+def test_a_light_decoder_file_starts_another_model_and_bad_ones_are_refused(
+    tiny_base, light_merged, tmp_path, capsys
+):
+    torch.manual_seed(0)
+    model, _ = build_lfllm(tiny_base["llava"], None, LIGHT)
+    with torch.no_grad():
+        for p in model.light_decoder.parameters():
+            p.add_(0.5)  # away from any fresh init
+    good = save_light_decoder(
+        model.light_decoder.state_dict(), model.light_decoder.cfg, tmp_path / "d.safetensors", {"note": "x"}
+    )
+    torch.manual_seed(1)
+    started, _ = build_lfllm(tiny_base["llava"], None, LIGHT, light_pretrained=good)
+    want, got = model.light_decoder.state_dict(), started.light_decoder.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert read_light_decoder(good)[2] == {"note": "x"}
+    narrow = ModelOptions(mask_head="light", light_detail_size=224, light_dim=64)
+    with pytest.raises(ValueError, match=r"--light_pretrained .*dim 256 in the file, 64 here.*--light_dim"):
+        build_lfllm(tiny_base["llava"], None, narrow, light_pretrained=good)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    (tmp_path / "torn.safetensors").write_bytes(good.read_bytes()[:100])
+    bad = {k: v.clone() for k, v in want.items()}
+    bad["pos"][0, 0, 0] = float("nan")
+    save_light_decoder(bad, model.light_decoder.cfg, tmp_path / "nan.safetensors")
+    fewer = {k: v for k, v in want.items() if k != "pos"}
+    save_light_decoder(fewer, model.light_decoder.cfg, tmp_path / "fewer.safetensors")
+    for name, error, message in (
+        ("absent.safetensors", FileNotFoundError, "no such file"),
+        ("plain.safetensors", ValueError, "not a light-decoder file"),
+        ("torn.safetensors", ValueError, "not a readable .safetensors file"),
+        ("nan.safetensors", ValueError, "pos holds NaN"),
+        ("fewer.safetensors", ValueError, r"missing tensors \['pos'\]"),
+    ):
+        with pytest.raises(error, match=message) as err:
+            build_lfllm(tiny_base["llava"], None, LIGHT, light_pretrained=tmp_path / name)
+        assert f"--light_pretrained {tmp_path / name}" in str(err.value)
+    with pytest.raises(OptionMismatchError, match="holds its own light decoder"):
+        build_lfllm(light_merged[1], light_pretrained=good)
+    sam_route = ["--version", "v", "--dataset_dir", "d", "--light_pretrained", str(good)]
+    with pytest.raises(SystemExit):
+        parse_config(sam_route)
+    said = capsys.readouterr().err
+    assert "--light_pretrained" in said and "the SAM route (--mask_head sam) has no light decoder" in said
+    assert parse_config([*sam_route, "--mask_head", "light"]).light_checkpoint == str(good)

@@ -225,3 +225,53 @@ def test_missing_2d_image_is_named(root: Path) -> None:
     with pytest.raises(LightFieldError, match="view file not found") as info:
         data[0]
     assert info.value.path == str(root / "refer_seg" / TWO_D / "images" / "COCO_4.jpg")
+
+
+def test_probes_replace_the_light_field_input_and_nothing_else(tiny_dataset, tmp_path, capsys):
+    """``--eval_input``: swapped_disparity gives each scene the next scene's map (resized and scaled when the
+    sizes differ), centre_views replaces every neighbour by the centre; masks and text never change."""
+    import shutil
+
+    from dataset.lightfield import read_disparity
+    from tests.conftest import TINY_DS
+    from training.config import parse_config
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    exact = SceneDataset(data, TINY_DS, "val", views="4")
+    n = len(exact)
+    assert n >= 3
+    items = [exact[i] for i in range(n)]
+    donor = exact.scene_path(2) / exact.layout.disparity_name
+    h, w = read_disparity(donor).shape
+    np.save(donor, np.full((h // 2, w // 2), 1.5, np.float32))  # another size: resized, values x2
+    swapped = SceneDataset(data, TINY_DS, "val", views="4", probe="swapped_disparity")
+    centred = SceneDataset(data, TINY_DS, "val", views="4", probe="centre_views")
+    for i in (0, 1, *range(3, n)):  # scene 2 itself now fails its own size check
+        a, b, c = items[i], swapped[i], centred[i]
+        nxt = items[(i + 1) % n]["disparity"]
+        if i == 1:
+            np.testing.assert_array_equal(b["disparity"], np.full((h, w), 3.0, np.float32))
+        else:
+            np.testing.assert_array_equal(b["disparity"], nxt)
+            assert not np.array_equal(b["disparity"], a["disparity"])
+        assert c["views"].shape == a["views"].shape and (c["views"] == a["center"][None]).all()
+        assert not np.array_equal(c["views"], a["views"])
+        np.testing.assert_array_equal(c["disparity"], a["disparity"])
+        for probed in (b, c):
+            np.testing.assert_array_equal(probed["center"], a["center"])
+            np.testing.assert_array_equal(probed["masks"], a["masks"])
+            assert probed["sentences"] == a["sentences"]
+    with pytest.raises(ValueError, match="probe must be one of exact, swapped_disparity, centre_views"):
+        SceneDataset(data, TINY_DS, "val", probe="noise")
+    with pytest.raises(ValueError, match="cannot be served from a feature cache"):
+        SceneDataset(data, TINY_DS, "val", probe="centre_views", with_pixels=False)
+    base = ["--version", "v", "--dataset_dir", str(data), "--eval_input", "swapped_disparity"]
+    for extra, said in (
+        ([], "only with --eval_only"),
+        (["--eval_only", "--feature_cache", str(tmp_path / "fc")], "drop --feature_cache"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_config([*base, *extra])
+        assert said in capsys.readouterr().err
+    assert parse_config([*base, "--eval_only"]).eval.eval_input == "swapped_disparity"

@@ -166,10 +166,11 @@ def test_explicit_resume_dir_and_missing_dir(tiny_base, tiny_dataset, tmp_path):
     runs = tmp_path / "runs"
     run_train(_args(tiny_base, tiny_dataset, runs, "a", "--epochs", "1", "--steps_per_epoch", "2"))
     ckpt = runs / "a" / "ckpt_model"
-    # A longer schedule resumed from the first run's checkpoint continues at step 2.
+    # A longer schedule resumed from the first run's checkpoint continues at step 2 (on --extend_schedule,
+    # which says how the LR goes on).
     longer = ("--epochs", "2", "--steps_per_epoch", "2", "--no_eval", "--resume", str(ckpt / "last"))
-    out = run_train(_args(tiny_base, tiny_dataset, runs, "b", *longer))
-    assert "at step 2" in out
+    out = run_train(_args(tiny_base, tiny_dataset, runs, "b", *longer, "--extend_schedule"))
+    assert "at step 2" in out and "the learning-rate schedule changes on resume" in out
     assert sorted(_log(runs / "b")) == [3, 4]
     base = ("--epochs", "1", "--steps_per_epoch", "2", "--no_eval")
     proc = subprocess.run(

@@ -7,6 +7,8 @@ to ``.old-<tag>/`` first and deleted after), then ``latest`` is replaced atomica
 point of a save leaves at least one complete checkpoint, and :func:`find_resume_checkpoint` picks the
 newest complete one whatever its name (``last``, ``.tmp-last``, ``.old-last``, ``best``…) and says so.
 Every file is read through the weights-only gate (``utils.safe_load``) before DeepSpeed loads it.
+A save that fills the disk removes its partial files and raises ``utils.outputs.DiskFullError`` naming the
+path, the disk and its free space; the previous checkpoint and export are left as they were.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from model.light_decoder import LIGHT_FILE, LightMaskDecoder, save_light_decoder
+from utils.outputs import on_disk_full
 from utils.safe_load import verify_deepspeed_checkpoint
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -38,9 +42,11 @@ def _rank() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (a full disk: the temporary
+    file is removed, ``path`` kept, and ``DiskFullError`` raised)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with on_disk_full(path, partial=[tmp], kept=f"{path} is as it was" if path.exists() else ""):
+        tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -56,26 +62,36 @@ def save_checkpoint(
     if _rank() == 0 and (ckpt_dir / tmp_tag).exists():
         shutil.rmtree(ckpt_dir / tmp_tag)
     _barrier()
-    engine.save_checkpoint(
-        str(ckpt_dir),
-        tag=tmp_tag,
-        client_state=client_state,
-        save_latest=False,
-        exclude_frozen_parameters=True,
-    )
-    _barrier()
     final = ckpt_dir / tag
+    # a full disk: rank 0 removes the partial .tmp-<tag> (the other ranks' launcher stops them); the
+    # previous checkpoint is untouched until the new one is complete
+    partial = [ckpt_dir / tmp_tag] if _rank() == 0 else []
+    kept = f"the previous checkpoint {final} is as it was" if final.exists() else ""
+    with on_disk_full(final, partial=partial, kept=kept):
+        engine.save_checkpoint(
+            str(ckpt_dir),
+            tag=tmp_tag,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
+    _barrier()
     if _rank() == 0:
         step = int(client_state.get("global_step", getattr(engine, "global_steps", 0)))
-        atomic_write_text(ckpt_dir / tmp_tag / COMPLETE_FILE, json.dumps({"global_step": step, "tag": tag}))
+        with on_disk_full(final, partial=partial, kept=kept):
+            atomic_write_text(
+                ckpt_dir / tmp_tag / COMPLETE_FILE, json.dumps({"global_step": step, "tag": tag})
+            )
         old = ckpt_dir / f".old-{tag}"
         if final.exists():
             os.replace(final, old)
         os.replace(ckpt_dir / tmp_tag, final)
-        if update_latest:
-            atomic_write_text(ckpt_dir / "latest", tag)
-        if old.exists():
-            shutil.rmtree(old)
+        try:  # the new checkpoint is complete in place: the old one goes even if 'latest' cannot be written
+            if update_latest:
+                atomic_write_text(ckpt_dir / "latest", tag)
+        finally:
+            if old.exists():
+                shutil.rmtree(old)
     _barrier()
     return final
 
@@ -146,15 +162,25 @@ def export_trainable(model: torch.nn.Module, out_dir: str | Path, meta: dict[str
     """Write the trainable weights as one safetensors file (+ a JSON of how to rebuild the wrapper).
 
     ZeRO-1/2 keep full parameters on every rank, so rank 0 writes them directly; no ``zero_to_fp32``
-    step is needed (the merge script also accepts DeepSpeed checkpoints and ``zero_to_fp32`` output).
+    step is needed (the merge script also accepts DeepSpeed checkpoints and ``zero_to_fp32`` output). A model
+    with the light mask head also gets its decoder alone as ``light_decoder.safetensors`` (``--light_pretrained``).
     """
     out_dir = Path(out_dir)
     path = out_dir / TRAINABLE_FILE
     if _rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f".{TRAINABLE_FILE}.tmp"
-        save_file(trainable_state(model), str(tmp))
+        kept = f"the previous export in {out_dir} is as it was" if path.exists() else ""
+        # both files are written before either replaces its predecessor: a full disk leaves the previous
+        # export whole and no partial file behind
+        with on_disk_full(path, partial=[tmp], kept=kept):
+            save_file(trainable_state(model), str(tmp))
+            atomic_write_text(out_dir / TRAINABLE_META, json.dumps(meta, indent=2))
         os.replace(tmp, path)
-        atomic_write_text(out_dir / TRAINABLE_META, json.dumps(meta, indent=2))
+        decoder = next((m for m in model.modules() if isinstance(m, LightMaskDecoder)), None)
+        light_tmp = out_dir / f".{LIGHT_FILE}.tmp"  # save_light_decoder's temporary file
+        with on_disk_full(out_dir / LIGHT_FILE, partial=[light_tmp]):
+            if decoder is not None:  # the light head alone, to start another run from (--light_pretrained)
+                save_light_decoder(decoder.state_dict(), decoder.cfg, out_dir / LIGHT_FILE, record=meta)
     _barrier()
     return path

@@ -112,12 +112,27 @@ class RunConfig:
             self._check_targets,
             self._check_estimator,
             self._check_mask_head,
+            self._check_eval_input,
         ):
             try:
                 check()
             except ValueError as exc:
                 lines.append(str(exc))
         return lines
+
+    def _check_eval_input(self) -> None:
+        probe = self.eval.eval_input
+        if probe == "exact":
+            return
+        if not self.run.eval_only:
+            raise ValueError(
+                f"--eval_input {probe}: a probe of what a trained model reads, only with --eval_only"
+            )
+        if self.run.feature_cache:
+            raise ValueError(
+                f"--eval_input {probe} changes what the encoders see, which a feature cache cannot serve: "
+                "drop --feature_cache"
+            )
 
     def _check_targets(self) -> None:
         if not self.trainable.lora_target_modules.strip(","):
@@ -135,6 +150,11 @@ class RunConfig:
 
     def _check_mask_head(self) -> None:
         if self.model.mask_head != "light":
+            if self.run.light_pretrained:
+                raise ValueError(
+                    f"--light_pretrained {self.run.light_pretrained}: the SAM route (--mask_head sam) has no light "
+                    "decoder: add --mask_head light, or drop the flag"
+                )
             return
         given = sorted(set(self.SAM_FLAGS) & set(self.given))
         if given:
@@ -146,6 +166,11 @@ class RunConfig:
         """The SAM checkpoint to build a base with: ``--vision_pretrained`` in the SAM route, None for the
         light mask head (a merged model holds its own SAM; the given flag is checked against it)."""
         return None if self.model.mask_head == "light" else self.run.vision_pretrained
+
+    @property
+    def light_checkpoint(self) -> str | None:
+        """The light decoder's initial weights (``--light_pretrained``), None when fresh."""
+        return self.run.light_pretrained or None
 
     def _check_estimator(self) -> None:
         try:

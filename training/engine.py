@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from model.lfllm import LFLLMForCausalLM
 from model.trainable import make_trainable, unwrap
-from training.ds_config import deepspeed_config
+from training.ds_config import RunSchedule, Schedule, deepspeed_config
 
 if TYPE_CHECKING:
     from training.config import RunConfig
@@ -24,7 +24,9 @@ def build_engine(model: LFLLMForCausalLM, cfg: RunConfig, on_cpu: bool) -> tuple
 
     Turns the KV cache off, enables gradient checkpointing when ``--gradient_checkpointing``, wraps the
     trainable set with peft (``cfg.trainable``), builds the DeepSpeed config from ``cfg.optim`` / ``cfg.loop``
-    (``training.ds_config.deepspeed_config``) and initialises the engine in train mode.
+    (``training.ds_config.deepspeed_config``) and initialises the engine in train mode. The LR schedule is
+    :class:`training.ds_config.RunSchedule` (the config's WarmupDecayLR, which also takes no warm-up, and
+    records itself in every checkpoint).
 
     Returns:
         (engine, the DeepSpeed config dict).
@@ -38,7 +40,13 @@ def build_engine(model: LFLLMForCausalLM, cfg: RunConfig, on_cpu: bool) -> tuple
     params = [p for p in wrapped.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
     ds_config = deepspeed_config(cfg.optim, cfg.loop, cfg.run.precision, on_cpu=on_cpu, trainable_numel=numel)
-    engine, _, _, _ = deepspeed.initialize(model=wrapped, model_parameters=params, config=ds_config)
+    schedule = Schedule.from_options(cfg.optim, cfg.loop)
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapped,
+        model_parameters=params,
+        config=ds_config,
+        lr_scheduler=lambda optimizer: RunSchedule(optimizer, schedule),
+    )
     # DeepSpeed casts the whole module to bf16/fp16; SAM's prompt encoder (frozen) must stay float32.
     inner = unwrap(engine.module)
     if inner.sam is not None:

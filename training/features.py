@@ -9,8 +9,10 @@ instead of decoding and encoding the views.
 
 Never stale: entries live under ``DIR/<key>/`` where the key hashes the frozen weights (content, not
 paths), every option that changes the features (sizes, CAAM target/mode/views, depth range, disparity
-source and file names, view pattern, compute and storage dtype); each entry also records the size and
-mtime of the scene's input files and is recomputed when they change. Never half-read: entries are written
+source and file names, view pattern, compute and storage dtype); each entry also records the size, mtime
+and a content hash (blake2b) of the scene's input files and is recomputed when any changes, an edit that
+keeps the size and the time stamp included (a process hashes a file once per change of its inode, size,
+mtime or ctime: after the first read, one ``stat`` per file and step). Never half-read: entries are written
 atomically (temporary file + ``os.replace``) with a checksum of their tensors; a truncated or corrupt
 entry is reported, recomputed, never used. Ranks share one cache: rank 0 lists what is missing, each rank
 computes its share, all wait for all (the rules of the estimated-disparity cache).
@@ -127,8 +129,32 @@ def cache_key(
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
 
 
+#: This process's content hashes, by (path, inode, size, mtime_ns, ctime_ns): a file is read again only
+#: when one of them changes (rewriting a file changes its ctime, even when ``os.utime`` restores mtime).
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+_DIGESTS_MAX = 1 << 16
+
+
+def file_digest(path: Path) -> tuple[int, int, str]:
+    """(size, mtime_ns, blake2b-128 hex of the content) of ``path``, hashed once per change of the file."""
+    st = path.stat()
+    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _DIGESTS.get(memo)
+    if digest is None:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.clear()
+        _DIGESTS[memo] = digest
+    return st.st_size, st.st_mtime_ns, digest
+
+
 def scene_signature(scenes: SceneDataset, index: int, spec: SampleSpec) -> list[list[Any]]:
-    """[file name, size, mtime_ns] of every input file item ``index`` is encoded from."""
+    """[file name, size, mtime_ns, content hash] of every input file item ``index`` is encoded from
+    (:func:`file_digest`): an entry follows the content, not only the size and the time stamp."""
     scene = scenes.scenes[index]
     path = scenes.scene_path(index)
     if scenes.sources[scene.ds_index] != "lightfield":
@@ -141,11 +167,7 @@ def scene_signature(scenes: SceneDataset, index: int, spec: SampleSpec) -> list[
         if spec.needs_disparity:
             names.append(layout.disparity_name)
         files = [path / n for n in names]
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append([f.name, st.st_size, st.st_mtime_ns])
-    return out
+    return [[f.name, *file_digest(f)] for f in files]
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

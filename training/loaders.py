@@ -267,9 +267,14 @@ def build_train_loader(
 
 
 def val_scenes(
-    cfg: RunConfig, with_disparity: bool, views: Sequence[tuple[int, int]] = (), with_pixels: bool = True
+    cfg: RunConfig,
+    with_disparity: bool,
+    views: Sequence[tuple[int, int]] = (),
+    with_pixels: bool = True,
+    probe: str = "exact",
 ) -> SceneDataset:
-    """The raw validation scenes of ``--val_dataset`` (``ds|splitBy|split``; split may be a subset tag)."""
+    """The raw validation scenes of ``--val_dataset`` (``ds|splitBy|split``; split may be a subset tag);
+    ``probe``: what their light-field input is replaced with (``--eval_input``, ``SceneDataset``)."""
     ds, split_by, split = cfg.eval.split
     return SceneDataset(
         cfg.datasets.dataset_dir,
@@ -281,6 +286,7 @@ def val_scenes(
         with_disparity=with_disparity,
         split_by=split_by,
         with_pixels=with_pixels,
+        probe=probe,
     )
 
 
@@ -296,7 +302,13 @@ def build_val_loader(
     """Validation loader over this rank's shard of ``--val_dataset`` (``ds|splitBy|split``); with
     ``store`` the encodings come from the feature cache."""
     spec = SampleSpec.from_model_config(model_config, cfg.prompt.conv_type, pack=False)
-    scenes = val_scenes(cfg, spec.needs_disparity, caam_views(model_config), with_pixels=store is None)
+    scenes = val_scenes(
+        cfg,
+        spec.needs_disparity,
+        caam_views(model_config),
+        with_pixels=store is None,
+        probe=cfg.eval.eval_input,
+    )
     features = None if store is None else store.provider(scenes, spec)
     data = ReferSegDataset(
         scenes,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.disparity.config import DisparityConfig, config_overrides
+from dataset.options import PROBES
 from utils.options import at_least, fraction, option, positive_finite
 
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
@@ -116,6 +117,11 @@ class LoopOptions:
     print_freq: int = option(1, "log every N optimiser steps", check=at_least(1))
     save_steps: int = option(0, "also save 'last' every N optimiser steps", check=at_least(0))
     max_steps: int = option(0, "stop after N optimiser steps (0: the full run)", check=at_least(0))
+    extend_schedule: bool = option(
+        False,
+        "resume a checkpoint although --epochs / --steps_per_epoch give the run another length: the learning "
+        "rate goes on from the value it reached and falls linearly to 0 at the new end (docs/TRAINING.md)",
+    )
     start_epoch: int = option(
         0, "refused unless 0: a resumed run's epoch comes from its checkpoint", check=_fresh_start
     )
@@ -132,6 +138,12 @@ class RunOptions:
 
     version: str = option("./tiny_base/llava", "HF LLaVA dir, or a merged LFLLM dir", resume=True)
     vision_pretrained: str = option("./tiny_base/sam_tiny.pth", "SAM checkpoint (.pth)", resume=True)
+    light_pretrained: str = option(
+        "",
+        "light head: initial weights of the light decoder (a light_decoder.safetensors, e.g. the pretrained base's "
+        "or a light run's export/<tag>/); empty: fresh",
+        resume=True,
+    )
     vision_tower: str | None = option(
         None,
         "accepted for compatibility; the tower comes from --version",
@@ -179,6 +191,13 @@ class EvalOptions:
         "teacher_forced", "masks from the reference answer, or from generated text", choices=EVAL_PROTOCOLS
     )
     vis_save_path: str = option("", "write overlay images of validation here")
+    eval_input: str = option(
+        "exact",
+        "what the model is shown, to measure what it reads: the light fields as on disk, each scene with the "
+        "next val scene's disparity (swapped_disparity), or every neighbour view replaced by the centre view "
+        "(centre_views); masks and text unchanged; not with --feature_cache",
+        choices=PROBES,
+    )
 
     @property
     def split(self) -> tuple[str, str, str]:

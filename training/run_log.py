@@ -69,13 +69,43 @@ class RunLogger:
                     self.writer.add_scalar(f"{prefix}/{subset}/{key}", value, step)
 
     def truncate_log(self, step: int) -> None:
-        """Drop ``train_log.jsonl`` lines after ``step`` (a resumed run rewrites them)."""
+        """Drop ``train_log.jsonl`` lines after ``step`` (a resumed run rewrites them). A line that does not
+        read as a logged step — the torn last line of a run killed while writing it — is dropped with a
+        warning: the checkpoint, not the log, is what the run resumes from."""
         path = self.run_dir / "train_log.jsonl"
         if not self.enabled or not path.is_file():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        raw = path.read_bytes().decode("utf-8", errors="replace")
+        lines = raw.splitlines()
+        keep, bad = [], []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            logged = _logged_step(line)
+            if logged is None:
+                bad.append(number)
+            elif logged <= step:
+                keep.append(line)
+        if bad:
+            torn = bad == [len(lines)] and not raw.endswith("\n")
+            what = (
+                f"its last line (line {bad[0]}) is torn, cut off while it was written"
+                if torn
+                else f"line(s) {', '.join(map(str, bad[:10]))} do not read as logged steps"
+            )
+            print(f"warning: {path}: {what}; dropped, the run resumes from its checkpoint", flush=True)
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _logged_step(line: str) -> int | None:
+    """The ``step`` of one ``train_log.jsonl`` line, None when the line is not a whole logged step."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None

@@ -2,7 +2,9 @@
 
 ``open_weights`` identifies a ``--weight`` / checkpoint path and indexes its tensors without reading them;
 ``load_trainable`` checks them against a model wrapped for training (every trainable parameter present,
-shapes equal, values finite) and copies them in. Used by the merge script and the converter.
+nothing unexpected, shapes equal, values finite) and copies them in. Used by the merge script and the
+converter. Every refusal names the file and the first offending key in the one wording of
+``utils.safe_load.mismatch_message``; a truncated ``.safetensors`` and a pickle payload are sentences too.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from training.checkpoint import TRAINABLE_FILE, TRAINABLE_META
-from utils.safe_load import verify_deepspeed_checkpoint
+from utils.safe_load import (
+    WeightsMismatchError,
+    mismatch_message,
+    open_safetensors,
+    torch_load_reason,
+    verify_deepspeed_checkpoint,
+    weight_files,
+)
 
 DS_MODEL_STATES = "*_model_states.pt"
 
@@ -36,6 +44,7 @@ class WeightSource:
     kind: str
     getters: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         """Every tensor name."""
@@ -49,6 +58,10 @@ class WeightSource:
         """The tensor ``name`` (materialised from its file or mapped region only now)."""
         return self.getters[name]()
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of ``name``, from the file's header where it has one (no tensor is read)."""
+        return self.shapes[name] if name in self.shapes else tuple(self.tensor(name).shape)
+
 
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A ``torch.save``d state dict, memory-mapped when the file format allows it."""
@@ -57,8 +70,10 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception:  # e.g. the legacy (non-zip) format, which cannot be memory-mapped
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: cannot read as a PyTorch state dict ({exc})") from exc
+        except Exception as exc:  # torch's advice to retry with weights_only=False is never shown
+            raise ValueError(
+                f"{path}: cannot read as a PyTorch state dict: {torch_load_reason(exc)}"
+            ) from None
     for wrapper in ("module", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and len(state) <= 3:
             state = state[wrapper]
@@ -70,26 +85,22 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _add_file(source: WeightSource, path: Path) -> None:
     if path.suffix == ".safetensors":
-        handle = safe_open(str(path), framework="pt")
+        handle = open_safetensors(path)  # a truncated file: a sentence naming it
         for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
             source.getters[name] = lambda n=name, h=handle: h.get_tensor(n)
             source.files[name] = path
+            source.shapes[name] = tuple(handle.get_slice(name).get_shape())
     else:
         for name, tensor in _torch_state_dict(path).items():
             source.getters[name] = lambda t=tensor: t
             source.files[name] = path
+            source.shapes[name] = tuple(tensor.shape)
 
 
 def _sharded_files(folder: Path) -> list[Path] | None:
-    """Files of a sharded HF-style state dict in ``folder`` (from its index), or None."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            return [folder / f for f in sorted(set(weight_map.values()))]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return [folder / single]
-    return None
+    """Files of a (sharded) HF-style state dict in ``folder`` (from its index), or None."""
+    found = weight_files(folder)
+    return None if found is None else found[1]
 
 
 def _deepspeed_dirs(path: Path, tag: str | None) -> tuple[Path, str] | None:
@@ -128,6 +139,7 @@ def _read_deepspeed(ckpt_dir: Path, tag: str) -> WeightSource:
     source = WeightSource(ckpt_dir / tag, "deepspeed")
     for name, lazy in state.items():
         source.getters[name] = lambda t=lazy: t.contiguous()
+        source.shapes[name] = tuple(lazy.shape)
     return source
 
 
@@ -188,17 +200,15 @@ def read_meta(weight: str | Path, tag: str | None = None) -> dict[str, Any] | No
     return meta
 
 
-def _more(names: list[str]) -> str:
-    return f"{names[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
-
-
 def select_trainable(source: WeightSource, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Check ``source`` against the wrapped ``model`` and yield (name, tensor) for every trainable parameter.
 
     Every trainable parameter must be in ``source`` with its shape. Other names in ``source`` must be
     frozen parameters or buffers of the base (a full state dict; their values are not used), except for
     an export or a DeepSpeed checkpoint, which must hold exactly the trainable parameters (+ buffers).
-    Raises ``KeyError``/``ValueError`` naming the weight file and the first offending key.
+    Every problem is found before any tensor is read (shapes come from the files' headers) and raised as one
+    :class:`utils.safe_load.WeightsMismatchError` (a ``KeyError`` and a ``ValueError``) naming the weight
+    file and the first offending key of each kind, and how many more.
     """
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
@@ -206,22 +216,31 @@ def select_trainable(source: WeightSource, model: nn.Module) -> Iterator[tuple[s
     known = set(model.state_dict()) | set(params) | buffers
     keys = set(source.names())
     hint = "were the weights trained with other options? check --lora_r / --lora_target_modules / --train_mask_decoder"
-    missing = sorted(trainable - keys)
-    if missing:
-        raise KeyError(f"{source.path}: missing trainable key {_more(missing)}; {hint}")
+    missing = [(source.path, k) for k in sorted(trainable - keys)]
     allowed = trainable | buffers if source.kind in ("export", "deepspeed") else known
-    unexpected = sorted(keys - allowed)
-    if unexpected:
-        frozen = " (a frozen parameter of the rebuilt model)" if unexpected[0] in known else ""
-        raise KeyError(f"{source.where(unexpected[0])}: unexpected key {_more(unexpected)}{frozen}; {hint}")
-    for name in sorted(trainable):
-        tensor = source.tensor(name)
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"{source.where(name)}: key {name!r} has shape {tuple(tensor.shape)}, the rebuilt model expects "
-                f"{tuple(params[name].shape)}; {hint}"
+    unexpected = [(source.where(k), k) for k in sorted(keys - allowed)]
+    mismatched = [
+        (source.where(k), k, source.shape(k), tuple(params[k].shape))
+        for k in sorted(trainable & keys)
+        if source.shape(k) != tuple(params[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        frozen = (
+            " (a frozen parameter of the rebuilt model)" if unexpected and unexpected[0][1] in known else ""
+        )
+        raise WeightsMismatchError(
+            mismatch_message(
+                missing,
+                unexpected,
+                mismatched,
+                missing_what="trainable key",
+                unexpected_note=frozen,
+                expects="the rebuilt model expects",
+                then=hint,
             )
-        yield name, tensor
+        )
+    for name in sorted(trainable):
+        yield name, source.tensor(name)
 
 
 @torch.no_grad()

@@ -22,6 +22,11 @@ its weights from the checkpoint when it holds them (a tuned tower), else from th
 The tokenizer gains ``<image>`` (and a ``<pad>`` token) when missing; the new embedding rows are the
 mean of the old ones, and the vocabulary is padded to a multiple of 64 as in ``llava-1.5-7b-hf``.
 
+Nothing the user has is overwritten (``utils.outputs``): ``--dst`` may not be, lie inside or hold ``--src`` or
+the CLIP folder, and a non-empty ``--dst`` is replaced only with ``--overwrite`` (checked before anything is
+read). The result is written into a temporary folder beside ``--dst`` and moved into place when complete, so
+a crash or a full disk (named, with its free space) leaves what was there.
+
 Usage::
 
     python scripts/convert_llava_to_hf.py --src llava-v1.5-7b --dst llava-v1.5-7b-hf \\
@@ -51,6 +56,7 @@ from transformers import (
 
 from training.weights import open_weights
 from utils.options import add_option_flags, option, options_from_args
+from utils.outputs import check_output_dir, refuse_inputs, staged_dir
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RENAMES: tuple[tuple[str, str], ...] = (
@@ -81,6 +87,9 @@ class ConvertOptions:
     dtype: str = option("auto", "auto: the config's torch_dtype", choices=["auto", *DTYPES])
     pad_to_multiple_of: int = option(64, "vocabulary padding when tokens are added")
     max_shard_size: str = option("5GB", "largest safetensors shard written")
+    overwrite: bool = option(
+        False, "replace a non-empty --dst (its old content is removed once the new model is complete)"
+    )
 
 
 def rename_key(key: str) -> str | None:
@@ -159,7 +168,10 @@ def vision_dir(vision_tower: str | None, config: dict, src: Path) -> Path:
 def convert(options: ConvertOptions) -> Path:
     """Write the HF LLaVA directory ``options.dst`` from the original checkpoint ``options.src``; returns it."""
     src, dst = options.src, options.dst
+    check_output_dir(dst, {"--src": src, "--vision_tower": options.vision_tower}, options.overwrite, "--dst")
     config = read_original_config(src)
+    clip_dir = vision_dir(options.vision_tower, config, src)
+    refuse_inputs(dst, {"the CLIP folder (mm_vision_tower)": clip_dir}, "--dst")
     dtype = DTYPES.get(options.dtype) or getattr(torch, str(config.get("torch_dtype", "float16")))
     source = open_weights(src)
     state: dict[str, torch.Tensor] = {}
@@ -172,7 +184,6 @@ def convert(options: ConvertOptions) -> Path:
             ) from None
         if new is not None:
             state[new] = source.tensor(key).to(dtype)
-    clip_dir = vision_dir(options.vision_tower, config, src)
     vision_cfg = CLIPVisionConfig.from_pretrained(clip_dir)
     if not any(k.startswith("model.vision_tower.") for k in state):
         tower = CLIPVisionModel.from_pretrained(clip_dir, dtype=dtype)
@@ -212,9 +223,6 @@ def convert(options: ConvertOptions) -> Path:
             f"unexpected {result.unexpected_keys[:5]}"
         )
     model.config.dtype = dtype
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst, max_shard_size=options.max_shard_size)
-    tokenizer.save_pretrained(dst)
     if (clip_dir / "preprocessor_config.json").is_file():
         processor = CLIPImageProcessor.from_pretrained(clip_dir)
     else:
@@ -222,7 +230,10 @@ def convert(options: ConvertOptions) -> Path:
         processor = CLIPImageProcessor(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
-    processor.save_pretrained(dst)
+    with staged_dir(dst) as tmp:  # moved to dst only when complete
+        model.save_pretrained(tmp, max_shard_size=options.max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     print(f"converted {src} -> {dst} ({len(state)} tensors, {dtype}, vocab {rows}, added tokens {added})")
     return dst
 

@@ -4,6 +4,11 @@ The base (LLaVA dir + SAM checkpoint) is rebuilt with the training options (``tr
 the weights, flags override), wrapped exactly as in training (``model.trainable.make_trainable``), the
 trained tensors are loaded strictly by name and shape (``training.weights``), and peft merges LoRA and the
 new token rows into plain weights. ``merge_lora_weights_and_save_hf_model.py`` is the command line.
+
+Nothing the user has is overwritten (``utils.outputs``): ``--save_path`` may not be, lie inside or hold
+``--version``, ``--weight`` or the SAM / light-decoder checkpoint, and a non-empty one needs
+``--overwrite`` -- both refused before anything is built. The model is written into a temporary sibling
+folder and moved into place when complete, so a crash or a full disk leaves the previous content as it was.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from model.lfllm import LFLLMForCausalLM
 from model.options import ModelOptions
 from model.trainable import make_trainable, unwrap
 from training.config import RunConfig
-from training.weights import load_trainable, open_weights
+from training.weights import load_trainable, meta_path, open_weights
 from utils.options import option
+from utils.outputs import check_output_dir, staged_dir
 
 MERGE_INFO = "merge_info.json"
 
@@ -48,6 +54,9 @@ class MergeOptions:
     tag: str | None = option(None, "DeepSpeed checkpoint tag (default: its 'latest' file)", parse=str)
     precision: str = option("bf16", "dtype of the saved model", choices=sorted(DTYPES))
     max_shard_size: str = option("5GB", "safetensors shard size")
+    overwrite: bool = option(
+        False, "replace a non-empty --save_path (its old content is removed once the new model is complete)"
+    )
 
 
 def recorded_version(meta: dict[str, Any] | None) -> bool:
@@ -65,14 +74,30 @@ def save_merged(
     max_shard_size: str,
     info: dict[str, Any],
 ) -> Path:
-    """Write the model (sharded safetensors + config), tokenizer, image processor and ``merge_info.json``."""
+    """Write the model (sharded safetensors + config), tokenizer, image processor and ``merge_info.json``
+    into a temporary sibling of ``save_path`` and move it into place when complete (an existing
+    ``save_path`` is replaced only then). Raises ``DiskFullError`` (a ``ValueError``) naming the disk and
+    its free space when the disk fills up; the temporary folder is removed on any error."""
     out = Path(save_path)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out)
-    CLIPImageProcessor.from_pretrained(version).save_pretrained(out)
-    (out / MERGE_INFO).write_text(json.dumps(info, indent=2, default=str))
+    with staged_dir(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        CLIPImageProcessor.from_pretrained(version).save_pretrained(tmp)
+        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2, default=str))
     return out
+
+
+def merge_inputs(cfg: RunConfig, opts: MergeOptions) -> dict[str, str | Path | None]:
+    """What the merge reads, by flag: ``--save_path`` may not be, lie inside or hold any of them. A file
+    (the SAM and light-decoder checkpoints, a ``--weight`` file, the ``trainable.json`` read) protects
+    itself, not its folder: ``--vision_pretrained sam.pth --save_path ./merged`` in one folder is fine."""
+    return {
+        "--version": cfg.run.version,
+        "--weight": opts.weight,
+        "--vision_pretrained": cfg.sam_checkpoint,
+        "--light_pretrained": cfg.light_checkpoint,
+        "the training record of --weight": meta_path(opts.weight, opts.tag),
+    }
 
 
 def merged_record(version: str | Path) -> dict[str, Any] | None:
@@ -99,7 +124,10 @@ def merge_to_hf(cfg: RunConfig, opts: MergeOptions, meta: dict[str, Any] | None)
     trainable options, load ``opts.weight`` into its trainable set, merge, save to ``opts.save_path``.
 
     Returns (output directory, number of tensors loaded). Raises ``FileNotFoundError`` / ``KeyError`` /
-    ``ValueError`` naming the file or flag on bad input, before the output directory is written."""
+    ``ValueError`` naming the file or flag on bad input, before the output directory is written; an
+    output that would overwrite an input, or a non-empty one without ``--overwrite``, is refused
+    (``OutputDirError``) before anything is read or built."""
+    check_output_dir(opts.save_path, merge_inputs(cfg, opts), opts.overwrite, "--save_path")
     version, vision_pretrained = cfg.run.version, cfg.sam_checkpoint
     dtype = DTYPES[opts.precision]
     # Read the trained tensors first: a DeepSpeed checkpoint is parsed (and released) before the base exists.

@@ -11,6 +11,7 @@ the device (``batch_size`` scenes, all their expressions, per generation). ``cha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import time
@@ -28,6 +29,7 @@ from dataset.collate import TokenSpec, collate_batch, move_batch
 from dataset.errors import DataError
 from dataset.lightfield import LightFieldLayout, read_rgb
 from dataset.options import DataOptions, DepthSource, PromptOptions
+from dataset.prompts import text_problem
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.single_scene import SceneQueries, SceneQuery
 from model.build import DTYPES, build_lfllm
@@ -104,7 +106,10 @@ class Segmenter:
         self.max_new_tokens = cfg.generation.max_new_tokens
         config = model.config
         self.conv_type = cfg.prompt.conv_type
-        self.spec = SampleSpec.from_model_config(config, self.conv_type)
+        # a prompt must leave the model positions for its answer (SampleSpec.max_positions)
+        self.spec = dataclasses.replace(
+            SampleSpec.from_model_config(config, self.conv_type), new_tokens=self.max_new_tokens
+        )
         self.tokens = TokenSpec.from_tokenizer(
             tokenizer, config.image_seq_length, cfg.prompt.model_max_length
         )
@@ -229,27 +234,85 @@ def run_one(seg: Segmenter, scene_dir: Path, prompt: str, out_dir: Path, name: s
     return result
 
 
+def _json_kind(value: Any) -> str:
+    """``value``'s JSON kind for a message: ``a number (7)``, ``a list (['a'])``, ``null``."""
+    kinds = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }
+    if value is None:
+        return "null"
+    return f"{kinds.get(type(value), type(value).__name__)} ({json.dumps(value)[:60]})"
+
+
+def _element_lines(text: str, count: int) -> list[int]:
+    """The line each of the ``count`` elements of the top-level JSON array ``text`` starts on."""
+    decoder, lines = json.JSONDecoder(), []
+    pos, line = text.index("[") + 1, text.count("\n", 0, text.index("[")) + 1
+    for _ in range(count):
+        start = pos
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        line += text.count("\n", start, pos)
+        lines.append(line)
+        _, end = decoder.raw_decode(text, pos)
+        line += text.count("\n", pos, end)
+        pos = end
+    return lines
+
+
 def read_expressions(path: Path) -> list[dict[str, str]]:
-    """Entries ``{"scene", "sentence", "id"}`` of a batch file (id defaults to ``<scene>_<index>``)."""
+    """Entries ``{"scene", "sentence", "id"}`` of a batch file (id defaults to ``<scene>_<index>``).
+
+    ``scene`` and ``sentence`` must be non-empty strings (UTF-8 text), ``id`` a string or an integer:
+    anything else is refused naming the file, the entry, its line and the field (a number, a list or
+    ``null`` would otherwise be segmented as its text)."""
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+        entries = json.loads(text)
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            path,
+            f"cannot read the expressions JSON: byte 0x{data[exc.start]:02x} on line {line} is not UTF-8 "
+            "(save the file as UTF-8)",
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
         raise DataError(path, f"cannot read the expressions JSON ({exc})") from exc
     if not isinstance(entries, list):
         raise DataError(path, 'expected a JSON list of {"scene", "sentence", "id"?} objects')
+    lines = _element_lines(text, len(entries))
     out, seen = [], set()
-    for i, entry in enumerate(entries):
-        if (
-            not isinstance(entry, dict)
-            or not entry.get("scene")
-            or not str(entry.get("sentence", "")).strip()
-        ):
-            raise DataError(path, f"entry {i} needs non-empty 'scene' and 'sentence', got {entry!r}")
-        name = safe_name(entry.get("id", f"{entry['scene']}_{i:04d}"))
+    for i, (entry, line) in enumerate(zip(entries, lines, strict=True)):
+        where = f"entry {i} (line {line})"
+        if not isinstance(entry, dict):
+            raise DataError(
+                path, f'{where}: expected a {{"scene", "sentence", "id"?}} object, got {_json_kind(entry)}'
+            )
+        for key in ("scene", "sentence"):
+            value = entry.get(key)
+            if key in entry and not isinstance(value, str):
+                raise DataError(path, f"{where}: '{key}' must be a string, got {_json_kind(value)}")
+            why = None if value is None else text_problem(value)
+            if why:
+                raise DataError(path, f"{where}: '{key}' {why}")
+        if not entry.get("scene") or not str(entry.get("sentence") or "").strip():
+            raise DataError(
+                path, f"entry {i} needs non-empty 'scene' and 'sentence', got {entry!r} (line {line})"
+            )
+        ident = entry.get("id", f"{entry['scene']}_{i:04d}")
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+            raise DataError(path, f"{where}: 'id' must be a string or an integer, got {_json_kind(ident)}")
+        name = safe_name(str(ident))
         if name in seen:
-            raise DataError(path, f"entry {i}: id {name!r} is used twice (output files would collide)")
+            raise DataError(path, f"{where}: id {name!r} is used twice (output files would collide)")
         seen.add(name)
-        out.append({"scene": str(entry["scene"]), "sentence": str(entry["sentence"]), "id": name})
+        out.append({"scene": entry["scene"], "sentence": entry["sentence"], "id": name})
     return out
 
 
