@@ -255,7 +255,7 @@ def interrupted_message(
             step = checkpoint_step(cfg.run.run_dir / "ckpt_model" / found[0])
             said = f"{what}: stopped; the newest checkpoint is {cfg.run.run_dir / 'ckpt_model' / found[0]}"
             said += (
-                f" (step {step}); the steps after it were not saved" if step is not None and step >= 0 else ""
+                f" (step {step}); what came after it was not saved" if step is not None and step >= 0 else ""
             )
     return f"{said}. Resume with:\n  {resume_command(cfg, argv, world_size)}"
 

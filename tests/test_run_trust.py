@@ -71,8 +71,12 @@ def test_no_warmup_starts_at_the_peak_and_falls_to_zero():
 
 
 def test_clipped_warmup_and_from_options():
-    assert clipped_warmup(100, 10) == 9
+    assert clipped_warmup(100, 10) == 7, "steps 9 and 10 (iterations 7, 8): the peak, then below it"
+    sched = Schedule(1.0, clipped_warmup(100, 10), 10)
+    assert sched.lr_of_step(9) == 1.0 and 0 < sched.lr_of_step(10) < 1.0
     assert clipped_warmup(3, 10) == 3
+    assert clipped_warmup(1, 10) == 0, "DeepSpeed's shortest warm-up is 2: a shorter one is none"
+    assert clipped_warmup(100, 4) == 0 and clipped_warmup(100, 5) == 2
     assert clipped_warmup(0, 10) == 0
     assert clipped_warmup(5, 1) == 0, "a one-step run has no warm-up"
     assert clipped_warmup(5, 0) == 0
@@ -135,15 +139,13 @@ def test_extension_while_warming_up_finishes_the_warmup():
     assert max(abs(a - b) for a, b in itertools.pairwise(lrs)) <= 0.25 + 1e-12, "no jump"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a finished --warmup_steps 0 run has reached LR 0 at its last iteration (Schedule._base), so "
-    "--extend_schedule trains every new step at LR 0",
-)
 def test_extension_of_a_finished_run_without_warmup_still_trains():
     old = Schedule(1.0, 0, 4)  # steps 1..4: 1, .75, .5, .25
     new = old.extended(3, 8)
-    assert new.lr_of_step(5) > 0.0 and new.lr_of_step(6) > 0.0
+    # it goes on from step 4's LR (0.25), falling linearly: steps 5..8 at .25 * 5/6 .. .25 * 2/6
+    assert [new.lr_of_step(s) for s in range(1, 9)] == pytest.approx(
+        [1, 0.75, 0.5, 0.25, *(0.25 * k / 6 for k in (5, 4, 3, 2))]
+    )
 
 
 def _optimizer() -> torch.optim.Optimizer:
@@ -292,16 +294,16 @@ def _lrs(run: Path) -> list[float]:
     return [log[s]["lr"] for s in sorted(log)]
 
 
-FOUR = ("--epochs", "1", "--steps_per_epoch", "4")
+SIX = ("--epochs", "1", "--steps_per_epoch", "6")
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_base, tiny_dataset, tmp_path_factory, one_rank):
-    """A finished 4-step run (CAAM + depth, warm-up 2, no validation): its runs folder and arguments."""
+    """A finished 6-step run (CAAM + depth, warm-up 2, no validation): its runs folder and arguments."""
     import train_ds
 
     runs = tmp_path_factory.mktemp("runs")
-    args = _train_args(tiny_base, tiny_dataset, runs, "base", *FOUR, "--no_eval")
+    args = _train_args(tiny_base, tiny_dataset, runs, "base", *SIX, "--no_eval")
     assert train_ds.main(args) == 0
     return runs, args
 
@@ -323,12 +325,12 @@ def _copy(finished, name: str) -> tuple[Path, list[str]]:
 
 def test_finished_run_logged_the_schedule(finished):
     runs, _ = finished
-    # the LR logged at step s is the scheduler's after it (iteration s-1): 0, .5, 1, .5 of the peak
-    assert _lrs(runs / "base") == pytest.approx([0.0, 0.5 * LR, LR, 0.5 * LR])
+    # the LR step s trained with (iteration s-2; DeepSpeed's linear warm-up over 2, decay over 4)
+    assert _lrs(runs / "base") == pytest.approx([0.0, 0.0, 0.5 * LR, LR, 0.75 * LR, 0.5 * LR])
     record = read_checkpoint_record(runs / "base" / "ckpt_model" / "last")
-    assert record["lr_scheduler"]["last_batch_iteration"] == 3
-    assert Schedule.from_json(record["lr_scheduler"]["schedule"]) == Schedule(LR, 2, 4)
-    assert record["client"]["loop"] == {"epochs": 1, "steps_per_epoch": 4}
+    assert record["lr_scheduler"]["last_batch_iteration"] == 5
+    assert Schedule.from_json(record["lr_scheduler"]["schedule"]) == Schedule(LR, 2, 6)
+    assert record["client"]["loop"] == {"epochs": 1, "steps_per_epoch": 6}
     assert record["client"]["options"]["model_options.use_caam"] is True
 
 
@@ -338,7 +340,7 @@ def test_no_warmup_and_a_one_step_run_train(tiny_base, tiny_dataset, tmp_path, o
     rc, out = _main([*args, "--warmup_steps", "0", "--no_eval"], capsys)
     assert rc == 0, out[-3000:]
     # no warm-up over 2 steps: steps at 1 and 1/2 of the peak; logged (after each step): 1/2, 0
-    assert _lrs(runs / "w0") == pytest.approx([0.5 * LR, 0.0])
+    assert _lrs(runs / "w0") == pytest.approx([LR, 0.5 * LR])
     record = read_checkpoint_record(runs / "w0" / "ckpt_model" / "last")
     assert Schedule.from_json(record["lr_scheduler"]["schedule"]) == Schedule(LR, 0, 2)
 
@@ -359,7 +361,7 @@ def test_another_length_needs_extend_schedule_and_the_lr_goes_on(finished, capsy
     rc, out = _main(longer, capsys)
     assert rc == 2, out[-3000:]
     assert "another learning-rate schedule" in out and "--extend_schedule" in out
-    assert "length: 4 steps (--epochs 1 x --steps_per_epoch 4) -> 8" in out
+    assert "length: 6 steps (--epochs 1 x --steps_per_epoch 6) -> 12" in out
     assert _log(run) == before, "nothing was trained"
 
     rc, out = _main([*longer, "--extend_schedule", "--lr", "2e-3"], capsys)
@@ -367,20 +369,20 @@ def test_another_length_needs_extend_schedule_and_the_lr_goes_on(finished, capsy
 
     rc, out = _main([*longer, "--extend_schedule"], capsys)
     assert rc == 0, out[-3000:]
-    assert "extended after step 4 to decay over 8 steps" in out and "at step 4" in out
+    assert "extended after step 6 to decay over 12 steps" in out and "at step 6" in out
     log = _log(run)
-    assert sorted(log) == list(range(1, 9))
-    assert {s: log[s] for s in range(1, 5)} == before, "the old steps' log kept"
+    assert sorted(log) == list(range(1, 13))
+    assert {s: log[s] for s in range(1, 7)} == before, "the old steps' log kept"
     lrs = _lrs(run)
-    # reached 0.5 of the peak after step 4, then linear to 0 at iteration 8: .4 .3 .2 .1
-    assert lrs[4:] == pytest.approx([0.4 * LR, 0.3 * LR, 0.2 * LR, 0.1 * LR])
-    assert lrs[4] <= lrs[3], "the first new step's LR is not above the last old one's"
+    # the schedule had reached .25 of the peak for step 7 (iteration 5); from there linear to 0 at iteration 12
+    assert lrs[6:] == pytest.approx([0.25 * LR * k / 7 for k in (7, 6, 5, 4, 3, 2)])
+    assert lrs[6] <= lrs[5], "the first new step's LR is not above the last old one's"
     record = read_checkpoint_record(run / "ckpt_model" / "last")
     sched = Schedule.from_json(record["lr_scheduler"]["schedule"])
-    assert sched == Schedule(LR, 2, 4).extended(3, 8) and sched.lr_at(8) == 0.0
+    assert sched == Schedule(LR, 2, 6).extended(5, 12) and sched.lr_at(12) == 0.0
 
     rc, out = _main([*longer, "--extend_schedule"], capsys)  # the same command again: done
-    assert rc == 0 and "nothing to do: the run is at step 8 of 8" in out, out[-3000:]
+    assert rc == 0 and "nothing to do: the run is at step 12 of 12" in out, out[-3000:]
 
 
 def test_a_checkpoint_of_other_options_is_refused_and_never_one_that_does_not_fit(finished, capsys):
@@ -401,7 +403,7 @@ def test_a_checkpoint_of_other_options_is_refused_and_never_one_that_does_not_fi
         f"note: --resume_with_changes: continuing {ckpt / 'last'} with model_options.use_caam: True -> False"
         in out
     )
-    assert "nothing to do: the run is at step 4 of 4" in out
+    assert "nothing to do: the run is at step 6 of 6" in out
 
     # Another LoRA rank changes the trainable shapes: refused even with --resume_with_changes.
     lora = _into(args, "lora", "--lora_r", "16", "--resume", str(ckpt))
@@ -455,11 +457,11 @@ def test_a_torn_last_log_line_is_dropped_on_resume(finished, capsys):
     run, args = _copy(finished, "torn")
     text = (run / "train_log.jsonl").read_text()
     with open(run / "train_log.jsonl", "a") as f:
-        f.write('{"step": 5, "loss": 8.1, "ce_l')
+        f.write('{"step": 7, "loss": 8.1, "ce_l')
     rc, out = _main(args, capsys)
     assert rc == 0, out[-3000:]
-    assert "train_log.jsonl: its last line (line 5) is torn" in out
-    assert "resumed from" in out and "at step 4" in out
+    assert "train_log.jsonl: its last line (line 7) is torn" in out
+    assert "resumed from" in out and "at step 6" in out
     assert (run / "train_log.jsonl").read_text() == text
 
 
@@ -524,4 +526,4 @@ def test_ctrl_c_saves_last_and_prints_the_command_that_resumes(
     assert f"resumed from {run / 'ckpt_model' / 'last'} at step {step}" in out
     log = _log(run)
     assert sorted(log) == list(range(1, step + 2))
-    assert log[step + 1]["lr"] == pytest.approx(Schedule(LR, 2, 200).lr_at(step))
+    assert log[step + 1]["lr"] == pytest.approx(Schedule(LR, 2, 200).lr_of_step(step + 1))

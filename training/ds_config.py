@@ -17,9 +17,12 @@ def total_steps(loop: LoopOptions) -> int:
 
 
 def clipped_warmup(warmup_steps: int, steps: int) -> int:
-    """The warm-up of a ``steps``-step run: ``--warmup_steps``, shortened below the run's length so that the
-    decay still happens (a one-step run has none)."""
-    return min(warmup_steps, max(steps - 1, 0))
+    """The warm-up of a ``steps``-step run: ``--warmup_steps``, shortened so that at least one step trains
+    at the peak and one below it in the decay. Step ``s`` trains at scheduler iteration ``s - 2`` and
+    DeepSpeed's warm-up lasts at least 2 iterations, so the warm-up is at most ``steps - 3``; one shorter
+    than 2 is none (the first step at the peak): a run of 4 steps or fewer has no warm-up."""
+    warmup = min(warmup_steps, steps - 3)
+    return warmup if warmup >= 2 else 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class Schedule:
         if upto == 0:
             return self._base(it, self.total_steps)
         start, total = self.extensions[upto - 1]
+        if start > 0 and self.factor(start, upto - 1) == 0.0:
+            start -= (
+                1  # the old schedule was at 0 for the next step already (no warm-up): go on from its last LR
+            )
         if it <= start:
             return self.factor(it, upto - 1)
         if start < self.effective_warmup:

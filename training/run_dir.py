@@ -60,8 +60,10 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Drop the lock (the file stays; its content says who held it last)."""
+        """Drop the lock after a clean end: the holder record is cleared, so only a run that was killed
+        leaves one (which the next run reports taking over)."""
         if self.fd is not None:
+            os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

@@ -551,6 +551,7 @@ class Trainer:
                     self.loader.dataset.set_epoch(epoch)
                 acc = torch.zeros(len(LOSS_KEYS))
                 tic = time.perf_counter()
+                step_lr = float(self.engine.get_lr()[0])  # the LR this optimiser step trains with
                 for offset, batch in enumerate(self.loader):
                     micro = epoch * spe * self.gas + first_micro + offset
                     acc += self.train_step(batch, micro).cpu()
@@ -563,13 +564,14 @@ class Trainer:
                     losses, stop_now = reduced[: len(LOSS_KEYS)], bool(reduced[-1] > 0)
                     seconds = time.perf_counter() - tic
                     values = dict(zip(LOSS_KEYS, losses.tolist()))
-                    values.update(lr=float(self.engine.get_lr()[0]), images_per_s=images_per_step / seconds)
+                    values.update(lr=step_lr, images_per_s=images_per_step / seconds)
                     if step % loop.print_freq == 0 or step == stop:
                         self.log.scalars(step, values)
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
                     acc.zero_()
                     tic = time.perf_counter()
+                    step_lr = float(self.engine.get_lr()[0])
                     if stop_now:
                         bar.close()
                         self.interrupt(step, epoch_end=step % spe == 0)
