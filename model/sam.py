@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from utils.safe_load import torch_load_reason
+
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -133,7 +135,7 @@ def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt/unsafe file
-        raise ValueError(f"{path}: cannot read SAM checkpoint ({exc})") from exc
+        raise ValueError(f"{path}: cannot read SAM checkpoint: {torch_load_reason(exc)}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or "image_encoder.patch_embed.proj.weight" not in state:
