@@ -45,6 +45,7 @@ from training.trainer import STOP, Trainer, TrainingInterrupted, resume_source
 from utils import distributed
 from utils.distributed import DistInfo, init_distributed
 from utils.metrics import SegMetrics
+from utils.outputs import OutputDirError, refuse_inputs
 from utils.safe_load import UnsafeCheckpointError
 
 
@@ -183,6 +184,7 @@ def run_training(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: Run
 #: Errors that are the user's to fix: they end the run with one message, not a traceback.
 USER_ERRORS = (
     DataError,
+    OutputDirError,
     OptionMismatchError,
     UnsafeCheckpointError,
     RunInUseError,
@@ -215,6 +217,17 @@ def run(cfg: RunConfig, dist_info: DistInfo, run_dir: Path) -> None:
     finally:
         if lock is not None:
             lock.release()
+
+
+def run_inputs(cfg: RunConfig) -> dict[str, str | None]:
+    """What a run reads, which its run folder (``--log_base_dir``/``--exp_name``) may not be, lie inside
+    or hold (:func:`utils.outputs.refuse_inputs`)."""
+    return {
+        "--version": cfg.run.version,
+        "--dataset_dir": cfg.datasets.dataset_dir,
+        "--vision_pretrained": cfg.sam_checkpoint,
+        "--light_pretrained": cfg.light_checkpoint,
+    }
 
 
 def resume_command(cfg: RunConfig, argv: Sequence[str] | None, world_size: int) -> str:
@@ -270,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, world_size = None, 1
     try:
         cfg = parse_config(argv)
-        try:  # a wrong --version is named before any process group or model exists
+        try:  # a wrong --version, or a run folder among the inputs, is named before anything exists
             check_pretrained_dir(cfg.run.version)
+            refuse_inputs(cfg.run.run_dir, run_inputs(cfg), "--log_base_dir/--exp_name")
         except USER_ERRORS as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 2

@@ -423,3 +423,23 @@ def test_a_file_as_output_is_refused_even_with_overwrite(tmp_path):
     with pytest.raises(OutputDirError, match=r"--dst .*model is a file, not a folder"):
         outputs.check_output_dir(tmp_path / "model", {}, overwrite=True, flag="--dst")
     assert (tmp_path / "model").read_text() == "a file"
+
+
+def test_a_run_folder_among_the_inputs_is_refused_before_anything_is_written(tiny_base, tiny_dataset, capsys):
+    """``train_ds.py``: the run folder (``--log_base_dir``/``--exp_name``) may not be, lie inside or hold what
+    the run reads; refused with status 2 and nothing created."""
+    import train_ds
+
+    llava = tiny_base["llava"]
+    common = ["--dataset_dir", str(tiny_dataset), "--vision_pretrained", str(tiny_base["sam"])]
+    for log_base, exp, flag in (
+        (llava, "run", "--version"),  # inside the base
+        (tiny_dataset, "runs", "--dataset_dir"),  # inside the dataset
+        (tiny_dataset.parent, tiny_dataset.name, "--dataset_dir"),  # the dataset itself
+    ):
+        before = sorted(p.name for p in Path(log_base).iterdir())
+        rc = train_ds.main(["--version", str(llava), *common, "--log_base_dir", str(log_base), "--exp_name", exp])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert f"error: --log_base_dir/--exp_name {Path(log_base) / exp}" in err and flag in err, err
+        assert sorted(p.name for p in Path(log_base).iterdir()) == before, "nothing written"
