@@ -438,7 +438,9 @@ def test_a_run_folder_among_the_inputs_is_refused_before_anything_is_written(tin
         (tiny_dataset.parent, tiny_dataset.name, "--dataset_dir"),  # the dataset itself
     ):
         before = sorted(p.name for p in Path(log_base).iterdir())
-        rc = train_ds.main(["--version", str(llava), *common, "--log_base_dir", str(log_base), "--exp_name", exp])
+        rc = train_ds.main(
+            ["--version", str(llava), *common, "--log_base_dir", str(log_base), "--exp_name", exp]
+        )
         err = capsys.readouterr().err
         assert rc == 2, err
         assert f"error: --log_base_dir/--exp_name {Path(log_base) / exp}" in err and flag in err, err
