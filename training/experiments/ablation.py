@@ -350,14 +350,20 @@ def _panel(summary: Mapping[str, Any], metric: str, width: int, height: int) -> 
     return image
 
 
-def bar_plot(summary: Mapping[str, Any], *, width: int = 1400, panel_height: int = 540) -> np.ndarray:
+def bar_plot(
+    summary: Mapping[str, Any],
+    *,
+    width: int = 1400,
+    panel_height: int = 540,
+    name: str = "LISA vs LFLLM ablation",
+) -> np.ndarray:
     """Grouped bars per subset (All first), one bar per variant, error bars = std over seeds, one panel
-    per metric (gIoU above cIoU), a title with seeds and steps, a legend, n under every subset name.
+    per metric (gIoU above cIoU), a title (``name``, seeds and steps), a legend, n under every subset name.
     Returns (H, W, 3) uint8 RGB."""
     steps = summary.get("settings", {}).get("total_steps")
     seeds = len(summary["seeds"])
     spread = f"mean +/- std over {seeds} seeds" if seeds > 1 else "1 seed (no error bars)"
-    title = f"LISA vs LFLLM ablation: {spread}"
+    title = f"{name}: {spread}"
     title += f", {steps} training steps each" if steps else ""
     head = np.full((96, width, 3), PAPER, np.uint8)
     _text(head, title, (width // 2, 38), 0.95, thick=2, anchor="centre")

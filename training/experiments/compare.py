@@ -1,0 +1,170 @@
+"""Side-by-side tables and a bar plot of evaluated models: rows of ``eval.json`` files (one per seed), each
+row's mean ± std over its seeds per subset, in the paper's column order — the comparison of mask routes
+(issue 34) and of what a model reads under ``--eval_input`` probes.
+
+``scripts/compare_evals.py --row "LABEL=a/eval.json,b/eval.json" … --out DIR`` writes ``DIR/compare.md``
+(gIoU and cIoU tables, and with ``--baseline_row`` the change of every other row against it, seed by seed),
+``DIR/compare.json`` and ``DIR/compare.png`` (the ablation's bar plot: one bar per row, std error bars).
+Every row must come from one val set (the same ``n`` per subset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import atomic_write_text
+from training.experiments.ablation import METRICS, REPORTED, AblationError, bar_plot, cell_text, mean_std
+from utils.metrics import ALL
+from utils.visualize import write_png
+
+
+def parse_row(text: str) -> tuple[str, list[Path]]:
+    """``"LABEL=a.json,b.json"`` -> (label, [paths]); raises ``ValueError`` naming the text when malformed."""
+    label, sep, files = text.partition("=")
+    paths = [Path(f) for f in files.split(",") if f.strip()]
+    if not sep or not label.strip() or not paths:
+        raise ValueError(f"--row {text!r}: expected LABEL=eval.json[,eval.json…]")
+    return label.strip(), paths
+
+
+def load_rows(rows: Sequence[tuple[str, Sequence[Path]]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Read every row's ``eval.json`` files; refuse a missing file and files of another val set."""
+    out, ref = [], None
+    for label, paths in rows:
+        evals = []
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"row {label!r}: {path} not found")
+            data = json.loads(path.read_text())
+            if "subsets" not in data:
+                raise ValueError(f"row {label!r}: {path} is not an eval.json (no 'subsets')")
+            n = {s: int(data["subsets"].get(s, {}).get("n") or 0) for s in (ALL, *REPORTED)}
+            if ref is None:
+                ref = (path, n)
+            elif n != ref[1]:
+                raise AblationError(f"row {label!r}: {path} counts {n}, {ref[0]} {ref[1]}: not one val set")
+            evals.append(data)
+        out.append((label, evals))
+    return out
+
+
+def summarise(
+    rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], subsets: Sequence[str]
+) -> dict[str, Any]:
+    """The ablation report's summary structure (``variants`` with per-metric cells: values ×100 over the
+    row's files, mean, std), so that :func:`training.experiments.ablation.bar_plot` draws it."""
+    variants = []
+    for label, evals in rows:
+        row: dict[str, Any] = {"label": label, "files": len(evals)}
+        for metric in METRICS:
+            cells = {}
+            for subset in subsets:
+                values = [100.0 * e["subsets"][subset][metric] for e in evals if subset in e["subsets"]]
+                mean, std = mean_std(values) if len(values) == len(evals) else (None, None)
+                cells[subset] = {"mean": mean, "std": std, "values": values}
+            row[metric] = cells
+        variants.append(row)
+    first = rows[0][1][0]
+    seeds = max(len(evals) for _, evals in rows)
+    return {
+        "subsets": list(subsets),
+        "n": {s: int(first["subsets"].get(s, {}).get("n") or 0) for s in subsets},
+        "val_dataset": first.get("val_dataset"),
+        "seeds": list(range(seeds)),
+        "variants": variants,
+    }
+
+
+def table(summary: Mapping[str, Any], metric: str) -> str:
+    """Rows × subsets, mean ± std, the best mean of each column in bold, n in the last row."""
+    subsets = summary["subsets"]
+    lines = ["| model | " + " | ".join(subsets) + " |", "|---|" + "---:|" * len(subsets)]
+    best = {}
+    for s in subsets:
+        means = [
+            round(v[metric][s]["mean"], 2) for v in summary["variants"] if v[metric][s]["mean"] is not None
+        ]
+        best[s] = max(means) if means else None
+    for v in summary["variants"]:
+        cells = []
+        for s in subsets:
+            text, mean = cell_text(v[metric][s]), v[metric][s]["mean"]
+            top = mean is not None and round(mean, 2) == best[s] and len(summary["variants"]) > 1
+            cells.append(f"**{text}**" if top else text)
+        lines.append(f"| {v['label']} ({v['files']}) | " + " | ".join(cells) + " |")
+    lines.append("| n (expressions) | " + " | ".join(str(summary["n"][s]) for s in subsets) + " |")
+    return "\n".join(lines)
+
+
+def change_table(summary: Mapping[str, Any], baseline: str, metric: str = "gIoU") -> str:
+    """Each other row minus the ``baseline`` row, file by file (rows of equal length: a probe of the same
+    models), mean ± std of the change per subset; the mean over the depth kinds in the last column."""
+    rows = {v["label"]: v for v in summary["variants"]}
+    if baseline not in rows:
+        raise ValueError(f"--baseline_row {baseline!r}: no such row (rows: {', '.join(rows)})")
+    base, subsets = rows[baseline], summary["subsets"]
+    depth = [s for s in ("distance", "closest", "behind", "front") if s in subsets]
+    head = (
+        "| change vs "
+        + baseline
+        + " | "
+        + " | ".join(subsets)
+        + (" | depth kinds (mean) |" if depth else " |")
+    )
+    lines = [head, "|---|" + "---:|" * (len(subsets) + bool(depth))]
+    for v in summary["variants"]:
+        if v is base:
+            continue
+        if v["files"] != base["files"]:
+            raise ValueError(
+                f"row {v['label']!r} has {v['files']} files, {baseline!r} {base['files']}: not paired"
+            )
+        cells = []
+        for s in subsets:
+            diffs = [a - b for a, b in zip(v[metric][s]["values"], base[metric][s]["values"])]
+            mean, std = mean_std(diffs)
+            cells.append(f"{mean:+.2f}" if std is None else f"{mean:+.2f} ± {std:.2f}")
+        if depth:
+            per_file = [
+                sum(v[metric][s]["values"][i] - base[metric][s]["values"][i] for s in depth) / len(depth)
+                for i in range(v["files"])
+            ]
+            mean, std = mean_std(per_file)
+            cells.append(f"**{mean:+.2f}**" if std is None else f"**{mean:+.2f} ± {std:.2f}**")
+        lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/compare_evals.py``; a user error prints one ``error:`` line, status 2."""
+    p = argparse.ArgumentParser(description="Tables and a bar plot of evaluated models, mean ± std per row.")
+    p.add_argument(
+        "--row", action="append", required=True, help="LABEL=eval.json[,eval.json…] (one per seed)"
+    )
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.json, compare.png")
+    p.add_argument("--title", default="Comparison", help="the plot's title")
+    p.add_argument("--subsets", default=" ".join((ALL, *REPORTED)), help="space-separated subset columns")
+    p.add_argument("--baseline_row", default="", help="also tabulate every row's change against this one")
+    args = p.parse_args(argv)
+    try:
+        rows = load_rows([parse_row(r) for r in args.row])
+        summary = summarise(rows, args.subsets.split())
+        text = f"{summary['val_dataset']}, gIoU\n\n{table(summary, 'gIoU')}\n\ncIoU\n\n{table(summary, 'cIoU')}\n"
+        if args.baseline_row:
+            text += f"\ngIoU change\n\n{change_table(summary, args.baseline_row)}\n"
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "compare.md", text)
+        atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
+        write_png(out / "compare.png", bar_plot(summary, name=args.title))
+    except (AblationError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"written: {out / 'compare.md'}, compare.json, compare.png")
+    return 0
