@@ -128,5 +128,5 @@ def test_deepspeed_config_follows_the_reference_recipe():
     cpu = deepspeed_config(small.optim, small.loop, small.run.precision, True)
     assert cpu["optimizer"]["params"]["torch_adam"] is True
     assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
-    # A warm-up longer than the run is clipped so that the decay still happens.
-    assert cpu["scheduler"]["params"]["warmup_num_steps"] == 9
+    # A warm-up longer than the run is clipped so that step 9 trains at the peak and step 10 below it.
+    assert cpu["scheduler"]["params"]["warmup_num_steps"] == 7
