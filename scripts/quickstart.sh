@@ -27,12 +27,22 @@ SAM_ROUTE_FLAGS=${SAM_ROUTE_FLAGS-"--semantic_fusion --depth_stream"}
 LIGHT_DETAIL_SIZE=${LIGHT_DETAIL_SIZE:-336}
 # The light decoder's start: the base's pretrained one when it has it (scripts/pretrain_light_head.sh), else fresh.
 # LIGHT_PRETRAINED= (empty) starts it fresh.
+# FEATURE_CACHE=0 encodes every image at every step (needed for a trained CAAM, --caam_mode learned/occlusion).
+FEATURE_CACHE=${FEATURE_CACHE:-1}
+# TRAIN_FLAGS: more train_ds.py flags for training (e.g. --seed 1); EVAL_FLAGS: for its evaluation
+# (e.g. --depth_source estimate, to read the maps a model trained on estimated disparity expects).
 PY=.venv/bin/python
 export TOKENIZERS_PARALLELISM=false
 if [ "$MASK_HEAD" != sam ] && [ "$MASK_HEAD" != light ]; then
   echo "error: MASK_HEAD=$MASK_HEAD: expected sam or light" >&2
   exit 2
 fi
+if [ "$FEATURE_CACHE" != 0 ] && [ "$FEATURE_CACHE" != 1 ]; then
+  echo "error: FEATURE_CACHE=$FEATURE_CACHE: expected 1 (the per-scene cache) or 0 (none)" >&2
+  exit 2
+fi
+CACHE=()
+[ "$FEATURE_CACHE" = 0 ] || CACHE=(--feature_cache "$OUT/feature_cache")
 for knob in NUM_TRAIN NUM_VAL NUM_EXTRA EPOCHS STEPS_PER_EPOCH; do
   if ! [[ ${!knob} =~ ^[1-9][0-9]*$ || ( $knob = NUM_EXTRA && ${!knob} = 0 ) ]]; then
     echo "error: $knob=${!knob}: expected a positive whole number$([ $knob = NUM_EXTRA ] && echo ' or 0')" >&2
@@ -138,7 +148,7 @@ OMP_NUM_THREADS=$RANK_THREADS .venv/bin/deepspeed --num_gpus "$RANKS" --master_p
   --prompt_order "$PROMPT_ORDER" $LORA_FLAGS \
   --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size "$RANK_BATCH" --grad_accumulation_steps 1 \
   --lr "$LR" --warmup_steps 20 --workers 1 --no_gradient_checkpointing --no_eval \
-  --feature_cache "$OUT/feature_cache" ${TRAIN_FLAGS:-}
+  "${CACHE[@]}" ${TRAIN_FLAGS:-}
 
 stamp "4/5 merge LoRA into a Hugging Face model -> $OUT/merged, then evaluate it"
 $PY merge_lora_weights_and_save_hf_model.py --version "$BASE/llava" "${MERGE_FLAGS[@]}" \
@@ -148,7 +158,7 @@ PROTOCOL=$($PY -c "import json,sys; print('generated' if json.load(open(sys.argv
 .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py --eval_only \
   --version "$OUT/merged" --dataset_dir "$OUT/dataset" --val_dataset "$DS|syn|val" \
   --log_base_dir "$OUT/runs" --exp_name quickstart_eval --precision $PRECISION --workers 1 \
-  --feature_cache "$OUT/feature_cache" --vis_save_path "$OUT/vis" --eval_protocol "$PROTOCOL" 2>&1 | tee "$OUT/eval_table.txt" | grep -v "^\[20" | grep -v "^eval ("
+  "${CACHE[@]}" --vis_save_path "$OUT/vis" --eval_protocol "$PROTOCOL" ${EVAL_FLAGS:-} 2>&1 | tee "$OUT/eval_table.txt" | grep -v "^\[20" | grep -v "^eval ("
 
 stamp "5/5 predict one expression on a validation light field -> $OUT/predict"
 SCENE=$($PY - "$OUT/dataset" $DS <<'EOF'

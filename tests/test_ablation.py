@@ -228,6 +228,39 @@ def test_plot_is_written_large_enough(tmp_path):
 def test_plan_command_prints_one_line_per_run(capsys):
     assert abl.main(["plan", "--seeds", "3", "--caam_modes", "occlusion"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "lisa_seed3|LISA|--no_caam --no_depth|1"
-    assert lines[3] == "lfllm_seed3|LFLLM||1"  # no flags: an empty field (ablate.sh splits on '|')
-    assert lines[4] == "lfllm-occlusion_seed3|LFLLM (occlusion)|--caam_mode occlusion|0"
+    # name|label|flags|cacheable|the SAM route's extras (the depth stream only with the depth module)
+    assert lines[0] == "lisa_seed3|LISA|--no_caam --no_depth|1|--semantic_fusion"
+    assert lines[1] == "depth_seed3|+depth|--no_caam|1|--semantic_fusion --depth_stream"
+    assert lines[3] == "lfllm_seed3|LFLLM||1|--semantic_fusion --depth_stream"  # no flags: an empty field
+    assert (
+        lines[4]
+        == "lfllm-occlusion_seed3|LFLLM (occlusion)|--caam_mode occlusion|0|--semantic_fusion --depth_stream"
+    )
+    assert abl.main(["plan", "--seeds", "0", "--estimate"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert (
+        last
+        == "lfllm-estimate_seed0|LFLLM (estimated disparity)|--depth_source estimate|1|--semantic_fusion --depth_stream"
+    )
+
+
+def test_probe_tables_are_the_change_of_each_variant_seed_by_seed(tmp_path):
+    out = _write_results(tmp_path)
+    summary = abl.build_report(out, [0, 1, 2])
+    assert summary["probes"] == {}, "no probe results yet: no probe table"
+    for key in ALL_GIOU:  # the swap costs variant k exactly (k + 1) points on every subset, all seeds
+        k = list(ALL_GIOU).index(key)
+        for seed in (0, 1, 2):
+            run = out / "results" / f"{key}_seed{seed}-swapped_disparity"
+            run.mkdir(parents=True)
+            probed = _eval_json(ALL_GIOU[key][seed] - 0.01 * (k + 1), ALL_CIOU[key][seed])
+            (run / "eval.json").write_text(json.dumps(probed))
+    summary = abl.build_report(out, [0, 1, 2])
+    table = summary["probes"]["swapped_disparity"]
+    assert "centre_views" not in summary["probes"]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert list(rows) == ["LISA", "+depth", "+CAAM", "LFLLM"]
+    assert rows["LISA"].count("-1.00 ± 0.00") == 9 and rows["LISA"].endswith("**-1.00 ± 0.00** |")
+    assert rows["LFLLM"].endswith("**-4.00 ± 0.00** |")
+    md = (out / "ablation.md").read_text()
+    assert "What each variant reads: each val scene given another val scene's disparity" in md

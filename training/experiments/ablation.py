@@ -8,12 +8,18 @@ subset, as the evaluation's ``n`` row; fails naming each subset of :data:`REPORT
 ``settings.json``, which refuses a changed value: one base, one schedule, one data set) and ``report``
 (``<out>/results/<run>/{eval.json, run.json}`` -> ``<out>/ablation.{md,json,png}``).
 
-Rows: LISA (``--no_caam --no_depth``), +depth (``--no_caam``), +CAAM (``--no_depth``), LFLLM, with the
-default ``--caam_mode`` (fixed); ``--caam_modes`` adds an LFLLM row per other mode. Values ×100; std is
-the sample standard deviation over seeds (n − 1), absent with one seed.
+Rows, on the default route (the quickstart's recipe, ``scripts/ablate.sh`` runs ``scripts/quickstart.sh`` per
+run): LISA (``--no_caam --no_depth``), +depth (``--no_caam``), +CAAM (``--no_depth``), LFLLM, with the default
+``--caam_mode`` (fixed); every row has the semantic fusion, and the depth stream (which reads the disparity) comes
+with the depth module (:attr:`Variant.route`). ``--caam_modes`` adds an LFLLM row per other mode, ``--estimate``
+an LFLLM row on estimated disparity. Values ×100; std is the sample standard deviation over seeds (n − 1), absent
+with one seed. What each variant reads: its merged models evaluated again under ``--eval_input`` probes
+(:data:`PROBES`, ``<results>/<run>-<probe>/eval.json``), tabulated as the change seed by seed
+(:func:`probe_report`).
 
-Length: about 460 lines, one job in four parts (plan, val-set check, aggregation with its tables, plot)
-over one summary structure; the plot's drawing (``_panel``, ``bar_plot``) could join ``utils/visualize.py``.
+Length: about 575 lines, one job in five parts (plan, val-set check, aggregation with its tables, the probes'
+change tables, plot) over one summary structure; the plot's drawing (``_panel``, ``bar_plot``) could join
+``utils/visualize.py``.
 """
 
 from __future__ import annotations
@@ -60,12 +66,21 @@ class Variant:
     caam: bool
     depth: bool
     caam_mode: str = DEFAULT_CAAM_MODE
+    #: trained and evaluated on the built-in estimator's disparity (``--depth_source estimate``)
+    estimate: bool = False
 
     @property
     def flags(self) -> tuple[str, ...]:
         out = () if self.caam else ("--no_caam",)
         out += () if self.depth else ("--no_depth",)
+        out += ("--depth_source", "estimate") if self.estimate else ()
         return out + (("--caam_mode", self.caam_mode) if self.caam_mode != DEFAULT_CAAM_MODE else ())
+
+    @property
+    def route(self) -> tuple[str, ...]:
+        """The SAM route's extras (the quickstart's ``SAM_ROUTE_FLAGS``): the semantic fusion always; the
+        depth stream, which reads the disparity, only with the depth module."""
+        return ("--semantic_fusion", "--depth_stream") if self.depth else ("--semantic_fusion",)
 
     @property
     def cacheable(self) -> bool:
@@ -73,8 +88,9 @@ class Variant:
         return not self.caam or self.caam_mode == "fixed"
 
 
-def variants(caam_modes: Sequence[str] = ()) -> list[Variant]:
-    """LISA, +depth, +CAAM, LFLLM, then one LFLLM row per extra CAAM mode (the default mode is LFLLM)."""
+def variants(caam_modes: Sequence[str] = (), estimate: bool = False) -> list[Variant]:
+    """LISA, +depth, +CAAM, LFLLM, then one LFLLM row per extra CAAM mode (the default mode is LFLLM), then
+    with ``estimate`` LFLLM on estimated disparity (LISA reads no disparity: its row would not change)."""
     rows = [
         Variant("lisa", "LISA", caam=False, depth=False),
         Variant("depth", "+depth", caam=False, depth=True),
@@ -86,6 +102,10 @@ def variants(caam_modes: Sequence[str] = ()) -> list[Variant]:
             raise AblationError(f"CAAM mode {mode!r}: expected one of {', '.join(CAAM_MODES)}")
         if mode != DEFAULT_CAAM_MODE:
             rows.append(Variant(f"lfllm-{mode}", f"LFLLM ({mode})", caam=True, depth=True, caam_mode=mode))
+    if estimate:
+        rows.append(
+            Variant("lfllm-estimate", "LFLLM (estimated disparity)", caam=True, depth=True, estimate=True)
+        )
     return rows
 
 
@@ -93,11 +113,13 @@ def run_name(variant: Variant, seed: int) -> str:
     return f"{variant.key}_seed{seed}"
 
 
-def plan(seeds: Sequence[int], caam_modes: Sequence[str] = ()) -> list[tuple[str, Variant, int]]:
+def plan(
+    seeds: Sequence[int], caam_modes: Sequence[str] = (), estimate: bool = False
+) -> list[tuple[str, Variant, int]]:
     """Every run, ``(name, variant, seed)``, variant by variant."""
     if not seeds:
         raise AblationError("no seeds: set SEEDS, e.g. SEEDS='0 1 2'")
-    return [(run_name(v, s), v, s) for v in variants(caam_modes) for s in seeds]
+    return [(run_name(v, s), v, s) for v in variants(caam_modes, estimate) for s in seeds]
 
 
 # ---------------------------------------------------------------------------------------------- val set
@@ -249,6 +271,77 @@ def markdown_table(summary: Mapping[str, Any], metric: str) -> str:
     return "\n".join(lines)
 
 
+DEPTH_KINDS: tuple[str, ...] = ("distance", "closest", "behind", "front")
+
+
+def change_rows(
+    pairs: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any]]],
+    subsets: Sequence[str],
+    metric: str = "gIoU",
+) -> list[str]:
+    """Markdown rows ``| label | change per subset … | depth kinds (mean) |``: for each ``(label, row, base)``
+    the change ``row − base`` run by run (both rows hold one value per seed, in the same seed order), mean ±
+    sample std per subset; the last cell is the mean change over :data:`DEPTH_KINDS` (those present)."""
+    depth = [s for s in DEPTH_KINDS if s in subsets]
+    lines = []
+    for label, row, base in pairs:
+        if len(row[metric][subsets[0]]["values"]) != len(base[metric][subsets[0]]["values"]):
+            raise ValueError(
+                f"row {label!r}: another number of runs than the row it is compared with: not paired"
+            )
+        cells = []
+        for s in subsets:
+            diffs = [a - b for a, b in zip(row[metric][s]["values"], base[metric][s]["values"])]
+            mean, std = mean_std(diffs) if diffs else (math.nan, None)
+            cells.append(f"{mean:+.2f}" if std is None else f"{mean:+.2f} ± {std:.2f}")
+        if depth:
+            runs = len(base[metric][depth[0]]["values"])
+            per_run = [
+                math.fsum(row[metric][s]["values"][i] - base[metric][s]["values"][i] for s in depth)
+                / len(depth)
+                for i in range(runs)
+            ]
+            mean, std = mean_std(per_run)
+            cells.append(f"**{mean:+.2f}**" if std is None else f"**{mean:+.2f} ± {std:.2f}**")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def change_table(summary: Mapping[str, Any], baseline: str, metric: str = "gIoU") -> str:
+    """Each row of ``summary`` but ``baseline`` minus the ``baseline`` row (:func:`change_rows`)."""
+    rows = {v["label"]: v for v in summary["variants"]}
+    if baseline not in rows:
+        raise ValueError(f"--baseline_row {baseline!r}: no such row (rows: {', '.join(rows)})")
+    subsets = summary["subsets"]
+    depth = any(s in subsets for s in DEPTH_KINDS)
+    head = f"| change vs {baseline} | " + " | ".join(subsets) + (" | depth kinds (mean) |" if depth else " |")
+    pairs = [(v["label"], v, rows[baseline]) for v in summary["variants"] if v["label"] != baseline]
+    return "\n".join([head, "|---|" + "---:|" * (len(subsets) + depth), *change_rows(pairs, subsets, metric)])
+
+
+#: What each probe of ``scripts/ablate.sh`` replaces (``--eval_input``), and how its results are named.
+PROBES: tuple[str, ...] = ("swapped_disparity", "centre_views")
+
+
+def probe_report(results_dir: str | Path, summary: Mapping[str, Any], probe: str) -> str | None:
+    """The change of every variant when its merged models are evaluated with ``--eval_input probe``
+    (``<results>/<run>-<probe>/eval.json``), against the same models on exact inputs; None when a run of a
+    variant has no probe result yet."""
+    root, subsets, rows = Path(results_dir), summary["subsets"], []
+    for v in summary["variants"]:
+        files = [root / f"{run}-{probe}" / "eval.json" for run in v["runs"]]
+        if not all(f.is_file() for f in files):
+            return None
+        probed: dict[str, Any] = {"gIoU": {}}
+        evals = [json.loads(f.read_text()) for f in files]
+        for s in subsets:
+            values = [100.0 * e["subsets"][s]["gIoU"] for e in evals if s in e["subsets"]]
+            probed["gIoU"][s] = {"values": values}
+        rows.append((v["label"], probed, v))
+    head = f"| gIoU change, {probe} | " + " | ".join(subsets) + " | depth kinds (mean) |"
+    return "\n".join([head, "|---|" + "---:|" * (len(subsets) + 1), *change_rows(rows, subsets)])
+
+
 def report_markdown(summary: Mapping[str, Any]) -> str:
     """``ablation.md``: what was run (settings, command, wall time), then the gIoU and cIoU tables."""
     settings, seeds = summary.get("settings", {}), summary["seeds"]
@@ -278,6 +371,12 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
     ]
     for metric in METRICS:
         lines += [f"### {metric}", "", markdown_table(summary, metric), ""]
+    for probe, table in summary.get("probes", {}).items():
+        what = {
+            "swapped_disparity": "each val scene given another val scene's disparity",
+            "centre_views": "every neighbour view replaced by the centre view",
+        }.get(probe, probe)
+        lines += [f"### What each variant reads: {what} (`--eval_input {probe}`)", "", table, ""]
     return "\n".join(lines)
 
 
@@ -386,11 +485,14 @@ def build_report(
     *,
     wall_s: float | None = None,
     command: str = "",
+    estimate: bool = False,
 ) -> dict[str, Any]:
     """Collect ``<out>/results``, write ``<out>/ablation.{md,json,png}``; returns the summary."""
     out = Path(out)
-    runs = plan(seeds, caam_modes)
+    runs = plan(seeds, caam_modes, estimate)
     summary = aggregate(collect(out / "results", runs), runs)
+    probes = {p: probe_report(out / "results", summary, p) for p in PROBES}
+    summary["probes"] = {p: t for p, t in probes.items() if t is not None}
     settings_path = out / "settings.json"
     summary["settings"] = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     summary["caam_mode"], summary["units"] = DEFAULT_CAAM_MODE, "gIoU and cIoU x 100 (percent)"
@@ -433,6 +535,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name)
         s.add_argument("--seeds", default="0 1 2", help="space-separated seeds")
         s.add_argument("--caam_modes", default="", help="extra LFLLM rows, one per CAAM mode")
+        s.add_argument("--estimate", action="store_true", help="an LFLLM row on estimated disparity")
     report = sub.choices["report"]
     report.add_argument("--out", required=True, help="the ablation folder (results/, settings.json)")
     report.add_argument("--wall_s", type=float, default=None, help="wall time of this invocation")
@@ -455,8 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("plan", "report"):
             seeds, modes = [int(s) for s in args.seeds.split()], args.caam_modes.split()
         if args.command == "plan":
-            for name, variant, _ in plan(seeds, modes):
-                print(f"{name}|{variant.label}|{' '.join(variant.flags)}|{int(variant.cacheable)}")
+            for name, variant, _ in plan(seeds, modes, args.estimate):
+                fields = (name, variant.label, " ".join(variant.flags), str(int(variant.cacheable)))
+                print("|".join((*fields, " ".join(variant.route))))
         elif args.command == "count":
             counts, scenes = expression_counts(args.dataset_dir, args.ds, args.split)
             print(f"{args.ds} {args.split}: {scenes} scenes; expressions per subset:")
@@ -465,7 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "record":
             update_record(args.file, args.pairs, frozen=args.frozen)
         else:
-            summary = build_report(args.out, seeds, modes, wall_s=args.wall_s, command=args.command_line)
+            summary = build_report(
+                args.out, seeds, modes, wall_s=args.wall_s, command=args.command_line, estimate=args.estimate
+            )
             print(report_markdown(summary))
             print(f"written: {Path(args.out) / 'ablation.md'}, ablation.json, ablation.png")
     except (AblationError, FileNotFoundError, ValueError) as exc:

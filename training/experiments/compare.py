@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoint import atomic_write_text
-from training.experiments.ablation import METRICS, REPORTED, AblationError, bar_plot, cell_text, mean_std
+from training.experiments.ablation import (
+    METRICS,
+    REPORTED,
+    AblationError,
+    bar_plot,
+    cell_text,
+    change_table,
+    mean_std,
+)
 from utils.metrics import ALL
 from utils.visualize import write_png
 
@@ -98,45 +106,6 @@ def table(summary: Mapping[str, Any], metric: str) -> str:
             cells.append(f"**{text}**" if top else text)
         lines.append(f"| {v['label']} ({v['files']}) | " + " | ".join(cells) + " |")
     lines.append("| n (expressions) | " + " | ".join(str(summary["n"][s]) for s in subsets) + " |")
-    return "\n".join(lines)
-
-
-def change_table(summary: Mapping[str, Any], baseline: str, metric: str = "gIoU") -> str:
-    """Each other row minus the ``baseline`` row, file by file (rows of equal length: a probe of the same
-    models), mean ± std of the change per subset; the mean over the depth kinds in the last column."""
-    rows = {v["label"]: v for v in summary["variants"]}
-    if baseline not in rows:
-        raise ValueError(f"--baseline_row {baseline!r}: no such row (rows: {', '.join(rows)})")
-    base, subsets = rows[baseline], summary["subsets"]
-    depth = [s for s in ("distance", "closest", "behind", "front") if s in subsets]
-    head = (
-        "| change vs "
-        + baseline
-        + " | "
-        + " | ".join(subsets)
-        + (" | depth kinds (mean) |" if depth else " |")
-    )
-    lines = [head, "|---|" + "---:|" * (len(subsets) + bool(depth))]
-    for v in summary["variants"]:
-        if v is base:
-            continue
-        if v["files"] != base["files"]:
-            raise ValueError(
-                f"row {v['label']!r} has {v['files']} files, {baseline!r} {base['files']}: not paired"
-            )
-        cells = []
-        for s in subsets:
-            diffs = [a - b for a, b in zip(v[metric][s]["values"], base[metric][s]["values"])]
-            mean, std = mean_std(diffs)
-            cells.append(f"{mean:+.2f}" if std is None else f"{mean:+.2f} ± {std:.2f}")
-        if depth:
-            per_file = [
-                sum(v[metric][s]["values"][i] - base[metric][s]["values"][i] for s in depth) / len(depth)
-                for i in range(v["files"])
-            ]
-            mean, std = mean_std(per_file)
-            cells.append(f"**{mean:+.2f}**" if std is None else f"**{mean:+.2f} ± {std:.2f}**")
-        lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
