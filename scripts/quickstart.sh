@@ -140,7 +140,8 @@ else
   HEAD_FLAGS=(--vision_pretrained "$BASE/sam_tiny.pth" "${ROUTE[@]}")
   MERGE_FLAGS=(--vision_pretrained "$BASE/sam_tiny.pth")
 fi
-stamp "3/5 train with the deepspeed launcher, $RANKS rank(s) of $RANK_BATCH scene(s) (LoRA + [SEG] + ${MASK_HEAD} mask head ${HEAD_FLAGS[*]:2}; CAAM + depth on)"
+LF_MODULES="CAAM $([[ " ${TRAIN_FLAGS:-} " == *" --no_caam "* ]] && echo off || echo on), depth $([[ " ${TRAIN_FLAGS:-} " == *" --no_depth "* ]] && echo off || echo on)"
+stamp "3/5 train with the deepspeed launcher, $RANKS rank(s) of $RANK_BATCH scene(s) (LoRA + [SEG] + ${MASK_HEAD} mask head ${HEAD_FLAGS[*]:2}; $LF_MODULES)"
 OMP_NUM_THREADS=$RANK_THREADS .venv/bin/deepspeed --num_gpus "$RANKS" --master_port "${MASTER_PORT:-29517}" train_ds.py \
   --version "$BASE/llava" "${HEAD_FLAGS[@]}" \
   --dataset_dir "$OUT/dataset" "${DATA_FLAGS[@]}" --val_dataset "$DS|syn|val" \
