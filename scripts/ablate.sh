@@ -124,8 +124,10 @@ for i in "${!RUNS[@]}"; do
     LFLLM_QUICKSTART="$run" SAM_ROUTE_FLAGS="$route" FEATURE_CACHE="$cacheable" MASTER_PORT="$PORT" \
       TRAIN_FLAGS="$flags --seed $seed" EVAL_FLAGS="${eval_flags[*]}" \
       run_logged "$OUT/logs/$name.quickstart.log" bash scripts/quickstart.sh
+    echo $((SECONDS - t0)) > "$run/quickstart_s"  # its wall time, for run.json when the evaluations resume later
   fi
   t1=$SECONDS
+  train_s=$(cat "$run/quickstart_s" 2>/dev/null || echo 0)
   cache=()
   [ "$cacheable" = 1 ] && cache=(--feature_cache "$OUT/feature_cache")
   for probe in exact $PROBES; do
@@ -142,7 +144,7 @@ for i in "${!RUNS[@]}"; do
   t2=$SECONDS
   [ "${KEEP_CKPT:-0}" = 1 ] || rm -rf "$run/runs/quickstart/ckpt_model"
   $PY scripts/ablation_report.py record --file "$OUT/results/$name/run.json" "run=$name" "label=$label" \
-    "seed=$seed" "total_steps=$(( ${EPOCHS:-10} * ${STEPS_PER_EPOCH:-250} ))" "train_s=$((t1 - t0))" \
+    "seed=$seed" "total_steps=$(( ${EPOCHS:-10} * ${STEPS_PER_EPOCH:-250} ))" "train_s=$train_s" \
     "eval_s=$((t2 - t1))"
   done_here=$((done_here + 1))
   spent=$((spent + t2 - t0))
