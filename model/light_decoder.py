@@ -184,12 +184,17 @@ def save_light_decoder(
     cfg: LightDecoderConfig,
     path: str | Path,
     record: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a light decoder's weights (``LightMaskDecoder.state_dict()`` names) as a float32 safetensors file
-    whose metadata holds :data:`LIGHT_FORMAT`, the decoder's shapes (``cfg``) and ``record`` (how it was made).
-    Written to a temporary name first, then renamed: an existing file is never left half-written."""
+    """Write a light decoder's weights (``LightMaskDecoder.state_dict()`` names) as a safetensors file of
+    ``dtype`` (float32, or float16/bfloat16 for a shipped file at half the size; :func:`load_light_decoder`
+    casts to the decoder's own dtype) whose metadata holds :data:`LIGHT_FORMAT`, the decoder's shapes (``cfg``)
+    and ``record`` (how it was made). Written to a temporary name first, then renamed: an existing file is
+    never left half-written."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"a light-decoder file is float32, float16 or bfloat16, not {dtype}")
     path = Path(path)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     meta = {"format": LIGHT_FORMAT, "config": json.dumps(asdict(cfg)), "record": json.dumps(record or {})}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)

@@ -72,8 +72,12 @@ OMP_NUM_THREADS=$RANK_THREADS .venv/bin/deepspeed --num_gpus "$RANKS" --master_p
 wall=$(( $(date +%s) - start ))
 RUN="$WORK/runs/light_pretrain"
 $PY - "$RUN" "$BASE" "$wall" "$data_s" "$RANKS" "$RANK_THREADS" <<'EOF'
-import json, platform, shutil, subprocess, sys
+import json, platform, subprocess, sys
 from pathlib import Path
+
+import torch
+
+from model.light_decoder import LightDecoderConfig, read_light_decoder, save_light_decoder
 run, base, wall, data_s, ranks, threads = Path(sys.argv[1]), Path(sys.argv[2]), *map(int, sys.argv[3:7])
 src = run / "export" / "last" / "light_decoder.safetensors"
 if not src.is_file():
@@ -95,8 +99,14 @@ record = {
     "first_loss": log[0].get("loss") if log else None,
     "last_loss": log[-1].get("loss") if log else None,
     "held_out": json.loads(val.read_text()) if val.is_file() else None,
+    "stored_dtype": "float16",  # half the size of the run's float32 export; loading casts back
 }
-shutil.copyfile(src, base / "light_decoder.safetensors")
+tensors, shapes, run_record = read_light_decoder(src)
+if not all(bool(torch.isfinite(t.half()).all()) for t in tensors.values()):
+    sys.exit(f"error: {src} holds a weight beyond float16's range; keep the float32 export instead")
+save_light_decoder(
+    tensors, LightDecoderConfig(**shapes), base / "light_decoder.safetensors", record=run_record, dtype=torch.float16
+)
 (base / "light_pretrain_record.json").write_text(json.dumps(record, indent=2))
 print(f"wrote {base / 'light_decoder.safetensors'} and {base / 'light_pretrain_record.json'} ({wall} s)")
 EOF

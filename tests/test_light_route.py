@@ -233,6 +233,21 @@ def test_a_light_decoder_file_starts_another_model_and_bad_ones_are_refused(
     want, got = model.light_decoder.state_dict(), started.light_decoder.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert read_light_decoder(good)[2] == {"note": "x"}
+    half = save_light_decoder(
+        model.light_decoder.state_dict(),
+        model.light_decoder.cfg,
+        tmp_path / "h.safetensors",
+        dtype=torch.float16,
+    )
+    assert half.stat().st_size < 0.55 * good.stat().st_size  # the shipped form: half the bytes
+    from_half, _ = build_lfllm(tiny_base["llava"], None, LIGHT, light_pretrained=half)
+    got = from_half.light_decoder.state_dict()
+    assert all(
+        got[k].dtype == want[k].dtype and torch.equal(got[k], want[k].half().to(want[k].dtype)) for k in want
+    )
+    assert any(not torch.equal(got[k], want[k]) for k in want)  # really rounded, not a float32 copy
+    with pytest.raises(ValueError, match=r"float32, float16 or bfloat16, not torch\.int8"):
+        save_light_decoder(want, model.light_decoder.cfg, tmp_path / "i.safetensors", dtype=torch.int8)
     narrow = ModelOptions(mask_head="light", light_detail_size=224, light_dim=64)
     with pytest.raises(ValueError, match=r"--light_pretrained .*dim 256 in the file, 64 here.*--light_dim"):
         build_lfllm(tiny_base["llava"], None, narrow, light_pretrained=good)
