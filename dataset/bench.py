@@ -140,7 +140,7 @@ def stage_times(data: SceneDataset, count: int = 10) -> dict[str, float]:
         t = time.perf_counter()
         ann = data.annotations[data.scenes[index].ds_index]
         for ref in data.scenes[index].refs:
-            ann.mask(ref.ann_id)
+            ann.ref_mask(ref)
         totals["masks"] += time.perf_counter() - t
     items = min(count, len(data))
     return {

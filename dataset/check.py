@@ -128,9 +128,10 @@ def check_annotations(groups: Iterable[SceneDataset]) -> list[Problem]:
         for scene in scenes.scenes:
             ann = scenes.annotations[scene.ds_index]
             for ref in scene.refs:
-                ref_ids = used.setdefault((id(ann), ref.ann_id), (ann, []))[1]
-                if ref.ref_id not in ref_ids:
-                    ref_ids.append(ref.ref_id)
+                for ann_id in ref.ann_ids:  # a no-target ref has none: its empty mask is what it says
+                    ref_ids = used.setdefault((id(ann), ann_id), (ann, []))[1]
+                    if ref.ref_id not in ref_ids:
+                        ref_ids.append(ref.ref_id)
     problems = []
     for (_, ann_id), (ann, ref_ids) in used.items():
         refs = f"ref_id {', '.join(map(str, ref_ids))}"

@@ -2,9 +2,15 @@
 
 Layout under ``<dataset_dir>/refer_seg/<ds>/``: ``<ds>.json`` (a JSON list of refs) or, for the
 RefCOCO family, ``refs(<split_by>).p`` (a pickled list of the same dicts, read with a restricted
-unpickler that builds plain containers only), and ``instances.json`` (COCO images, annotations,
+unpickler that builds plain containers only), or, for gRefCOCO (generalised referring expressions),
+``grefs(<split_by>).json`` / ``grefs(<split_by>).p``; and ``instances.json`` (COCO images, annotations,
 categories). Everything is validated on load; every problem raises :class:`AnnotationError` naming the
 file and the ids involved.
+
+Generalised refs (gRefCOCO's convention, read wherever it appears): ``ann_id`` and ``category_id`` may be
+lists; a multi-target ref's mask is the union of its annotations; ``ann_id: [-1]`` (with ``no_target: true``
+when the field is present) is a ref with no target, whose mask is empty. A plain integer ``ann_id`` is a
+one-target ref, as in RefCOCO and Ref-UrbanLF.
 
 Split rule: a ref belongs to split ``S`` iff ``ref.split == S`` or ``S`` is one of its subset tags. A
 selector ``"A&B"`` needs every part (``"val&closest"``: the val refs tagged ``closest``).
@@ -27,7 +33,10 @@ from utils.splits import SPLIT_NAMES, SUBSET_TAGS
 
 @dataclass(frozen=True)
 class Ref:
-    """One referred object with its expressions (``sent_ids[i]`` is the id of ``sentences[i]``)."""
+    """One referring expression group with its target objects (``sent_ids[i]`` is the id of ``sentences[i]``).
+
+    ``ann_ids`` are the targets (several for a multi-target ref, none for a no-target ref); ``ann_id`` is
+    the first of them, or -1 when there is none. A one-target ref may give ``ann_id`` alone."""
 
     ref_id: int
     ann_id: int
@@ -37,6 +46,21 @@ class Ref:
     subsets: tuple[str, ...]
     sentences: tuple[str, ...]
     sent_ids: tuple[int, ...] = ()
+    ann_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.ann_ids and self.ann_id >= 0:
+            object.__setattr__(self, "ann_ids", (self.ann_id,))
+        expected_first = self.ann_ids[0] if self.ann_ids else -1
+        if self.ann_id != expected_first:
+            raise ValueError(
+                f"ref_id {self.ref_id}: ann_id {self.ann_id} is not the first of ann_ids {self.ann_ids}"
+            )
+
+    @property
+    def no_target(self) -> bool:
+        """True for a ref that names no object of its image (gRefCOCO's ``ann_id: [-1]``)."""
+        return not self.ann_ids
 
     def in_split(self, split: str) -> bool:
         """True iff this ref is selected for ``split``: its split field or one of its subset tags equals
@@ -115,6 +139,44 @@ def _load_json(path: Path, what: str) -> Any:
         ) from None
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _target_ids(raw: dict, ref_id: Any, path: Path) -> tuple[int, ...]:
+    """The target annotation ids of a raw ref: ``ann_id`` as an integer (one target) or a list (gRefCOCO:
+    several targets, or ``[-1]`` for none), checked against ``no_target`` when the ref has that field."""
+    value = raw["ann_id"]
+    if _is_int(value):
+        ids: list[int] = [value]
+    elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+        ids = list(value)
+    else:
+        raise AnnotationError(
+            path, f"ref_id {ref_id}: ann_id must be an integer or a non-empty list of integers, got {value!r}"
+        )
+    if -1 in ids and len(ids) > 1:
+        raise AnnotationError(path, f"ref_id {ref_id}: ann_id {ids} mixes -1 (no target) with targets")
+    if len(set(ids)) != len(ids):
+        raise AnnotationError(path, f"ref_id {ref_id}: ann_id {ids} lists a target twice")
+    if any(v < -1 for v in ids):
+        raise AnnotationError(path, f"ref_id {ref_id}: ann_id {ids} holds a negative id other than -1")
+    targets = tuple(v for v in ids if v != -1)
+    flag = raw.get("no_target")
+    if flag is not None and (not isinstance(flag, bool) or flag != (not targets)):
+        raise AnnotationError(
+            path, f"ref_id {ref_id}: no_target is {flag!r} but ann_id is {value!r} ({len(targets)} target(s))"
+        )
+    return targets
+
+
+def _first_category(value: Any) -> int:
+    """A ref's category id: the integer, or the first of a gRefCOCO list (-1 when empty or ``[-1]``)."""
+    if isinstance(value, list):
+        return int(value[0]) if value else -1
+    return int(value)
+
+
 def _parse_ref(raw: Any, index: int, path: Path) -> Ref:
     """Validate one raw ref dict and turn it into a :class:`Ref`."""
     if not isinstance(raw, dict):
@@ -137,12 +199,14 @@ def _parse_ref(raw: Any, index: int, path: Path) -> Ref:
     subsets = raw.get("subsets") or []
     if isinstance(subsets, str) or not all(isinstance(s, str) for s in subsets):
         raise AnnotationError(path, f"ref_id {ref_id}: 'subsets' must be a list of strings, got {subsets!r}")
+    ann_ids = _target_ids(raw, ref_id, path)
     try:
         return Ref(
             ref_id=int(ref_id),
-            ann_id=int(raw["ann_id"]),
+            ann_id=ann_ids[0] if ann_ids else -1,
+            ann_ids=ann_ids,
             image_id=int(raw["image_id"]),
-            category_id=int(raw.get("category_id", -1)),
+            category_id=_first_category(raw.get("category_id", -1)),
             split=str(raw["split"]),
             subsets=tuple(subsets),
             sentences=tuple(sentences),
@@ -202,6 +266,21 @@ def _extent(segmentation: Any) -> str:
     return f"x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}" if xs and ys else ""
 
 
+def _split_by(path: Path) -> str:
+    """``unc`` of ``refs(unc).p`` / ``grefs(unc).json``."""
+    return path.name[path.name.index("(") + 1 : path.name.rindex(")")]
+
+
+def _refer_files(root: Path) -> list[Path]:
+    """The REFER refs files of a dataset folder: ``grefs(*).json`` first (gRefCOCO's JSON and pickle of the
+    same split are one file set: the JSON stands for both), then ``grefs(*).p`` and ``refs(*).p``."""
+    grefs_json = sorted(root.glob("grefs(*).json"))
+    json_splits = {_split_by(p) for p in grefs_json}
+    grefs_pickle = [p for p in sorted(root.glob("grefs(*).p")) if _split_by(p) not in json_splits]
+    files = grefs_json + grefs_pickle + sorted(root.glob("refs(*).p"))
+    return sorted(files, key=lambda p: (_split_by(p), p.name.startswith("refs")))
+
+
 class ReferAnnotations:
     """Validated refs and COCO instances of one dataset ``<ds>``."""
 
@@ -216,24 +295,29 @@ class ReferAnnotations:
 
     @classmethod
     def load(cls, dataset_dir: str | Path, ds: str, split_by: str | None = None) -> ReferAnnotations:
-        """Read ``refer_seg/<ds>/<ds>.json`` (or ``refs(<split_by>).p`` when there is no JSON) and
+        """Read ``refer_seg/<ds>/<ds>.json`` (or, when there is no JSON, the REFER file of ``split_by``:
+        ``refs(<split_by>).p``, gRefCOCO's ``grefs(<split_by>).json`` or ``grefs(<split_by>).p``) and
         ``refer_seg/<ds>/instances.json``; validate them (see module docstring)."""
         root = Path(dataset_dir) / "refer_seg" / ds
         json_path = root / f"{ds}.json"
-        pickles = sorted(root.glob("refs(*).p"))
-        if split_by is None and not json_path.is_file() and len(pickles) == 1:
-            split_by = pickles[0].name[len("refs(") : -len(").p")]  # RefCOCO layout: its one refs file
-        elif split_by is None and not json_path.is_file() and pickles:
-            names = ", ".join(p.name[len("refs(") : -len(").p")] for p in pickles)
+        refer_files = _refer_files(root)
+        if split_by is None and not json_path.is_file() and len(refer_files) == 1:
+            refs_path = refer_files[0]  # RefCOCO / gRefCOCO layout: its one refs file
+        elif split_by is None and not json_path.is_file() and refer_files:
+            names = ", ".join(dict.fromkeys(_split_by(p) for p in refer_files))
             raise AnnotationError(
                 json_path,
                 f"not found, and {root} holds several REFER files (splitBy {names}): name one, "
-                f"e.g. --refer_seg_data '{ds}({pickles[0].name[5:-3]})'",
+                f"e.g. --refer_seg_data '{ds}({_split_by(refer_files[0])})'",
             )
-        if json_path.is_file() or split_by is None:
-            refs_path, raw_refs = json_path, _load_json(json_path, "refs file")
+        elif json_path.is_file() or split_by is None:
+            refs_path = json_path
         else:
-            refs_path = root / f"refs({split_by}).p"
+            named = [p for p in refer_files if _split_by(p) == split_by]
+            refs_path = named[0] if named else root / f"refs({split_by}).p"
+        if refs_path.suffix == ".json":
+            raw_refs = _load_json(refs_path, "refs file")
+        else:
             raw_refs = load_refer_pickle(refs_path)
         if not isinstance(raw_refs, list):
             raise AnnotationError(refs_path, f"expected a list of refs, got {type(raw_refs).__name__}")
@@ -255,17 +339,18 @@ class ReferAnnotations:
                 raise AnnotationError(
                     self.refs_path, f"{where}: image_id {ref.image_id} has no image in {self.instances_path}"
                 )
-            ann = self._anns.get(ref.ann_id)
-            if ann is None:
-                raise AnnotationError(
-                    self.refs_path, f"{where}: ann_id {ref.ann_id} has no annotation in {self.instances_path}"
-                )
-            if int(ann.get("image_id", -1)) != ref.image_id:
-                raise AnnotationError(
-                    self.refs_path,
-                    f"{where}: image_id {ref.image_id} disagrees with annotation {ref.ann_id} "
-                    f"(image_id {ann.get('image_id')}) in {self.instances_path}",
-                )
+            for ann_id in ref.ann_ids:
+                ann = self._anns.get(ann_id)
+                if ann is None:
+                    raise AnnotationError(
+                        self.refs_path, f"{where}: ann_id {ann_id} has no annotation in {self.instances_path}"
+                    )
+                if int(ann.get("image_id", -1)) != ref.image_id:
+                    raise AnnotationError(
+                        self.refs_path,
+                        f"{where}: image_id {ref.image_id} disagrees with annotation {ann_id} "
+                        f"(image_id {ann.get('image_id')}) in {self.instances_path}",
+                    )
 
     def refs_for(self, split: str) -> list[Ref]:
         """Refs selected for ``split`` (by split field or subset tag, or ``"A&B"``), in file order."""
@@ -304,6 +389,28 @@ class ReferAnnotations:
                 f"size {(height, width)}",
             )
         return mask
+
+    def ref_mask(self, ref: Ref, cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """The (H, W) uint8 {0, 1} target of ``ref``: its one annotation's mask, the union of several
+        (a multi-target ref), or all zeros at the image's size (a no-target ref). ``cache`` (ann_id ->
+        mask) lets a caller decode each annotation once across refs."""
+        if ref.no_target:
+            image = self.image(ref.image_id)
+            return np.zeros((int(image["height"]), int(image["width"])), dtype=np.uint8)
+        cache = {} if cache is None else cache
+        for ann_id in ref.ann_ids:
+            if ann_id not in cache:
+                cache[ann_id] = self.mask(ann_id)
+        if len(ref.ann_ids) == 1:
+            return cache[ref.ann_id]
+        shapes = {cache[a].shape for a in ref.ann_ids}
+        if (
+            len(shapes) > 1
+        ):  # cannot happen for annotations of one image (mask() checks each), kept as a guard
+            raise AnnotationError(
+                self.instances_path, f"ref_id {ref.ref_id}: its targets' masks differ in size {shapes}"
+            )
+        return np.bitwise_or.reduce(np.stack([cache[a] for a in ref.ann_ids]), axis=0)
 
     def empty_mask_problem(self, ann_id: int) -> str | None:
         """Why annotation ``ann_id`` gives no mask (its segmentation covers no pixel of its image, e.g.

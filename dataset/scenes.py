@@ -250,21 +250,22 @@ class SceneDataset(torch.utils.data.Dataset):
         return None
 
     def _masks(self, index: int, refs: list[Ref], hw: tuple[int, int]) -> np.ndarray:
-        """(N, H, W) uint8 masks of ``refs``, each decoded once, checked against the centre's (H, W)."""
+        """(N, H, W) uint8 masks of ``refs`` (a multi-target ref's union, a no-target ref's zeros), each
+        annotation decoded once, checked against the centre's (H, W)."""
         ann = self.annotations[self.scenes[index].ds_index]
         decoded: dict[int, np.ndarray] = {}
         masks = np.empty((len(refs), *hw), dtype=np.uint8)
         for i, ref in enumerate(refs):
-            if ref.ann_id not in decoded:
-                mask = ann.mask(ref.ann_id)
-                if mask.shape != hw:
-                    raise AnnotationError(
-                        ann.instances_path,
-                        f"image {ref.image_id}: mask of annotation {ref.ann_id} is {mask.shape}, "
-                        f"centre view of {self.scene_path(index)} is {hw}",
-                    )
-                decoded[ref.ann_id] = mask
-            masks[i] = decoded[ref.ann_id]
+            mask = ann.ref_mask(ref, decoded)
+            if mask.shape != hw:
+                ids = ", ".join(map(str, ref.ann_ids))
+                what = f"annotation {ids}" if len(ref.ann_ids) == 1 else f"annotations {ids}"
+                raise AnnotationError(
+                    ann.instances_path,
+                    f"image {ref.image_id}: mask of {what} is {mask.shape}, centre view of "
+                    f"{self.scene_path(index)} is {hw} (ref_id {ref.ref_id})",
+                )
+            masks[i] = mask
         return masks
 
     def image_hw(self, index: int) -> tuple[int, int]:

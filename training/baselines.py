@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dataset.scenes import SceneDataset
@@ -22,15 +23,22 @@ def baseline_metrics(scenes: SceneDataset) -> dict[str, SegMetrics]:
     out = {"whole-image": SegMetrics(), "largest-object": SegMetrics()}
     for scene in scenes.scenes:
         ann = scenes.annotations[scene.ds_index]
-        image_ann_ids = sorted({r.ann_id for r in ann.refs if r.image_id == scene.image_id})
-        masks = {a: torch.from_numpy(ann.mask(a).astype(bool)) for a in image_ann_ids}
-        largest = max(image_ann_ids, key=lambda a: (int(masks[a].sum()), -a))
+        image_ann_ids = sorted({a for r in ann.refs if r.image_id == scene.image_id for a in r.ann_ids})
+        decoded: dict[int, np.ndarray] = {}
         pairs = [(ref, s) for ref in scene.refs for s in ref.sentences]
-        gt = torch.stack([masks[ref.ann_id] for ref, _ in pairs])
+        gt = torch.stack([torch.from_numpy(ann.ref_mask(ref, decoded).astype(bool)) for ref, _ in pairs])
+        for a in image_ann_ids:
+            if a not in decoded:
+                decoded[a] = ann.mask(a)
+        areas = {a: int(decoded[a].sum()) for a in image_ann_ids}
+        # no annotated object at all (only no-target refs): the largest object is an empty mask
+        largest = max(image_ann_ids, key=lambda a: (areas[a], -a)) if image_ann_ids else None
         tags = [subset_tags(ref.tags) for ref, _ in pairs]
         ids = [(scenes.names[scene.ds_index], scene.image_id, k) for k in range(len(pairs))]
         whole = torch.ones_like(gt)
-        big = masks[largest].expand_as(gt)
+        big = (
+            torch.zeros_like(gt[0]) if largest is None else torch.from_numpy(decoded[largest].astype(bool))
+        ).expand_as(gt)
         for name, pred in (("whole-image", whole), ("largest-object", big)):
             inter, union = mask_iou_stats(pred, gt)
             out[name].update(inter, union, tags, expr_ids=ids)

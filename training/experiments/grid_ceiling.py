@@ -89,7 +89,7 @@ def grid_ceilings(scenes: SceneDataset, grids: Sequence[int], geometry: str) -> 
     for scene in scenes.scenes:
         ann = scenes.annotations[scene.ds_index]
         pairs = [(ref, s) for ref in scene.refs for s in ref.sentences]
-        gt = torch.stack([torch.from_numpy(ann.mask(ref.ann_id).astype(bool)) for ref, _ in pairs])
+        gt = torch.stack([torch.from_numpy(ann.ref_mask(ref).astype(bool)) for ref, _ in pairs])
         tags = [subset_tags(ref.tags) for ref, _ in pairs]
         ids = [(scenes.names[scene.ds_index], scene.image_id, k) for k in range(len(pairs))]
         for g in grids:
