@@ -134,7 +134,10 @@ def collate_batch(samples: list[Sample], pad_id: int) -> Batch:
     elif any(m is not None for m in masks):
         raise ValueError("masks are present in some samples of the batch but not in others")
     for key in META_KEYS:
-        batch[key] = [s[key] for s in samples]
+        if key == "no_target":  # GRES flags; a sample from elsewhere (chat, the benchmarks) has targets only
+            batch[key] = [list(s.get(key) or [False] * len(s.get("sentences") or ())) for s in samples]
+        else:
+            batch[key] = [s[key] for s in samples]
     return batch
 
 

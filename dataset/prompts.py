@@ -7,6 +7,10 @@ placeholder; both are single special tokens that the collator expands to the rea
 tokens. The answer contains one ``[SEG]`` per requested mask; with ``answer_box`` it first states the
 target's box (``[x0, y0, x1, y1]`` on a 0.1 grid, the pretraining's REC format), so ``[SEG]`` follows the
 location the LM has just written.
+
+A GRES model (``gres``) answers an expression that names no object with ``[REJ]`` instead of ``[SEG]``, and a
+question may ask for several expressions at once (``exprs_per_question``, MLLMSeg's GRES format): "Sure,
+e1: [SEG], e2: [REJ], e3: [SEG]." -- one slot per expression, in the question's order.
 """
 
 from __future__ import annotations
@@ -34,7 +38,18 @@ BOX_ANSWER_TEMPLATES: tuple[str, ...] = (
     "It is at {box}: [SEG].",
     "{box} [SEG].",
 )
+REJ_ANSWER_TEMPLATES: tuple[str, ...] = (
+    "There is no such object: [REJ].",
+    "Sorry, I cannot find it: [REJ].",
+    "[REJ].",
+)
+MULTI_QUESTION_TEMPLATES: tuple[str, ...] = (
+    "This is a light field with its disparity map. Can you segment {exprs} in this image?",
+    "Given the light field and its disparity map, please segment {exprs}, each with its own mask.",
+)
 VAL_QUESTION = QUESTION_TEMPLATES[0]
+VAL_REJ_ANSWER = REJ_ANSWER_TEMPLATES[0]
+VAL_MULTI_QUESTION = MULTI_QUESTION_TEMPLATES[0]
 VAL_ANSWER = ANSWER_TEMPLATES[1]
 VAL_BOX_ANSWER = BOX_ANSWER_TEMPLATES[0]
 BOX_STEP = 0.1
@@ -88,12 +103,29 @@ def question(expr: str, rng: random.Random | None = None) -> str:
     return tpl.format(expr=clean_expression(expr))
 
 
-def answer(rng: random.Random | None = None, box: str | None = None) -> str:
-    """An answer with one ``[SEG]``, stating ``box`` (``[x0, y0, x1, y1]`` text) first when given; random
-    variant in training, the fixed form otherwise."""
+def answer(rng: random.Random | None = None, box: str | None = None, reject: bool = False) -> str:
+    """An answer with one ``[SEG]``, stating ``box`` (``[x0, y0, x1, y1]`` text) first when given, or with
+    one ``[REJ]`` when ``reject`` (the expression names no object); random variant in training, the fixed
+    form otherwise."""
+    if reject:
+        return rng.choice(REJ_ANSWER_TEMPLATES) if rng is not None else VAL_REJ_ANSWER
     if box is None:
         return rng.choice(ANSWER_TEMPLATES) if rng is not None else VAL_ANSWER
     return (rng.choice(BOX_ANSWER_TEMPLATES) if rng is not None else VAL_BOX_ANSWER).format(box=box)
+
+
+def multi_question(exprs: list[str], rng: random.Random | None = None) -> str:
+    """One question asking for every expression of ``exprs`` (random template when ``rng`` is given)."""
+    names = [clean_expression(e) for e in exprs]
+    joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    tpl = rng.choice(MULTI_QUESTION_TEMPLATES) if rng is not None else VAL_MULTI_QUESTION
+    return tpl.format(exprs=joined)
+
+
+def multi_answer(exprs: list[str], rejects: list[bool]) -> str:
+    """``"Sure, e1: [SEG], e2: [REJ]."``: one slot per expression, in order."""
+    slots = [f"{clean_expression(e)}: {'[REJ]' if r else '[SEG]'}" for e, r in zip(exprs, rejects)]
+    return "Sure, " + ", ".join(slots) + "."
 
 
 def build_turns(
@@ -106,6 +138,8 @@ def build_turns(
     with_answer: bool = True,
     order: str = PROMPT_ORDERS[0],
     boxes: list[str] | None = None,
+    rejects: list[bool] | None = None,
+    exprs_per_question: int = 1,
 ) -> list[list[tuple[str, str | None]]]:
     """Conversations for one scene.
 
@@ -113,18 +147,35 @@ def build_turns(
     placeholders. ``pack=True``: one multi-turn conversation, visual placeholders once (in the first
     turn), one ``[SEG]`` per turn. ``order``: the placeholders before the question (``image_first``) or
     after it (``expression_first``). ``boxes``: one ``[x0, y0, x1, y1]`` text per expression, stated by
-    the answer before its ``[SEG]`` (``answer_box`` models). Returns a list of conversations, each a list
-    of (question, answer) turns.
+    the answer before its ``[SEG]`` (``answer_box`` models). ``rejects``: per expression, True where it
+    names no object (its slot is ``[REJ]``; GRES models). ``exprs_per_question`` > 1: consecutive
+    expressions share one question and one answer with a slot each (:func:`multi_answer`). Returns a list of
+    conversations, each a list of (question, answer) turns.
     """
     if order not in PROMPT_ORDERS:
         raise ValueError(f"prompt order {order!r}: expected one of {PROMPT_ORDERS}")
     if boxes is not None and len(boxes) != len(expressions):
         raise ValueError(f"{len(boxes)} boxes for {len(expressions)} expressions")
+    if rejects is not None and len(rejects) != len(expressions):
+        raise ValueError(f"{len(rejects)} target flags for {len(expressions)} expressions")
+    if exprs_per_question < 1:
+        raise ValueError(f"exprs_per_question must be >= 1, got {exprs_per_question}")
+    if exprs_per_question > 1 and boxes is not None:
+        raise ValueError("answer_box answers state one box before one [SEG]: use one expression per question")
+    rejects = [False] * len(expressions) if rejects is None else [bool(r) for r in rejects]
     prefix = visual_prefix(use_depth, use_mm_start_end)
     turns = []
-    for k, e in enumerate(expressions):  # question then answer per expression: the rng's draw order
-        q = question(e, rng)
-        turns.append((q, answer(rng, None if boxes is None else boxes[k]) if with_answer else None))
+    if exprs_per_question == 1:
+        for k, e in enumerate(expressions):  # question then answer per expression: the rng's draw order
+            q = question(e, rng)
+            box = None if boxes is None else boxes[k]
+            turns.append((q, answer(rng, box, rejects[k]) if with_answer else None))
+    else:
+        for start in range(0, len(expressions), exprs_per_question):
+            chunk = expressions[start : start + exprs_per_question]
+            q = multi_question(chunk, rng)
+            a = multi_answer(chunk, rejects[start : start + exprs_per_question])
+            turns.append((q, a if with_answer else None))
 
     def visual(q: str) -> str:
         return prefix + q if order == "image_first" else q + "\n" + prefix.rstrip("\n")

@@ -12,6 +12,10 @@ lists; a multi-target ref's mask is the union of its annotations; ``ann_id: [-1]
 when the field is present) is a ref with no target, whose mask is empty. A plain integer ``ann_id`` is a
 one-target ref, as in RefCOCO and Ref-UrbanLF.
 
+Length: about 460 lines, because one reader serves every published refs format (Ref-UrbanLF's JSON, REFER's
+pickles through a restricted unpickler, gRefCOCO's lists and no-target refs) with one set of checks; split
+into modules it would repeat the validation each format needs.
+
 Split rule: a ref belongs to split ``S`` iff ``ref.split == S`` or ``S`` is one of its subset tags. A
 selector ``"A&B"`` needs every part (``"val&closest"``: the val refs tagged ``closest``).
 """

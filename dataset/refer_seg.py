@@ -45,9 +45,13 @@ class SampleSpec:
     depth_stream: bool = False  # the disparity at SAM geometry reaches the mask decoder
     max_positions: int | None = None  # the language model's positions (max_position_embeddings)
     new_tokens: int = 0  # positions a conversation leaves free for generation (prediction: max_new_tokens)
+    gres: bool = False  # the model has [REJ]: a no-target expression is answered with it
+    exprs_per_question: int = 1  # > 1: several expressions per question, a slot each (GRES format)
 
     @classmethod
-    def from_model_config(cls, config: Any, conv_type: str = "llava_v1", pack: bool = False) -> SampleSpec:
+    def from_model_config(
+        cls, config: Any, conv_type: str = "llava_v1", pack: bool = False, exprs_per_question: int = 1
+    ) -> SampleSpec:
         """Read sizes and switches from an ``LFLLMConfig``."""
         caam = bool(config.use_caam)
         light = getattr(config, "mask_head", "sam") == "light"
@@ -65,6 +69,8 @@ class SampleSpec:
             answer_box=bool(config.answer_box),
             depth_stream=bool(getattr(config, "depth_stream", False)),
             max_positions=getattr(getattr(config, "text_config", None), "max_position_embeddings", None),
+            gres=bool(getattr(config, "gres", False)),
+            exprs_per_question=exprs_per_question,
         )
 
     @property
@@ -169,17 +175,29 @@ class ReferSegDataset(torch.utils.data.Dataset):
         return out
 
     def conversations(
-        self, sentences: list[str], rng: random.Random | None, masks: np.ndarray | None = None
+        self,
+        sentences: list[str],
+        rng: random.Random | None,
+        masks: np.ndarray | None = None,
+        no_target: list[bool] | None = None,
     ) -> list[tuple[list[int], list[int]]]:
-        """Tokenised conversations for ``sentences`` (one [SEG] each, in sentence order); an
-        ``answer_box`` model's answers state the box of each of ``masks`` (k, H, W), one per sentence."""
+        """Tokenised conversations for ``sentences`` (one [SEG] each, in sentence order; a GRES model's
+        answer to a sentence flagged in ``no_target`` is [REJ]); an ``answer_box`` model's answers state the
+        box of each of ``masks`` (k, H, W), one per sentence."""
         spec = self.spec
+        rejects = [bool(v) for v in no_target] if no_target is not None else [False] * len(sentences)
+        if any(rejects) and self.with_answers and not spec.gres:
+            sent = sentences[rejects.index(True)]
+            raise ValueError(
+                f"{sum(rejects)} expression(s) name no object (e.g. {sent!r}: a no-target ref, ann_id [-1]); "
+                "only a GRES model can answer them: build it with --gres"
+            )
         boxes = None
         if spec.answer_box and self.with_answers:
             if masks is None or len(masks) != len(sentences):
                 raise ValueError("answer_box: every expression needs its mask to state its box")
             h, w = masks.shape[1:]
-            boxes = [box_text(mask_box(m), h, w, BOX_STEP) for m in masks]
+            boxes = ["" if r else box_text(mask_box(m), h, w, BOX_STEP) for m, r in zip(masks, rejects)]
         convs = build_turns(
             sentences,
             use_depth=spec.use_depth,
@@ -189,6 +207,8 @@ class ReferSegDataset(torch.utils.data.Dataset):
             with_answer=self.with_answers,
             order=spec.prompt_order,
             boxes=boxes,
+            rejects=rejects if spec.gres else None,
+            exprs_per_question=spec.exprs_per_question,
         )
         out = [
             encode_conversation(self.tokenizer, render_segments(spec.conv_type, c), self.tokens)
@@ -220,7 +240,9 @@ class ReferSegDataset(torch.utils.data.Dataset):
         else:
             sample = self._images(raw)
         try:
-            sample["conversations"] = self.conversations(raw["sentences"], rng, raw.get("masks"))
+            sample["conversations"] = self.conversations(
+                raw["sentences"], rng, raw.get("masks"), raw.get("no_target")
+            )
         except ValueError as exc:  # a DataError rebuilds cleanly from a DataLoader worker
             raise DataError(raw["scene_dir"], str(exc)) from exc
         masks = raw.get("masks")  # None for prediction-only scenes (chat)
@@ -230,6 +252,7 @@ class ReferSegDataset(torch.utils.data.Dataset):
             ds=raw["ds"],
             sentences=raw["sentences"],
             subsets=raw["subsets"],
+            no_target=raw.get("no_target") or [False] * len(raw["sentences"]),
             scene_dir=raw["scene_dir"],
             center_path=self._center_path(raw["scene_dir"]),
         )

@@ -289,6 +289,7 @@ class SceneDataset(torch.utils.data.Dataset):
                 "masks": self._masks(index, refs, hw),
                 "ref_ids": [ref.ref_id for ref in refs],
                 "subsets": [ref.tags for ref in refs],
+                "no_target": [ref.no_target for ref in refs],
             }
         pixels = self._load_pixels(index)
         return {
@@ -303,4 +304,5 @@ class SceneDataset(torch.utils.data.Dataset):
             "masks": self._masks(index, refs, pixels.center.shape[:2]),
             "ref_ids": [ref.ref_id for ref in refs],
             "subsets": [ref.tags for ref in refs],
+            "no_target": [ref.no_target for ref in refs],
         }

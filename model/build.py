@@ -34,22 +34,25 @@ from utils.safe_load import (
     token_mismatch_message,
     weight_files,
 )
-from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN
 from utils.views import parse_views
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_special_tokens(
-    tokenizer: PreTrainedTokenizerBase, use_mm_start_end: bool
+    tokenizer: PreTrainedTokenizerBase, use_mm_start_end: bool, gres: bool = False
 ) -> tuple[dict[str, int], list[int]]:
-    """Add ``[SEG]``, ``<image>``, ``<depth>`` (and ``<im_start>``/``<im_end>``) and a pad token.
+    """Add ``[SEG]``, ``<image>``, ``<depth>`` (and ``<im_start>``/``<im_end>``, and ``[REJ]`` for a
+    ``gres`` model) and a pad token.
 
     Returns (ids of the tokens it guarantees, ids it newly added). Tokens already present keep their ids.
     """
     wanted = [SEG_TOKEN, IMAGE_TOKEN, DEPTH_TOKEN]
     if use_mm_start_end:
         wanted += [IM_START_TOKEN, IM_END_TOKEN]
+    if gres:
+        wanted.append(REJ_TOKEN)
     vocab = tokenizer.get_vocab()
     missing = [t for t in wanted if t not in vocab]
     if missing:
@@ -141,6 +144,7 @@ def _lfllm_config(
         **base,
         **option_fields(options, sam_cfg),
         seg_token_id=ids[SEG_TOKEN],
+        rej_token_id=ids.get(REJ_TOKEN),
         depth_token_id=ids[DEPTH_TOKEN],
         sam_config=sam_cfg,
         clip_image_mean=list(processor.image_mean),
@@ -243,7 +247,12 @@ def _load_llava_weights(
 
 
 #: The config's token ids and the tokens they must be in the tokenizer.
-TOKEN_IDS = (("seg_token_id", SEG_TOKEN), ("image_token_index", IMAGE_TOKEN), ("depth_token_id", DEPTH_TOKEN))
+TOKEN_IDS = (
+    ("seg_token_id", SEG_TOKEN),
+    ("image_token_index", IMAGE_TOKEN),
+    ("depth_token_id", DEPTH_TOKEN),
+    ("rej_token_id", REJ_TOKEN),  # None on both sides for a model without gres
+)
 
 
 def check_token_ids(version: str | Path, config: LFLLMConfig, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -407,7 +416,7 @@ def _new_lfllm(
     """LLaVA from ``version`` with the new tokens added and the embeddings resized; LFLLM's own modules
     fresh (SAM still empty)."""
     tokenizer = load_tokenizer(version)
-    ids, added = add_special_tokens(tokenizer, options.use_mm_start_end)
+    ids, added = add_special_tokens(tokenizer, options.use_mm_start_end, options.gres)
     config = _lfllm_config(version, sam_cfg, options, ids)
     config.new_token_ids = sorted(added)
     if config.mask_head == "light":

@@ -15,7 +15,7 @@ tower's detail features, the image-token states and ``[SEG]`` (``--mask_head lig
 Shapes used below: B images, V neighbour views, N conversations, L tokens, M ``[SEG]`` tokens,
 S the CLIP input size, T the SAM input size, g = T / 16 the SAM embedding grid.
 
-Length: about 510 lines, one ``nn.Module`` whose methods are the model's whole path (encoders, placeholders,
+Length: about 550 lines, one ``nn.Module`` whose methods are the model's whole path (encoders, placeholders,
 language model, both mask routes, the step); split over files the order of that path would be lost.
 """
 
@@ -48,6 +48,7 @@ class LFLLMConfig(LlavaConfig):
     model_type = "lfllm"
 
     seg_token_id: int | None = None
+    rej_token_id: int | None = None
     depth_token_id: int | None = None
     new_token_ids: list | None = None
     sam_config: dict | None = None
@@ -68,6 +69,7 @@ class LFLLMConfig(LlavaConfig):
     mask_head: str = _OPTIONS.mask_head
     light_detail_size: int = _OPTIONS.light_detail_size
     light_dim: int = _OPTIONS.light_dim
+    gres: bool = _OPTIONS.gres
     clip_image_mean: list | tuple = (0.48145466, 0.4578275, 0.40821073)
     clip_image_std: list | tuple = (0.26862954, 0.26130258, 0.27577711)
     ce_loss_weight: float = _OPTIONS.ce_loss_weight
@@ -107,6 +109,22 @@ def seg_predictor_positions(input_ids: torch.Tensor, seg_token_id: int) -> tuple
     hits = input_ids[:, 1:] == seg_token_id
     rows, cols = hits.nonzero(as_tuple=True)
     return rows, cols
+
+
+def slot_predictor_positions(
+    input_ids: torch.Tensor, seg_token_id: int, rej_token_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The answer slots of a GRES model: positions p whose next token is ``[SEG]`` or ``[REJ]`` (the same
+    convention as :func:`seg_predictor_positions`, which this is when ``rej_token_id`` is None).
+
+    ``input_ids``: (N, L) -> (rows (M,), cols (M,), rejected (M,) bool: the slot holds ``[REJ]``), in
+    row-major order: a conversation's slots in the order its answer writes them."""
+    if rej_token_id is None:
+        rows, cols = seg_predictor_positions(input_ids, seg_token_id)
+        return rows, cols, torch.zeros_like(rows, dtype=torch.bool)
+    nxt = input_ids[:, 1:]
+    rows, cols = ((nxt == seg_token_id) | (nxt == rej_token_id)).nonzero(as_tuple=True)
+    return rows, cols, nxt[rows, cols] == rej_token_id
 
 
 class LFLLMForCausalLM(LlavaForConditionalGeneration):
@@ -477,21 +495,34 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         input_ids, conv_image = batch["input_ids"], batch["conv_image"]
         embeds = self.build_inputs_embeds(input_ids, conv_image, image_tokens, depth_tokens)
         hidden = self.language_hidden(embeds, batch["attention_mask"])
-        rows, cols = seg_predictor_positions(input_ids, self.config.seg_token_id)
+        rej_id = self.config.rej_token_id
+        rows, cols, slot_rej = slot_predictor_positions(input_ids, self.config.seg_token_id, rej_id)
         seg_image = conv_image[rows]
         expected = torch.tensor([len(m) for m in batch["gt_masks"]], device=seg_image.device)
         found = torch.bincount(seg_image, minlength=len(expected))
         if not torch.equal(found, expected):
-            raise ValueError(
-                f"[SEG] tokens per image {found.tolist()} != masks per image {expected.tolist()}"
-            )
+            what = "[SEG]/[REJ] slots" if rej_id is not None else "[SEG] tokens"
+            raise ValueError(f"{what} per image {found.tolist()} != masks per image {expected.tolist()}")
         pred_masks, pred_ious = self.predict_masks(hidden, input_ids, rows, cols, conv_image, visual, batch)
         result = {"pred_masks": pred_masks, "pred_ious": [iou.detach() for iou in pred_ious]}
+        # The model's own decision at each slot (teacher-forced): [REJ] scored above [SEG] by its LM head.
+        if rej_id is not None and len(rows):
+            slot_logits = self.lm_head(hidden[rows, cols].detach())[:, [self.config.seg_token_id, rej_id]]
+            decided = slot_logits[:, 1] > slot_logits[:, 0]
+        else:
+            decided = torch.zeros_like(rows, dtype=torch.bool)
+        per_image = [(seg_image == i).nonzero(as_tuple=True)[0] for i in range(len(expected))]
+        result["pred_rejected"] = [decided[sel] for sel in per_image]
         labels = batch.get("labels")
         ce = (
             answer_cross_entropy(hidden, labels, self.lm_head) if labels is not None else hidden.new_zeros(())
         )
-        bce, dice = mask_losses(pred_masks, batch["gt_masks"])
+        # The mask losses train the [SEG] slots only: a [REJ] slot's answer is the token (GSVA, MLLMSeg).
+        keep = [~slot_rej[sel] for sel in per_image]
+        bce, dice = mask_losses(
+            [m[k] for m, k in zip(pred_masks, keep)],
+            [g[k.to(g.device)] for g, k in zip(batch["gt_masks"], keep)],
+        )
         cfg = self.config
         result.update(
             loss=cfg.ce_loss_weight * ce + cfg.bce_loss_weight * bce + cfg.dice_loss_weight * dice,

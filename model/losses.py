@@ -44,8 +44,8 @@ def mask_losses(
         bce.append(sigmoid_bce_per_mask(pred, gt).sum())
         dice.append(dice_per_mask(pred, gt).sum())
         n += pred.shape[0]
-    if n == 0:
-        zero = pred_masks[0].new_zeros((), dtype=torch.float32) if pred_masks else torch.zeros(())
+    if n == 0:  # no mask to train (e.g. every slot a [REJ]): a zero that stays in the graph, for every rank
+        zero = sum((p.float().sum() for p in pred_masks), torch.zeros(())) * 0.0
         return zero, zero
     return torch.stack(bce).sum() / n, torch.stack(dice).sum() / n
 

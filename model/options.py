@@ -107,6 +107,12 @@ class ModelOptions:
     light_dim: int = option(
         256, "light head: decoder width (a multiple of 8)", check=at_least(8), resume=True
     )
+    gres: bool = option(
+        False,
+        "generalised referring segmentation: a [REJ] token answers an expression that names no object (its "
+        "slot gives an empty mask), as MLLMSeg and GSVA do; needed to train on no-target expressions",
+        resume=True,
+    )
     out_dim: int = option(
         256, "[SEG] projection width; must equal SAM's prompt width (256 for every official SAM)", resume=True
     )

@@ -370,7 +370,12 @@ def prepare_feature_cache(
     and of ``--val_dataset`` (``val``) before the loaders are built; None without the flag."""
     if not cfg.run.feature_cache:
         return None
-    spec = SampleSpec.from_model_config(model.config, cfg.prompt.conv_type, pack=cfg.loop.pack_conversations)
+    spec = SampleSpec.from_model_config(
+        model.config,
+        cfg.prompt.conv_type,
+        pack=cfg.loop.pack_conversations,
+        exprs_per_question=cfg.loop.exprs_per_question,
+    )
     store = open_store(cfg, model, spec)
     views = caam_views(model.config)
     groups = []

@@ -234,7 +234,12 @@ def build_train_loader(
 
     ``store`` (a ``training.features.FeatureStore``): the scenes' encodings come from the feature cache
     and no image is read."""
-    spec = SampleSpec.from_model_config(model_config, cfg.prompt.conv_type, pack=cfg.loop.pack_conversations)
+    spec = SampleSpec.from_model_config(
+        model_config,
+        cfg.prompt.conv_type,
+        pack=cfg.loop.pack_conversations,
+        exprs_per_question=cfg.loop.exprs_per_question,
+    )
     scenes = train_scenes(
         cfg,
         caam_views(model_config),

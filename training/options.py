@@ -111,6 +111,13 @@ class LoopOptions:
     pack_conversations: bool = option(
         False, "all expressions of a scene in one multi-turn conversation", resume=True
     )
+    exprs_per_question: int = option(
+        1,
+        "expressions per training question: > 1 asks for several at once, answered with a [SEG]/[REJ] slot "
+        "each (MLLMSeg's GRES format); validation keeps one per question",
+        check=at_least(1),
+        resume=True,
+    )
     workers: int = option(4, "data-loader worker processes", check=at_least(0))
     gradient_checkpointing: bool = option(True, "recompute LM activations in backward")
     seed: int = option(0, "seed of the weights' fresh parts and of the sampling order", resume=True)

@@ -44,6 +44,7 @@ class Batch(TypedDict, total=False):
     ds: list[str]  # B dataset names
     sentences: list[list[str]]  # B x k_i expressions
     subsets: list[list[tuple[str, ...]]]  # B x k_i subset tags of each expression
+    no_target: list[list[bool]]  # B x k_i: the expression names no object (GRES; its mask is empty)
     scene_dir: list[str]  # B scene folders (or 2D image paths)
     center_path: list[str]  # B centre-view files
 
@@ -80,6 +81,7 @@ class Sample(TypedDict, total=False):
     ds: str
     sentences: list[str]  # k expressions
     subsets: list[tuple[str, ...]]  # k subset-tag tuples
+    no_target: list[bool]  # k flags: the expression names no object (GRES)
     scene_dir: str
     center_path: str
 
@@ -107,4 +109,12 @@ FEATURE_KEYS: tuple[str, ...] = (
     "vision_features",
 )
 #: The per-scene metadata lists carried through unchanged.
-META_KEYS: tuple[str, ...] = ("image_id", "ds", "sentences", "subsets", "scene_dir", "center_path")
+META_KEYS: tuple[str, ...] = (
+    "image_id",
+    "ds",
+    "sentences",
+    "subsets",
+    "no_target",
+    "scene_dir",
+    "center_path",
+)

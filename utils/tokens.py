@@ -7,6 +7,8 @@ to a tokenizer is ``model/build.py``.
 from __future__ import annotations
 
 SEG_TOKEN = "[SEG]"
+#: The answer slot for an expression that names no object of the image (GRES; models built with ``gres``).
+REJ_TOKEN = "[REJ]"
 IMAGE_TOKEN = "<image>"
 DEPTH_TOKEN = "<depth>"
 IM_START_TOKEN = "<im_start>"
