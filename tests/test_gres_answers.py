@@ -1,0 +1,172 @@
+"""GRES answers: the [REJ] token and answers with several slots. Exact prompt text; slot positions read in
+order; a GRES model's forward decides every slot, trains masks on [SEG] slots only, and learns [REJ] (its
+embedding and LM-head rows are new, trainable rows: MLLMSeg's issue #8); a model without [REJ] refuses
+no-target expressions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataset.prompts import build_turns
+from model.build import build_lfllm
+from model.lfllm import slot_predictor_positions
+from model.losses import mask_losses
+from model.options import ModelOptions
+from model.trainable import TrainableOptions, make_trainable
+from tests.conftest import TINY_DS, model_batch
+from utils.tokens import REJ_TOKEN
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def test_answers_with_rej_and_several_slots() -> None:
+    turns = build_turns(
+        ["the red car", "the blue bridge", "the pole."],
+        use_depth=False,
+        use_mm_start_end=False,
+        pack=False,
+        rejects=[False, True, False],
+    )
+    assert [a for [(_, a)] in turns] == ["Sure, [SEG].", "There is no such object: [REJ].", "Sure, [SEG]."]
+    multi = build_turns(
+        ["the red car", "the blue bridge", "the pole."],
+        use_depth=True,
+        use_mm_start_end=False,
+        pack=False,
+        rejects=[False, True, False],
+        exprs_per_question=2,
+    )
+    (q1, a1), (q2, a2) = multi[0][0], multi[1][0]
+    assert q1 == (
+        "<depth>\n<image>\nThis is a light field with its disparity map. Can you segment the red car and the "
+        "blue bridge in this image?"
+    )
+    assert a1 == "Sure, the red car: [SEG], the blue bridge: [REJ]."
+    assert a2 == "Sure, the pole: [SEG]." and q2.endswith("Can you segment the pole in this image?")
+    with pytest.raises(ValueError, match="2 target flags for 3 expressions"):
+        build_turns(
+            ["a", "b", "c"], use_depth=False, use_mm_start_end=False, pack=False, rejects=[True, False]
+        )
+    with pytest.raises(ValueError, match="one expression per question"):
+        build_turns(
+            ["a", "b"],
+            use_depth=False,
+            use_mm_start_end=False,
+            pack=False,
+            boxes=["x", "y"],
+            exprs_per_question=2,
+        )
+
+
+def test_slots_are_read_in_order() -> None:
+    seg, rej = 7, 8
+    ids = torch.tensor([[1, 2, seg, 3, rej, 4, seg], [1, rej, 0, 0, 0, 0, 0]])
+    rows, cols, rejected = slot_predictor_positions(ids, seg, rej)
+    assert rows.tolist() == [0, 0, 0, 1] and cols.tolist() == [1, 3, 5, 0]
+    assert rejected.tolist() == [False, True, False, True]
+    rows, cols, rejected = slot_predictor_positions(ids, seg, None)  # a model without [REJ]
+    assert cols.tolist() == [1, 5] and not rejected.any()
+
+
+@pytest.fixture(scope="module")
+def gres_dataset(tiny_dataset, tmp_path_factory) -> Path:
+    """The tiny dataset with the first ref of every scene turned into a no-target ref (gRefCOCO's
+    ``ann_id: [-1]``)."""
+    root = tmp_path_factory.mktemp("gres") / "data"
+    shutil.copytree(tiny_dataset, root)
+    path = root / "refer_seg" / TINY_DS / f"{TINY_DS}.json"
+    refs = json.loads(path.read_text())
+    seen = set()
+    for ref in refs:
+        if ref["image_id"] not in seen:
+            seen.add(ref["image_id"])
+            ref.update(ann_id=[-1], category_id=[-1], no_target=True)
+    path.write_text(json.dumps(refs))
+    return root
+
+
+def _rej_log_prob(model, batch) -> float:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    image_tokens, depth_tokens, _ = inner.encode_frozen(batch)
+    ids = batch["input_ids"]
+    hidden = inner.language_hidden(
+        inner.build_inputs_embeds(ids, batch["conv_image"], image_tokens, depth_tokens),
+        batch["attention_mask"],
+    )
+    rej = inner.config.rej_token_id
+    rows, cols = (ids[:, 1:] == rej).nonzero(as_tuple=True)
+    return float(inner.lm_head(hidden[rows, cols]).float().log_softmax(-1)[:, rej].mean().detach())
+
+
+def test_a_gres_model_decides_every_slot_and_learns_rej(tiny_base, gres_dataset) -> None:
+    torch.manual_seed(0)
+    model, tokenizer = build_lfllm(
+        tiny_base["llava"], tiny_base["sam"], ModelOptions(gres=True), torch.float32
+    )
+    rej = tokenizer.convert_tokens_to_ids(REJ_TOKEN)
+    assert model.config.rej_token_id == rej and rej in model.config.new_token_ids
+    batch = model_batch(model, tokenizer, gres_dataset, split="train", n=3, train=False)
+    flags = batch["no_target"]
+    assert any(any(f) for f in flags) and any(not all(f) for f in flags)
+    n_rej = int((batch["input_ids"] == rej).sum())
+    assert n_rej == sum(sum(f) for f in flags)  # one [REJ] slot per no-target expression
+    for masks, f in zip(batch["gt_masks"], flags):
+        assert all((m.sum() == 0) == bool(t) for m, t in zip(masks, f))
+    out = model(lf_batch=batch)
+    assert [len(r) for r in out["pred_rejected"]] == [len(m) for m in batch["gt_masks"]]
+    assert all(r.dtype == torch.bool for r in out["pred_rejected"])
+    # the mask losses are those of the [SEG] slots alone
+    keep = [~torch.tensor(f, dtype=torch.bool) for f in flags]
+    bce, dice = mask_losses(
+        [p[k] for p, k in zip(out["pred_masks"], keep)], [g[k] for g, k in zip(batch["gt_masks"], keep)]
+    )
+    assert torch.allclose(out["bce_loss"], bce.detach()) and torch.allclose(out["dice_loss"], dice.detach())
+    everything, _ = mask_losses(out["pred_masks"], batch["gt_masks"])
+    assert not torch.allclose(everything.detach(), bce.detach())
+    wrapped = make_trainable(model, TrainableOptions(lora_r=0))  # the new token rows alone
+    before = _rej_log_prob(wrapped, batch)
+    opt = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        loss = wrapped(lf_batch=batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert _rej_log_prob(wrapped, batch) > before + 0.5
+
+
+def test_only_a_gres_model_takes_no_target_expressions(tiny_base, gres_dataset) -> None:
+    torch.manual_seed(0)
+    model, tokenizer = build_lfllm(tiny_base["llava"], tiny_base["sam"], ModelOptions(), torch.float32)
+    assert model.config.rej_token_id is None and REJ_TOKEN not in tokenizer.get_vocab()
+    with pytest.raises(ValueError, match=r"name no object .*build it with --gres"):
+        model_batch(model, tokenizer, gres_dataset, split="train", n=1, train=False)
+
+
+def test_every_slot_a_rej_still_backpropagates(tiny_base, gres_dataset) -> None:
+    """A batch whose every slot is [REJ] has no mask to train: the loss is the answer's alone and
+    backward runs (the mask losses stay in the graph as zeros)."""
+    torch.manual_seed(0)
+    model, tokenizer = build_lfllm(
+        tiny_base["llava"], tiny_base["sam"], ModelOptions(gres=True), torch.float32
+    )
+    batch = model_batch(model, tokenizer, gres_dataset, split="train", n=1, train=False)
+    keep = [i for i, f in enumerate(batch["no_target"][0]) if f]
+    assert keep
+    # keep only the conversations of no-target expressions
+    rows = torch.tensor(keep)
+    for key in ("input_ids", "labels", "attention_mask", "conv_image"):
+        batch[key] = batch[key][rows]
+    batch["gt_masks"] = [batch["gt_masks"][0][rows]]
+    out = model(lf_batch=batch)
+    assert float(out["bce_loss"]) == 0.0 and float(out["dice_loss"]) == 0.0
+    out["loss"].backward()
+    head = model.get_output_embeddings().weight.grad
+    assert head is not None and head.abs().sum() > 0  # the answer trains
+    decoder = [p.grad for p in model.sam.mask_decoder.parameters()]
+    # in the graph (its mask path has a gradient; SAM's IoU head never does), and that gradient is zero
+    assert any(g is not None for g in decoder) and all(g is None or not g.any() for g in decoder)
