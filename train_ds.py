@@ -44,6 +44,7 @@ from training.serve.merge import merged_record
 from training.trainer import STOP, Trainer, TrainingInterrupted, resume_source
 from utils import distributed
 from utils.distributed import DistInfo, init_distributed
+from utils.gres_metrics import GresMetrics
 from utils.metrics import SegMetrics
 from utils.outputs import OutputDirError, refuse_inputs
 from utils.safe_load import UnsafeCheckpointError
@@ -68,6 +69,13 @@ def _report(
     print(summary_line("model", metrics))
     for name, m in baselines.items():
         print(summary_line(name, m))
+    if metrics.gres is not None:
+        print(
+            metrics.gres.table(
+                title="GRES: both rules, N-acc / T-acc (gsva: a rejected target keeps its mask; rela: 0)"
+            )
+        )
+        print(metrics.gres.baselines_table())
     record = {
         "val_dataset": cfg.eval.val_dataset,
         "protocol": cfg.eval.eval_protocol,
@@ -75,6 +83,7 @@ def _report(
         "version": cfg.run.version,
         **metrics.to_json(),
         "baselines": {name: m.to_json()["subsets"]["All"] for name, m in baselines.items()},
+        **({"gres": metrics.gres.to_json()} if metrics.gres is not None else {}),
     }
     atomic_write_text(run_dir / "eval.json", json.dumps(record, indent=2))
     logger.metrics(0, metrics.compute(), prefix="eval")
@@ -134,6 +143,7 @@ def run_eval_only(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: Ru
         max_new_tokens=cfg.generation.max_new_tokens,
         vis_dir=vis,
         show_progress=dist_info.is_main,
+        gres=GresMetrics() if model.config.gres else None,
     )
     _report(cfg, run_dir, metrics, dist_info, logger)
     return metrics

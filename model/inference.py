@@ -9,23 +9,36 @@ training. Every mask comes with SAM's predicted IoU for its ``[SEG]`` prompt (th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from model.lfllm import LFLLMForCausalLM, seg_predictor_positions
+from model.lfllm import LFLLMForCausalLM, slot_predictor_positions
 from utils.batch import Batch
 
 
 @dataclass
+class Slot:
+    """One ``[SEG]`` / ``[REJ]`` slot of a generated answer: the mask its state decodes to (also for a
+    ``[REJ]``, which the GSVA rule scores for a wrongly rejected target), its score (SAM's predicted IoU,
+    or the light head's mean probability) and whether the slot is ``[REJ]`` ("no such object")."""
+
+    mask_logits: torch.Tensor
+    sam_iou: float
+    rejected: bool = False
+
+
+@dataclass
 class Generated:
-    """One conversation's generated answer: token ids, text, the first mask (None without [SEG]) and
-    SAM's predicted IoU of that mask (None without [SEG])."""
+    """One conversation's generated answer: token ids, text, every slot in the answer's order, and the first
+    slot's mask and score (None without a slot). ``rejected``: the first slot is ``[REJ]``."""
 
     token_ids: list[int]
     text: str
     mask_logits: torch.Tensor | None
     sam_iou: float | None = None
+    slots: list[Slot] = field(default_factory=list)
+    rejected: bool = False
 
 
 @torch.no_grad()
@@ -37,10 +50,11 @@ def teacher_forced_masks(model: LFLLMForCausalLM, batch: Batch) -> list[torch.Te
 @torch.no_grad()
 def teacher_forced_scored(
     model: LFLLMForCausalLM, batch: Batch
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Teacher-forced mask logits per image (k_i, H_i, W_i) and SAM's predicted IoU per image (k_i,)."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher-forced mask logits per image (k_i, H_i, W_i), SAM's predicted IoU per image (k_i,) and the
+    model's decision per slot (k_i,) bool (True: its LM head prefers ``[REJ]``; all False without it)."""
     out = model.forward_lf(batch)
-    return out["pred_masks"], out["pred_ious"]
+    return out["pred_masks"], out["pred_ious"], out["pred_rejected"]
 
 
 def _left_padded(embeds: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +85,11 @@ def _masks_for_sequences(
     image_embeddings: torch.Tensor,
     batch: Batch,
     pad_token_id: int,
-) -> list[tuple[torch.Tensor, float] | None]:
-    """First-[SEG] (mask logits (H, W), SAM IoU) of each full sequence (prompt + generated answer), None
-    where no [SEG]; one right-padded language forward and one decoder call for all sequences."""
+    prompt_lengths: list[int],
+) -> list[list[Slot]]:
+    """Every answer slot of each full sequence (prompt + generated answer) in order, as :class:`Slot`
+    (empty where the answer has none); one right-padded language forward and one decoder call for all
+    sequences. Slots are read after ``prompt_lengths[n]`` only (the prompt holds none of its own)."""
     longest = max(len(seq) for seq in ids)
     device = ids[0].device
     padded = torch.full((len(ids), longest), pad_token_id, dtype=torch.long, device=device)
@@ -81,23 +97,22 @@ def _masks_for_sequences(
     for n, seq in enumerate(ids):
         padded[n, : len(seq)] = seq
         attention[n, : len(seq)] = 1
-    rows, cols = seg_predictor_positions(padded, model.config.seg_token_id)
-    first: dict[int, int] = {}
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        first.setdefault(r, c)
-    out: list[tuple[torch.Tensor, float] | None] = [None] * len(ids)
-    if not first:
+    rows, cols, rejected = slot_predictor_positions(
+        padded, model.config.seg_token_id, getattr(model.config, "rej_token_id", None)
+    )
+    after = torch.tensor(prompt_lengths, device=device)[rows] - 1 <= cols  # the slot token is generated
+    rows, cols, rejected = rows[after], cols[after], rejected[after]
+    out: list[list[Slot]] = [[] for _ in ids]
+    if not len(rows):
         return out
     images = torch.tensor(conv_image, device=device)
     embeds = model.build_inputs_embeds(padded, images, image_tokens, depth_tokens)
     hidden = model.language_hidden(embeds, attention)
-    seg_rows = torch.tensor(list(first), device=device)
-    seg_cols = torch.tensor(list(first.values()), device=device)
-    masks, ious = model.predict_masks(hidden, padded, seg_rows, seg_cols, images, image_embeddings, batch)
-    taken = [0] * len(masks)  # each image's masks come in the order of its rows in ``first``
-    for row in first:
+    masks, ious = model.predict_masks(hidden, padded, rows, cols, images, image_embeddings, batch)
+    taken = [0] * len(masks)  # each image's masks come in row-major slot order
+    for row, rej in zip(rows.tolist(), rejected.tolist()):
         i = conv_image[row]
-        out[row] = (masks[i][taken[i]], float(ious[i][taken[i]]))
+        out[row].append(Slot(masks[i][taken[i]], float(ious[i][taken[i]]), bool(rej)))
         taken[i] += 1
     return out
 
@@ -107,7 +122,8 @@ def generate_masks(
     model: LFLLMForCausalLM, batch: Batch, tokenizer, max_new_tokens: int = 32
 ) -> list[list[Generated]]:
     """Generate an answer for every conversation of ``batch`` (prompts end at the answer prefix) and
-    segment with its first ``[SEG]``. Returns, per image, one :class:`Generated` per conversation.
+    decode every ``[SEG]`` / ``[REJ]`` slot of it in order. Returns, per image, one :class:`Generated` per
+    conversation.
 
     The N conversations are generated in one left-padded ``generate`` call (greedy), so a batch of B
     scenes costs one CLIP pass, one SAM pass, one generation and one mask forward.
@@ -142,11 +158,21 @@ def generate_masks(
         image_embeddings,
         batch,
         tokenizer.pad_token_id,
+        lengths,
     )
     per_image: list[list[Generated]] = [[] for _ in batch["original_hw"]]
     for n, i in enumerate(conv_image):
         text = tokenizer.decode(answers[n], skip_special_tokens=False)
-        found = masks[n]
-        logits, iou = (None, None) if found is None else found
-        per_image[i].append(Generated(answers[n], text, logits, iou))
+        slots = masks[n]
+        first = slots[0] if slots else None
+        per_image[i].append(
+            Generated(
+                answers[n],
+                text,
+                None if first is None else first.mask_logits,
+                None if first is None else first.sam_iou,
+                slots,
+                bool(first is not None and first.rejected),
+            )
+        )
     return per_image

@@ -61,7 +61,7 @@ def test_generated_seg_mask_matches_teacher_forced(segmenter, tiny_dataset, tmp_
     answer_ids = tok(" " + VAL_ANSWER + "</s>", add_special_tokens=False).input_ids
     monkeypatch.setattr(LFLLMForCausalLM, "generate", lambda self, **kw: torch.tensor([answer_ids]))
     batch = model_batch(model, tok, tiny_dataset, split="val", n=1, train=False)
-    masks, ious = teacher_forced_scored(model, batch)
+    masks, ious, _ = teacher_forced_scored(model, batch)
     want = masks[0][0]
     sentence = batch["sentences"][0][0]
     result = predict.run_one(segmenter, Path(batch["scene_dir"][0]), sentence, tmp_path, "forced")

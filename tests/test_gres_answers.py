@@ -170,3 +170,78 @@ def test_every_slot_a_rej_still_backpropagates(tiny_base, gres_dataset) -> None:
     decoder = [p.grad for p in model.sam.mask_decoder.parameters()]
     # in the graph (its mask path has a gradient; SAM's IoU head never does), and that gradient is zero
     assert any(g is not None for g in decoder) and all(g is None or not g.any() for g in decoder)
+
+
+def test_records_score_rejections_by_both_rules() -> None:
+    """Hand-made predictions for 3 expressions: a hit, a target wrongly rejected (its drawn mask is exact),
+    a no-target expression answered without any slot (a rejection)."""
+    from training.evaluate import _records
+    from utils.gres_metrics import GresMetrics
+    from utils.metrics import SegMetrics
+
+    gt = torch.zeros(3, 2, 4)
+    gt[0, :, :2] = 1  # 4 pixels
+    gt[1, 0, :] = 1  # 4 pixels
+    hit = torch.full((2, 4), -1.0)
+    hit[:, :1] = 1.0  # 2 of the 4 pixels: IoU 0.5
+    exact = torch.where(gt[1] > 0, 1.0, -1.0)
+    batch = {
+        "gt_masks": [gt],
+        "ds": ["d"],
+        "image_id": [1],
+        "subsets": [[("val",), ("val",), ("val", "none")]],
+        "no_target": [[False, False, True]],
+        "sentences": [["a", "b", "c"]],
+    }
+    preds = [[(hit, 0.9, False), (exact, 0.8, True), (None, None, False)]]
+    seg, gres = SegMetrics(), GresMetrics()
+    records = _records(batch, preds, seg, gres)
+    assert [r["iou"] for r in records[0]] == [0.5, 0.0, 1.0]  # rejected -> empty; no slot -> empty, right
+    assert [r["rejected"] for r in records[0]] == [False, True, True]
+    assert seg.compute()["All"]["gIoU"] == pytest.approx(1.5 / 3)
+    assert gres.compute("gsva")["All"]["gIoU"] == pytest.approx(2.5 / 3)  # the rejected target keeps its 1.0
+    assert gres.compute("rela")["All"]["gIoU"] == pytest.approx(1.5 / 3)
+    assert gres.compute("rela")["All"]["N-acc"] == 1.0 and gres.compute("rela")["All"]["T-acc"] == 0.5
+
+
+@pytest.mark.parametrize("protocol", ["teacher_forced", "generated"])
+def test_a_gres_model_evaluates_every_expression(tiny_base, gres_dataset, protocol) -> None:
+    from dataset.collate import TokenSpec, collate_batch
+    from dataset.refer_seg import ReferSegDataset, SampleSpec
+    from dataset.scenes import SceneDataset
+    from training.evaluate import evaluate
+    from utils.gres_metrics import GresMetrics
+
+    torch.manual_seed(0)
+    model, tokenizer = build_lfllm(
+        tiny_base["llava"], tiny_base["sam"], ModelOptions(gres=True), torch.float32
+    )
+    scenes = SceneDataset(gres_dataset, TINY_DS, "val", mode="val")
+    tokens = TokenSpec.from_tokenizer(tokenizer, model.config.image_seq_length, 512)
+    data = ReferSegDataset(
+        scenes,
+        tokenizer,
+        SampleSpec.from_model_config(model.config),
+        tokens,
+        train=False,
+        with_answers=protocol == "teacher_forced",
+    )
+    loader = [collate_batch([data[i]], tokenizer.pad_token_id) for i in range(len(data))]
+    gres = GresMetrics()
+    metrics = evaluate(
+        model,
+        loader,
+        torch.device("cpu"),
+        protocol=protocol,
+        tokenizer=tokenizer,
+        max_new_tokens=4,
+        show_progress=False,
+        gres=gres,
+    )
+    refs = [r for s in scenes.scenes for r in s.refs]
+    n = sum(len(r.sentences) for r in refs)
+    assert len(metrics) == n and len(gres) == n and metrics.gres is gres
+    assert (
+        gres.compute("gsva")["All"]["n_no_target"] == sum(len(r.sentences) for r in refs if r.no_target) > 0
+    )
+    assert "rejected" in metrics.expressions()[0]

@@ -3,6 +3,11 @@
 Protocols: ``teacher_forced`` (LISA: the answer with ``[SEG]`` is in the prompt; comparable with
 published numbers) and ``generated`` (the model must emit ``[SEG]``; no ``[SEG]`` counts IoU 0).
 
+A GRES model (``[REJ]``) decides every slot: teacher-forced, by whether its LM head prefers ``[REJ]`` to
+``[SEG]`` at the slot; generated, by the token it wrote (an answer without a slot is a rejection). The main
+table scores a rejection as an empty mask (the ReLA rule); the GRES table (:mod:`utils.gres_metrics`) adds
+the GSVA rule, N-acc and T-acc and the always-``[SEG]`` / always-``[REJ]`` baselines.
+
 Every expression is kept with its sentence and mask scores (``utils.mask_scores``), so the metrics'
 ``to_json()`` (``eval.json``) lists them one by one. With ``vis_dir``, each expression gets an overlay
 (``<ds>_<image_id>_<k>.png``: view ≥ 512 px, expression, legend with ground truth / prediction / IoU /
@@ -25,6 +30,7 @@ from dataset.collate import move_batch
 from model.inference import generate_masks, teacher_forced_scored
 from model.lfllm import LFLLMForCausalLM
 from utils.batch import Batch
+from utils.gres_metrics import GresMetrics, mask_area_stats
 from utils.mask_scores import DEFAULT_SCORE, scores_of_one
 from utils.metrics import SegMetrics, mask_iou_stats, subset_tags
 from utils.visualize import (
@@ -38,7 +44,8 @@ from utils.visualize import (
 
 __all__ = ["evaluate", "overlay", "write_summary_sheet"]  # overlay: the blend, for callers
 
-Prediction = tuple[torch.Tensor | None, float | None]  # (mask logits (H, W) or None, SAM IoU or None)
+#: (mask logits (H, W) or None, SAM IoU or None, rejected: the slot is [REJ] / the model chose it)
+Prediction = tuple[torch.Tensor | None, float | None, bool]
 
 
 def overlay_name(ds: str, image_id: Any, k: int) -> str:
@@ -67,11 +74,11 @@ def _save_overlays(
         rgb = cv2.cvtColor(center, cv2.COLOR_BGR2RGB)
         disparity = scene_disparity(batch, i)
         side = None if disparity is None else colorize_disparity(disparity)
-        for k, (logits, _) in enumerate(masks):
+        for k, (logits, _, rejected) in enumerate(masks):
             record = records[i][k]
             image = annotated_overlay(
                 rgb,
-                None if logits is None else (logits > 0).cpu().numpy(),
+                None if logits is None or rejected else (logits > 0).cpu().numpy(),
                 expression=batch["sentences"][i][k],
                 gt_mask=batch["gt_masks"][i][k].cpu().numpy() > 0.5,
                 iou=record["iou"],
@@ -80,18 +87,31 @@ def _save_overlays(
             write_png(vis_dir / record["overlay"], image if side is None else side_by_side([image, side]))
 
 
-def _records(batch: Batch, preds: list[list[Prediction]], metrics: SegMetrics) -> list[list[dict[str, Any]]]:
-    """Update ``metrics`` with the batch; returns per image, per expression, its JSON record."""
+def _records(
+    batch: Batch, preds: list[list[Prediction]], metrics: SegMetrics, gres: GresMetrics | None = None
+) -> list[list[dict[str, Any]]]:
+    """Update ``metrics`` (and ``gres``) with the batch; returns per image, per expression, its JSON record.
+    A rejected slot counts as an empty mask in ``metrics``; with ``gres``, an answer without a slot is a
+    rejection (the model named nothing), not a missing mask."""
     out = []
     for i, masks in enumerate(preds):
         gt = batch["gt_masks"][i]
-        missing = [m is None for m, _ in masks]
-        stacked = torch.stack([torch.zeros_like(gt[0]) if m is None else m.float() for m, _ in masks])
+        ids = [(batch["ds"][i], batch["image_id"][i], k) for k in range(len(masks))]
+        tags = [subset_tags(t) for t in batch["subsets"][i]]
+        if gres is not None:
+            drawn = torch.stack([torch.zeros_like(gt[0]) if m is None else m.float() for m, _, _ in masks])
+            inter_d, pred_d, gt_d = mask_area_stats(drawn, gt > 0.5)
+            rejected = [r or m is None for m, _, r in masks]
+            no_target = list(batch["no_target"][i])
+            gres.update(inter_d, pred_d, gt_d, rejected, no_target, tags, expr_ids=ids)
+            masks = [(m, s, r or m is None) for m, s, r in masks]
+        missing = [m is None and gres is None for m, _, _ in masks]
+        stacked = torch.stack([torch.zeros_like(gt[0]) if m is None or r else m.float() for m, _, r in masks])
         inter, union = mask_iou_stats(stacked, gt > 0.5)
         union = torch.where(torch.tensor(missing, device=union.device), gt.flatten(1).sum(1).double(), union)
         ds, image_id = batch["ds"][i], batch["image_id"][i]
         records = []
-        for k, (logits, sam_iou) in enumerate(masks):
+        for k, (logits, sam_iou, rejected) in enumerate(masks):
             scores = scores_of_one(logits, sam_iou)
             iou = 0.0 if missing[k] else (1.0 if union[k] == 0 else float(inter[k] / union[k]))
             records.append(
@@ -101,10 +121,9 @@ def _records(batch: Batch, preds: list[list[Prediction]], metrics: SegMetrics) -
                     "scores": scores,
                     "overlay": overlay_name(ds, image_id, k),
                     "iou": iou,
+                    **({"rejected": bool(rejected)} if gres is not None else {}),
                 }
             )
-        ids = [(ds, image_id, k) for k in range(len(masks))]
-        tags = [subset_tags(t) for t in batch["subsets"][i]]
         extra = [{key: v for key, v in r.items() if key != "iou"} for r in records]
         metrics.update(inter, union, tags, expr_ids=ids, missing=missing, records=extra)
         out.append(records)
@@ -168,10 +187,11 @@ def evaluate(
     max_new_tokens: int = 32,
     vis_dir: str | Path | None = None,
     show_progress: bool = True,
+    gres: GresMetrics | None = None,
 ) -> SegMetrics:
     """Evaluate over ``loader`` (this rank's shard) and reduce across ranks once. Returns the metrics
     (with every expression's record, see the module docstring); with ``vis_dir``, writes the overlays
-    and, on rank 0, the summary sheet."""
+    and, on rank 0, the summary sheet. ``gres`` (for a model with ``[REJ]``) is filled and reduced too."""
     check_protocol(getattr(model, "config", None), protocol)
     was_training = model.training
     model.eval()
@@ -182,15 +202,18 @@ def evaluate(
     for batch in tqdm(loader, desc=f"eval ({protocol})", disable=not show_progress, dynamic_ncols=True):
         batch = move_batch(batch, device)
         if protocol == "teacher_forced":
-            masks, ious = teacher_forced_scored(model, batch)
-            preds = [list(zip(m, i.tolist())) for m, i in zip(masks, ious)]
+            masks, ious, rejected = teacher_forced_scored(model, batch)
+            preds = [list(zip(m, i.tolist(), r.tolist())) for m, i, r in zip(masks, ious, rejected)]
         else:
             generated = generate_masks(model, batch, tokenizer, max_new_tokens)
-            preds = [[(g.mask_logits, g.sam_iou) for g in per_image] for per_image in generated]
-        records = _records(batch, preds, metrics)
+            preds = [[(g.mask_logits, g.sam_iou, g.rejected) for g in per_image] for per_image in generated]
+        records = _records(batch, preds, metrics, gres)
         if vis is not None:
             _save_overlays(vis, batch, preds, records)
     metrics.reduce()
+    if gres is not None:
+        gres.reduce()
+    metrics.gres = gres
     if vis is not None:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank's overlays are on disk before the sheet reads them back

@@ -48,6 +48,7 @@ from training.run_dir import OPTIONS_FILE, option_differences, recorded_resume_v
 from training.run_log import RunLogger
 from utils.batch import Batch
 from utils.distributed import DistInfo, gather_objects, mean_across_ranks
+from utils.gres_metrics import GresMetrics
 from utils.metrics import SegMetrics
 from utils.safe_load import deepspeed_records, verify_torch_file
 
@@ -448,14 +449,23 @@ class Trainer:
             tokenizer=self.tokenizer,
             max_new_tokens=self.cfg.generation.max_new_tokens,
             show_progress=self.dist.is_main,
+            gres=GresMetrics() if getattr(unwrap(self.engine.module).config, "gres", False) else None,
         )
         results = metrics.compute()
         self.log.metrics(step, results)
+        if metrics.gres is not None:
+            accuracies = {
+                name: {k: v for k, v in values.items() if k in ("N-acc", "T-acc") and v is not None}
+                for name, values in metrics.gres.compute("rela").items()
+            }
+            self.log.metrics(step, accuracies, prefix="gres")
         if self.dist.is_main:
             print(
                 metrics.table(title=f"validation after step {step} ({self.cfg.eval.eval_protocol})"),
                 flush=True,
             )
+            if metrics.gres is not None:
+                print(metrics.gres.table(title="GRES (both rules)"), flush=True)
         return metrics
 
     def end_of_epoch(self, epoch: int, validate: bool = True) -> None:

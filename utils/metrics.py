@@ -103,6 +103,9 @@ class SegMetrics:
         self.missing: list[bool] = []
         self.records: list[dict[str, Any] | None] = []
         self._reduced = False
+        #: the GRES metrics of the same evaluation (``utils.gres_metrics.GresMetrics``) for a model with
+        #: ``[REJ]``; set by ``training.evaluate.evaluate``, None otherwise
+        self.gres: Any = None
 
     def __len__(self) -> int:
         return len(self.inters)

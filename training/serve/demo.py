@@ -103,6 +103,8 @@ def _captioned(image: np.ndarray, caption: str) -> np.ndarray:
 
 def score_text(result: Generated) -> tuple[str, dict[str, float] | None]:
     """The score line of the page and the scores behind it (None without a mask)."""
+    if result.rejected:
+        return "no such object: the model answered [REJ]", None
     scores = scores_of_one(result.mask_logits, result.sam_iou)
     if scores is None:
         return "no mask: the answer has no [SEG] token", None

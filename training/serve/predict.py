@@ -179,18 +179,20 @@ def safe_name(text: str) -> str:
 def result_images(
     rgb: np.ndarray, sentence: str, result: Generated, disparity: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float] | None]:
-    """(mask (H, W) bool, overlay RGB ≥ 512 px with the disparity beside when given, scores or None)."""
-    if result.mask_logits is None:
+    """(mask (H, W) bool, overlay RGB ≥ 512 px with the disparity beside when given, scores or None). A
+    ``[REJ]`` answer ("no such object") gives an empty mask and no score."""
+    shown = None if result.rejected else result.mask_logits
+    if shown is None:
         mask = np.zeros(rgb.shape[:2], bool)
     else:
-        mask = (result.mask_logits.float() > 0).cpu().numpy()
-    scores = scores_of_one(result.mask_logits, result.sam_iou)
+        mask = (shown.float() > 0).cpu().numpy()
+    scores = scores_of_one(shown, None if result.rejected else result.sam_iou)
     picture = annotated_overlay(
         rgb,
-        None if result.mask_logits is None else mask,
+        None if shown is None else mask,
         expression=sentence,
         score=None if scores is None else scores[DEFAULT_SCORE],
-        answer=result.text.strip(),
+        answer=result.text.strip() + (" (no such object)" if result.rejected else ""),
     )
     if disparity is not None:
         picture = side_by_side([picture, colorize_disparity(disparity)])
@@ -216,7 +218,9 @@ def write_result(
 
 def _report(name: str, result: Generated, written: Written, echo: Callable[[str], None]) -> None:
     echo(f"[{name}] {result.text.strip()}")
-    if result.mask_logits is None:
+    if result.rejected:
+        echo(f"[{name}] no such object ([REJ]): wrote an empty mask to {written.mask_path}")
+    elif result.mask_logits is None:
         echo(f"[{name}] the answer has no [SEG] token: wrote an empty mask to {written.mask_path}")
     else:
         echo(f"[{name}] mask: {written.mask_path} (score {written.score:.3f})")
@@ -359,7 +363,8 @@ def run_batch(
                     record = {
                         **entry,
                         "answer": result.text,
-                        "has_seg": result.mask_logits is not None,
+                        "has_seg": result.mask_logits is not None and not result.rejected,
+                        "no_such_object": result.rejected,
                         "mask": written.mask_path.name,
                         "overlay": written.overlay_path.name,
                         "score": written.score,
