@@ -45,6 +45,11 @@ class GenerateOptions:
     same_looking_prob: float = option(
         _DEFAULTS["same_looking_prob"], "share of scenes with two same-looking objects at different depths"
     )
+    gres: bool = option(
+        _DEFAULTS["gres"],
+        "also write generalised expressions: several targets ('the red vehicles') or none ('the blue bridge', "
+        "a false depth relation), tagged multi / no-target / nt-absent / nt-depth (give it its own --ds_name)",
+    )
     seed: int = option(_DEFAULTS["seed"], "dataset seed (output is a function of it)")
     ds_name: str = option(_DEFAULTS["ds_name"], "dataset name <ds>")
     disparity_name: str = option(_DEFAULTS["disparity_name"], "centre disparity file name in each scene")

@@ -28,6 +28,7 @@ class SyntheticConfig:
     ds_name: str = "ref-urbanlf-syn"
     disparity_name: str = "5_5_disparity.npy"
     same_looking_prob: float = 0.4
+    gres: bool = False  # add GRES refs (several targets, or none: dataset.synthetic.gres) beside the others
 
     def __post_init__(self) -> None:
         self.validate()

@@ -56,6 +56,7 @@ from dataset.synthetic.expressions import (
     SceneObject,
     generate_expressions,
 )
+from dataset.synthetic.gres import GRES_REF_OFFSET, gres_expressions
 from dataset.synthetic.layout import Layer, full_area, render_view, sample_background, sample_layers
 from dataset.synthetic.shapes import CATEGORIES
 
@@ -222,7 +223,34 @@ def scene_records(scene: SyntheticScene, cfg: SyntheticConfig) -> tuple[dict, li
                 "sentences": sentences,
             }
         )
+    if cfg.gres:
+        refs += gres_records(scene, cfg, split)
     return image, anns, refs
+
+
+def gres_records(scene: SyntheticScene, cfg: SyntheticConfig, split: str) -> list[dict]:
+    """The scene's GRES refs in gRefCOCO's form (``ann_id`` / ``category_id`` lists, ``[-1]`` and
+    ``no_target: true`` for none), drawn with their own generator so the other refs do not change."""
+    rng = np.random.default_rng([cfg.seed, scene.image_id, 2])
+    out = []
+    for k, expr in enumerate(gres_expressions(scene.objects, rng)):
+        ref_id = scene.image_id * 100 + GRES_REF_OFFSET + k
+        targets = [scene.objects[i] for i in expr.targets]
+        out.append(
+            {
+                "ref_id": ref_id,
+                "ann_id": [ann_id_of(scene.image_id, o.layer_id) for o in targets] or [-1],
+                "image_id": scene.image_id,
+                "category_id": [o.category_id for o in targets] or [-1],
+                "no_target": not targets,
+                "split": split,
+                "subsets": list(expr.tags),
+                "sentences": [
+                    {"sent_id": ref_id * 10, "sent": expr.sentence, "tokens": expr.sentence.lower().split()}
+                ],
+            }
+        )
+    return out
 
 
 def _write_scene(job: tuple[int, SyntheticConfig, str]) -> tuple[dict, list[dict], list[dict], int]:
@@ -245,7 +273,17 @@ def _summary(
         s: dict(sorted(Counter(t for r in refs if r["split"] == s for t in r["subsets"]).items()))
         for s in ("train", "val")
     }
+    sentences = [(r, len(r["sentences"])) for r in refs]
+    total = sum(n for _, n in sentences)
+    gres = {
+        "multi_target_share": sum(
+            n for r, n in sentences if isinstance(r["ann_id"], list) and len(r["ann_id"]) > 1
+        )
+        / max(total, 1),
+        "no_target_share": sum(n for r, n in sentences if r.get("no_target")) / max(total, 1),
+    }
     return {
+        **({"gres": gres} if cfg.gres else {}),
         "ds_name": cfg.ds_name,
         "scenes": {s: sum(cfg.split_of(im["id"]) == s for im in images) for s in ("train", "val")},
         "annotations": len(anns),
