@@ -44,8 +44,8 @@ from training.serve.merge import merged_record
 from training.trainer import STOP, Trainer, TrainingInterrupted, resume_source
 from utils import distributed
 from utils.distributed import DistInfo, init_distributed
-from utils.gres_metrics import GresMetrics
-from utils.metrics import SegMetrics
+from utils.gres_metrics import GRES_TAGS, GresMetrics
+from utils.metrics import PAPER_COLUMNS, SegMetrics
 from utils.outputs import OutputDirError, refuse_inputs
 from utils.safe_load import UnsafeCheckpointError
 
@@ -72,7 +72,8 @@ def _report(
     if metrics.gres is not None:
         print(
             metrics.gres.table(
-                title="GRES: both rules, N-acc / T-acc (gsva: a rejected target keeps its mask; rela: 0)"
+                columns=(*PAPER_COLUMNS, *GRES_TAGS),
+                title="GRES: both rules, N-acc / T-acc (gsva: a rejected target keeps its mask; rela: it scores 0)",
             )
         )
         print(metrics.gres.baselines_table())

@@ -7,7 +7,15 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 
 OUT=${LFLLM_QUICKSTART:-./quickstart}
-DS=ref-urbanlf-syn
+# GRES=1: the generalised benchmark (the same scenes with plural and no-target expressions beside the others,
+# scripts/make_synthetic_data.py --gres) and a model that answers [REJ] for "no such object" (--gres).
+GRES=${GRES:-0}
+if [ "$GRES" != 0 ] && [ "$GRES" != 1 ]; then
+  echo "error: GRES=$GRES: expected 0 (referring segmentation) or 1 (several targets or none)" >&2
+  exit 2
+fi
+DS=$([ "$GRES" = 1 ] && echo ref-urbanlf-gres || echo ref-urbanlf-syn)
+GEN_FLAGS=$([ "$GRES" = 1 ] && echo --gres || true)
 NUM_TRAIN=${NUM_TRAIN:-64}
 NUM_VAL=${NUM_VAL:-16}
 HEIGHT=${HEIGHT:-120}
@@ -85,13 +93,13 @@ stamp() { echo "[quickstart +$(( $(date +%s) - start ))s] $*"; }
 stamp "1/5 synthetic light-field benchmark -> $OUT/dataset"
 if ! reuse_dataset $DS $(( NUM_TRAIN + NUM_VAL )) "NUM_TRAIN + NUM_VAL"; then
   $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name $DS \
-    --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --seed 0 --workers 2
+    --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --seed 0 --workers 2 $GEN_FLAGS
 fi
 DATA_FLAGS=(--refer_seg_data $DS)
 if [ "$NUM_EXTRA" -gt 0 ]; then
   if ! reuse_dataset "$DS-extra" "$NUM_EXTRA" NUM_EXTRA; then
     $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name "$DS-extra" \
-      --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_EXTRA" --num_val 0 --seed 1 --workers 2
+      --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_EXTRA" --num_val 0 --seed 1 --workers 2 $GEN_FLAGS
   fi
   DATA_FLAGS=(--refer_seg_data "$DS||$DS-extra" --sample_rates "1,$(( NUM_EXTRA >= NUM_TRAIN ? (NUM_EXTRA + NUM_TRAIN / 2) / NUM_TRAIN : 1 ))")
 fi
@@ -149,7 +157,7 @@ OMP_NUM_THREADS=$RANK_THREADS .venv/bin/deepspeed --num_gpus "$RANKS" --master_p
   --prompt_order "$PROMPT_ORDER" $LORA_FLAGS \
   --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size "$RANK_BATCH" --grad_accumulation_steps 1 \
   --lr "$LR" --warmup_steps 20 --workers 1 --no_gradient_checkpointing --no_eval \
-  "${CACHE[@]}" ${TRAIN_FLAGS:-}
+  "${CACHE[@]}" $([ "$GRES" = 1 ] && echo --gres || true) ${TRAIN_FLAGS:-}
 
 stamp "4/5 merge LoRA into a Hugging Face model -> $OUT/merged, then evaluate it"
 $PY merge_lora_weights_and_save_hf_model.py --version "$BASE/llava" "${MERGE_FLAGS[@]}" \

@@ -18,6 +18,7 @@ from dataset.synthetic import SyntheticConfig, write_dataset
 from dataset.synthetic.expressions import DEPTH_MARGIN
 from dataset.synthetic.generator import render_scene
 from dataset.synthetic.gres import PLURALS, absent_attribute, false_relation, multi_target
+from utils.gres_metrics import GRES_TAGS
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 CFG = dict(height=64, width=96, num_train=24, num_val=16, seed=5)
@@ -81,6 +82,7 @@ def test_written_beside_the_unchanged_refs(written) -> None:
     assert extra and all(isinstance(r["ann_id"], list) and isinstance(r["category_id"], list) for r in extra)
     for r in extra:
         assert r["no_target"] == (r["ann_id"] == [-1]) == ("no-target" in r["subsets"])
+        assert set(r["subsets"]) <= {*GRES_TAGS, "front"}  # the metrics' GRES columns
     assert 0.08 <= summary["gres"]["no_target_share"] <= 0.16  # gRefCOCO: 11.6 %
     assert summary["gres"]["multi_target_share"] > 0.05
 

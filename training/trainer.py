@@ -48,8 +48,8 @@ from training.run_dir import OPTIONS_FILE, option_differences, recorded_resume_v
 from training.run_log import RunLogger
 from utils.batch import Batch
 from utils.distributed import DistInfo, gather_objects, mean_across_ranks
-from utils.gres_metrics import GresMetrics
-from utils.metrics import SegMetrics
+from utils.gres_metrics import GRES_TAGS, GresMetrics
+from utils.metrics import PAPER_COLUMNS, SegMetrics
 from utils.safe_load import deepspeed_records, verify_torch_file
 
 if TYPE_CHECKING:
@@ -465,7 +465,8 @@ class Trainer:
                 flush=True,
             )
             if metrics.gres is not None:
-                print(metrics.gres.table(title="GRES (both rules)"), flush=True)
+                columns = (*PAPER_COLUMNS, *GRES_TAGS)
+                print(metrics.gres.table(columns=columns, title="GRES (both rules)"), flush=True)
         return metrics
 
     def end_of_epoch(self, epoch: int, validate: bool = True) -> None:

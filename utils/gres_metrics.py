@@ -35,6 +35,8 @@ from torch import Tensor
 from utils.distributed import gather_objects
 from utils.metrics import ALL, subset_tags
 
+#: The subset tags of generated GRES expressions, in table order (``dataset.synthetic.gres`` writes them).
+GRES_TAGS: tuple[str, ...] = ("multi", "no-target", "nt-absent", "nt-depth")
 Rule = Literal["gsva", "rela"]
 RULES: tuple[Rule, ...] = ("gsva", "rela")
 #: Rows of :meth:`GresMetrics.table`, in order.
@@ -274,4 +276,4 @@ def _floats(values: Tensor | Sequence[float]) -> list[float]:
     return [float(v) for v in values]
 
 
-__all__ = ["RULES", "GresMetrics", "effective_counts", "mask_area_stats"]
+__all__ = ["GRES_TAGS", "RULES", "GresMetrics", "effective_counts", "mask_area_stats"]

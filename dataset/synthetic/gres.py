@@ -57,7 +57,6 @@ MULTI_PER_SCENE = 2
 """At most this many multi-target expressions per scene."""
 GRES_REF_OFFSET = 50
 """``ref_id = image_id * 100 + GRES_REF_OFFSET + k`` for the k-th GRES ref of a scene (object refs use 1..49)."""
-GRES_TAGS: tuple[str, ...] = ("multi", "no-target", "nt-absent", "nt-depth")
 
 MULTI_TEMPLATES = ("the {p}", "all the {p}")
 FRONT_TEMPLATES = ("the objects in front of the {y}", "everything in front of the {y}")
@@ -172,4 +171,4 @@ def gres_expressions(objects: list[SceneObject], rng: np.random.Generator) -> li
     return out
 
 
-__all__ = ["GRES_REF_OFFSET", "GRES_TAGS", "GresExpression", "gres_expressions"]
+__all__ = ["GRES_REF_OFFSET", "GresExpression", "gres_expressions"]
