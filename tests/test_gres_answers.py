@@ -245,3 +245,45 @@ def test_a_gres_model_evaluates_every_expression(tiny_base, gres_dataset, protoc
         gres.compute("gsva")["All"]["n_no_target"] == sum(len(r.sentences) for r in refs if r.no_target) > 0
     )
     assert "rejected" in metrics.expressions()[0]
+
+
+def test_generated_answers_decode_every_slot_in_order(tiny_base, gres_dataset) -> None:
+    """A written answer with three slots gives three masks in its order, the [REJ] one flagged; a slot
+    written inside the prompt (an expression quoting "[SEG]") is not an answer slot."""
+    from dataset.collate import TokenSpec, collate_batch
+    from dataset.refer_seg import ReferSegDataset, SampleSpec
+    from dataset.scenes import SceneDataset
+    from model.inference import _masks_for_sequences
+
+    torch.manual_seed(0)
+    model, tokenizer = build_lfllm(
+        tiny_base["llava"], tiny_base["sam"], ModelOptions(gres=True), torch.float32
+    )
+    model.eval()
+    scenes = SceneDataset(gres_dataset, TINY_DS, "val", mode="val")
+    tokens = TokenSpec.from_tokenizer(tokenizer, model.config.image_seq_length, 512)
+    data = ReferSegDataset(
+        scenes, tokenizer, SampleSpec.from_model_config(model.config), tokens, train=False, with_answers=False
+    )
+    batch = collate_batch([data[0]], tokenizer.pad_token_id)
+    length = int(batch["attention_mask"][0].sum())
+    prompt = batch["input_ids"][0, :length]
+    answer = tokenizer("Sure, a: [SEG], b: [REJ], c: [SEG].", add_special_tokens=False, return_tensors="pt")
+    full = torch.cat([prompt, answer.input_ids[0]])
+    with torch.no_grad():
+        image_tokens, depth_tokens, visual = model.encode_frozen(batch)
+        slots = _masks_for_sequences(
+            model,
+            [full, prompt],
+            [0, 0],
+            image_tokens,
+            depth_tokens,
+            visual,
+            batch,
+            tokenizer.pad_token_id,
+            [length, length],
+        )
+    assert [s.rejected for s in slots[0]] == [False, True, False] and slots[1] == []
+    h, w = batch["original_hw"][0]
+    assert all(s.mask_logits.shape == (h, w) for s in slots[0])
+    assert not torch.equal(slots[0][0].mask_logits, slots[0][2].mask_logits)  # each slot its own state

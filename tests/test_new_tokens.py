@@ -1,8 +1,9 @@
 """The new tokens learn on every base (MLLMSeg's issue #8: a frozen LM head never learned its new token).
 
-For each shipped pretrained base and the random base of the tests: after ``make_trainable`` the rows of the new
-tokens (``[SEG]``, the visual markers) in the embedding and in the LM head receive gradient, and a few steps on
-the training loss raise the probability the model gives ``[SEG]`` where the answer has it.
+For each shipped pretrained base and the random base of the tests, built as a GRES model: after
+``make_trainable`` the rows of the new tokens (``[SEG]``, ``[REJ]``, the visual markers) in the embedding and in
+the LM head receive gradient, and a few steps on the training loss raise the probability the model gives
+``[SEG]`` where the answer has it (``tests/test_gres_answers.py``: the same for ``[REJ]``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def test_new_token_rows_and_the_head_learn_on_every_base(base, tiny_base, tiny_d
     else:
         llava, sam = ROOT / "pretrained" / base / "llava", ROOT / "pretrained" / base / "sam_tiny.pth"
     torch.manual_seed(0)
-    model, tokenizer = build_lfllm(llava, sam, ModelOptions(), torch.float32)
+    model, tokenizer = build_lfllm(llava, sam, ModelOptions(gres=True), torch.float32)
     assert model.config.seg_token_id in model.config.new_token_ids
+    assert model.config.rej_token_id in model.config.new_token_ids  # [REJ]: a new, trainable row too
     wrapped = make_trainable(model, TrainableOptions(lora_r=0))  # the token rows alone, no LoRA
     batch = model_batch(model, tokenizer, tiny_dataset, n=2)
     deltas = {n: p for n, p in wrapped.named_parameters() if "trainable_tokens_delta" in n}
