@@ -186,7 +186,9 @@ class ReferSegDataset(torch.utils.data.Dataset):
         box of each of ``masks`` (k, H, W), one per sentence."""
         spec = self.spec
         rejects = [bool(v) for v in no_target] if no_target is not None else [False] * len(sentences)
-        if any(rejects) and self.with_answers and not spec.gres:
+        # A model without [REJ] is scored on no-target expressions as it answers them, with [SEG] (its mask
+        # against the empty target), but never trained on them.
+        if any(rejects) and self.with_answers and self.train and not spec.gres:
             sent = sentences[rejects.index(True)]
             raise ValueError(
                 f"{sum(rejects)} expression(s) name no object (e.g. {sent!r}: a no-target ref, ann_id [-1]); "

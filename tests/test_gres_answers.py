@@ -144,7 +144,26 @@ def test_only_a_gres_model_takes_no_target_expressions(tiny_base, gres_dataset) 
     model, tokenizer = build_lfllm(tiny_base["llava"], tiny_base["sam"], ModelOptions(), torch.float32)
     assert model.config.rej_token_id is None and REJ_TOKEN not in tokenizer.get_vocab()
     with pytest.raises(ValueError, match=r"name no object .*build it with --gres"):
-        model_batch(model, tokenizer, gres_dataset, split="train", n=1, train=False)
+        model_batch(model, tokenizer, gres_dataset, split="train", n=1, train=True)
+    # scored, not trained: its answer to a no-target expression is a [SEG], its mask against the empty target
+    batch = model_batch(model, tokenizer, gres_dataset, split="val", n=1, train=False)
+    assert int((batch["input_ids"] == model.config.seg_token_id).sum()) == len(batch["no_target"][0])
+    # the pre-flight check refuses the training run before any model is built, naming the flag
+    from training.config import parse_config
+    from training.preflight import gres_problem, train_scenes
+
+    argv = [
+        "--version",
+        str(tiny_base["llava"]),
+        "--dataset_dir",
+        str(gres_dataset),
+        "--refer_seg_data",
+        TINY_DS,
+    ]
+    cfg = parse_config(argv)
+    scenes = train_scenes(cfg, (), with_disparity=False)
+    assert "add --gres" in gres_problem(cfg, scenes) and "ann_id [-1]" in gres_problem(cfg, scenes)
+    assert gres_problem(parse_config([*argv, "--gres"]), scenes) is None
 
 
 def test_every_slot_a_rej_still_backpropagates(tiny_base, gres_dataset) -> None:

@@ -13,6 +13,7 @@ shares the verdict, so a bad scene stops the run in seconds instead of hours in.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -71,6 +72,27 @@ def split_problem(scenes: SceneDataset, flag: str, value: str) -> str | None:
     return (
         f"{flag} {value!r}: split {scenes.split!r} selects 0 expressions in {', '.join(scenes.names)}; "
         f"the data has splits and subset tags: {', '.join(present) or 'none'}"
+    )
+
+
+def gres_problem(cfg: RunConfig, scenes: SceneDataset, check_version: bool = True) -> str | None:
+    """Why the training data cannot train this model: it holds expressions with no target (gRefCOCO's
+    ``ann_id: [-1]``) and the model has no ``[REJ]`` to answer them (``--gres``); None otherwise."""
+    empty = [(ref.ref_id, ds) for scene in scenes.scenes for ref in scene.refs if ref.no_target
+             for ds in (scenes.names[scene.ds_index],)]  # fmt: skip
+    if not empty:
+        return None
+    version = Path(cfg.run.version)
+    recorded = False
+    if (check_version or version.is_dir()) and (version / "config.json").is_file():
+        recorded = bool(json.loads((version / "config.json").read_text()).get("gres", False))
+    if cfg.model.gres or recorded:
+        return None
+    ref_id, ds = empty[0]
+    return (
+        f"--refer_seg_data {cfg.datasets.refer_seg_data!r}: {len(empty)} training ref(s) name no object (e.g. "
+        f"ref_id {ref_id} of {ds}: ann_id [-1]); only a model with a [REJ] token can learn to answer them: "
+        "add --gres"
     )
 
 
@@ -206,6 +228,8 @@ def preflight(cfg: RunConfig, *, train: bool, is_main: bool, check_version: bool
         scenes = val_scenes(cfg, with_disparity=False, views=views)
         problems.append(split_problem(scenes, "--val_dataset", cfg.eval.val_dataset))
         groups.append(scenes)
+    if train:
+        problems.append(gres_problem(cfg, groups[0], check_version))
     problems.append(positions_problem(cfg, check_version))
     problems = [p for p in problems if p]
     if problems:
