@@ -47,6 +47,9 @@ MULTI_QUESTION_TEMPLATES: tuple[str, ...] = (
     "This is a light field with its disparity map. Can you segment {exprs} in this image?",
     "Given the light field and its disparity map, please segment {exprs}, each with its own mask.",
 )
+#: The fixed answers of a GRES model (validation), by ``reject``: the slot alone, so the model's own choice
+#: between ``[SEG]`` and ``[REJ]`` is what a teacher-forced evaluation reads (both are training templates).
+BARE_ANSWERS: dict[bool, str] = {False: "[SEG].", True: "[REJ]."}
 VAL_QUESTION = QUESTION_TEMPLATES[0]
 VAL_REJ_ANSWER = REJ_ANSWER_TEMPLATES[0]
 VAL_MULTI_QUESTION = MULTI_QUESTION_TEMPLATES[0]
@@ -148,7 +151,7 @@ def build_turns(
     turn), one ``[SEG]`` per turn. ``order``: the placeholders before the question (``image_first``) or
     after it (``expression_first``). ``boxes``: one ``[x0, y0, x1, y1]`` text per expression, stated by
     the answer before its ``[SEG]`` (``answer_box`` models). ``rejects``: per expression, True where it
-    names no object (its slot is ``[REJ]``; GRES models). ``exprs_per_question`` > 1: consecutive
+    names no object (its slot is ``[REJ]``; GRES models, whose fixed answer is the bare slot). ``exprs_per_question`` > 1: consecutive
     expressions share one question and one answer with a slot each (:func:`multi_answer`). Returns a list of
     conversations, each a list of (question, answer) turns.
     """
@@ -162,14 +165,19 @@ def build_turns(
         raise ValueError(f"exprs_per_question must be >= 1, got {exprs_per_question}")
     if exprs_per_question > 1 and boxes is not None:
         raise ValueError("answer_box answers state one box before one [SEG]: use one expression per question")
+    gres = rejects is not None
     rejects = [False] * len(expressions) if rejects is None else [bool(r) for r in rejects]
     prefix = visual_prefix(use_depth, use_mm_start_end)
     turns = []
+    # A GRES model's fixed (validation) answer is the bare slot, "[SEG]." or "[REJ].": any words before it
+    # would differ between the two and hand a teacher-forced model its decision.
+    bare = rng is None and gres and boxes is None
     if exprs_per_question == 1:
         for k, e in enumerate(expressions):  # question then answer per expression: the rng's draw order
             q = question(e, rng)
             box = None if boxes is None else boxes[k]
-            turns.append((q, answer(rng, box, rejects[k]) if with_answer else None))
+            a = BARE_ANSWERS[rejects[k]] if bare else answer(rng, box, rejects[k])
+            turns.append((q, a if with_answer else None))
     else:
         for start in range(0, len(expressions), exprs_per_question):
             chunk = expressions[start : start + exprs_per_question]

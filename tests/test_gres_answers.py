@@ -6,13 +6,14 @@ no-target expressions."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from dataset.prompts import build_turns
+from dataset.prompts import ANSWER_TEMPLATES, REJ_ANSWER_TEMPLATES, build_turns
 from model.build import build_lfllm
 from model.lfllm import slot_predictor_positions
 from model.losses import mask_losses
@@ -32,7 +33,18 @@ def test_answers_with_rej_and_several_slots() -> None:
         pack=False,
         rejects=[False, True, False],
     )
-    assert [a for [(_, a)] in turns] == ["Sure, [SEG].", "There is no such object: [REJ].", "Sure, [SEG]."]
+    assert [a for [(_, a)] in turns] == ["[SEG].", "[REJ].", "[SEG]."]  # the bare slot: no leak
+    drawn = build_turns(
+        ["a", "b"] * 20,
+        use_depth=False,
+        use_mm_start_end=False,
+        pack=False,
+        rejects=[False, True] * 20,
+        rng=random.Random(0),
+    )
+    answers = [a for [(_, a)] in drawn]
+    assert set(answers[1::2]) == set(REJ_ANSWER_TEMPLATES) and set(answers[::2]) == set(ANSWER_TEMPLATES)
+    assert "[REJ]." in REJ_ANSWER_TEMPLATES and "[SEG]." in ANSWER_TEMPLATES  # the bare slots are trained
     multi = build_turns(
         ["the red car", "the blue bridge", "the pole."],
         use_depth=True,
