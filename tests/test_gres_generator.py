@@ -15,6 +15,7 @@ import pytest
 from dataset.refer import ReferAnnotations
 from dataset.scenes import SceneDataset
 from dataset.synthetic import SyntheticConfig, write_dataset
+from dataset.synthetic.cli import format_summary
 from dataset.synthetic.expressions import DEPTH_MARGIN
 from dataset.synthetic.generator import render_scene
 from dataset.synthetic.gres import PLURALS, absent_attribute, false_relation, multi_target
@@ -85,6 +86,8 @@ def test_written_beside_the_unchanged_refs(written) -> None:
         assert set(r["subsets"]) <= {*GRES_TAGS, "front"}  # the metrics' GRES columns
     assert 0.08 <= summary["gres"]["no_target_share"] <= 0.16  # gRefCOCO: 11.6 %
     assert summary["gres"]["multi_target_share"] > 0.05
+    share = 100 * summary["gres"]["no_target_share"]
+    assert f"GRES: {share:.1f} % of the expressions have no target" in format_summary(summary)
 
 
 def test_read_back_as_unions_and_empty_masks(written) -> None:
