@@ -62,3 +62,52 @@ def test_rows_tables_changes_and_plot(tmp_path, capsys):
 def test_a_malformed_row_is_named(text):
     with pytest.raises(ValueError, match=r"expected LABEL=eval\.json"):
         parse_row(text)
+
+
+def test_gres_rows_read_the_gres_metrics(tmp_path, capsys):
+    def gres_eval(path: Path, nacc: float, giou_rela: float) -> Path:
+        rules = {
+            rule: {
+                "All": {
+                    "gIoU": giou_rela + (0.1 if rule == "gsva" else 0.0),
+                    "N-acc": nacc,
+                    "T-acc": 0.9,
+                    "n": 10,
+                },
+                "nt-depth": {"gIoU": nacc, "N-acc": nacc, "T-acc": None, "n": 4},
+            }
+            for rule in ("gsva", "rela")
+        }
+        subsets = {"All": {"gIoU": giou_rela, "cIoU": giou_rela, "n": 10}, "nt-depth": {"gIoU": 0, "n": 4}}
+        path.write_text(
+            json.dumps({"val_dataset": "g|syn|val", "subsets": subsets, "gres": {"rules": rules}})
+        )
+        return path
+
+    on = gres_eval(tmp_path / "on.json", 0.5, 0.4)
+    off = gres_eval(tmp_path / "off.json", 0.25, 0.3)
+    out = tmp_path / "g"
+    argv = [
+        "--row",
+        f"depth on={on}",
+        "--row",
+        f"depth off={off}",
+        "--out",
+        str(out),
+        "--subsets",
+        "All nt-depth",
+    ]
+    assert main([*argv, "--gres", "--baseline_row", "depth on"]) == 0
+    text = (out / "compare.md").read_text()
+    assert "g|syn|val, N-acc" in text and "| depth on (1) | **50.00** | **50.00** |" in text
+    assert "| depth off (1) | **90.00** | - |" in text  # T-acc: nt-depth has no target expression
+    assert "| n (expressions) | 10 | 4 |" in text
+    assert (
+        "| depth on (1) | **40.00** |" in text and "| depth on (1) | **50.00** |" in text
+    )  # rela, gsva gIoU
+    assert "| depth off | -25.00" in text  # the N-acc change
+    assert cv2.imread(str(out / "compare.png")).shape[0] >= 4 * 540  # one panel per GRES metric
+    capsys.readouterr()
+    plain = _eval(tmp_path / "plain.json", {"All": 0.3})
+    assert main(["--row", f"x={plain}", "--out", str(out), "--subsets", "All", "--gres"]) == 2
+    assert "has no GRES metrics" in capsys.readouterr().err

@@ -455,6 +455,7 @@ def bar_plot(
     width: int = 1400,
     panel_height: int = 540,
     name: str = "LISA vs LFLLM ablation",
+    metrics: Sequence[str] = METRICS,
 ) -> np.ndarray:
     """Grouped bars per subset (All first), one bar per variant, error bars = std over seeds, one panel
     per metric (gIoU above cIoU), a title (``name``, seeds and steps), a legend, n under every subset name.
@@ -473,7 +474,7 @@ def bar_plot(
         cv2.rectangle(head, (x, 60), (x + 30, 84), colour, -1)
         _text(head, label, (x + 40, 81), 0.7, thick=2)
         x += w
-    panels = [_panel(summary, metric, width, panel_height) for metric in METRICS]
+    panels = [_panel(summary, metric, width, panel_height) for metric in metrics]
     return np.concatenate([head, *panels], axis=0)
 
 

@@ -5,7 +5,8 @@ row's mean ± std over its seeds per subset, in the paper's column order — the
 ``scripts/compare_evals.py --row "LABEL=a/eval.json,b/eval.json" … --out DIR`` writes ``DIR/compare.md``
 (gIoU and cIoU tables, and with ``--baseline_row`` the change of every other row against it, seed by seed),
 ``DIR/compare.json`` and ``DIR/compare.png`` (the ablation's bar plot: one bar per row, std error bars).
-Every row must come from one val set (the same ``n`` per subset).
+Every row must come from one val set (the same ``n`` per subset). ``--gres`` compares GRES models instead
+(``eval.json``'s ``gres`` part): N-acc, T-acc and gIoU under the ReLA and the GSVA rules.
 """
 
 from __future__ import annotations
@@ -61,18 +62,44 @@ def load_rows(rows: Sequence[tuple[str, Sequence[Path]]]) -> list[tuple[str, lis
     return out
 
 
+#: The metrics of ``--gres``: a name, and where ``eval.json["gres"]["rules"]`` holds it (rule, key).
+GRES_METRICS: dict[str, tuple[str, str]] = {
+    "N-acc": ("gsva", "N-acc"),
+    "T-acc": ("gsva", "T-acc"),
+    "gIoU (rela)": ("rela", "gIoU"),
+    "gIoU (gsva)": ("gsva", "gIoU"),
+}
+
+
+def metric_value(data: Mapping[str, Any], subset: str, metric: str) -> float | None:
+    """``metric`` of ``subset`` in one ``eval.json`` (a :data:`GRES_METRICS` name reads its GRES part), or
+    None where the subset lacks it (an accuracy of a subset with no expression of its kind)."""
+    if metric in GRES_METRICS:
+        rule, key = GRES_METRICS[metric]
+        cells = data.get("gres", {}).get("rules", {}).get(rule)
+        if cells is None:
+            raise ValueError(
+                f"{metric}: the eval.json has no GRES metrics (evaluate a model built with --gres)"
+            )
+        return cells.get(subset, {}).get(key)
+    return data["subsets"].get(subset, {}).get(metric)
+
+
 def summarise(
-    rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], subsets: Sequence[str]
+    rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+    subsets: Sequence[str],
+    metrics: Sequence[str] = METRICS,
 ) -> dict[str, Any]:
     """The ablation report's summary structure (``variants`` with per-metric cells: values ×100 over the
     row's files, mean, std), so that :func:`training.experiments.ablation.bar_plot` draws it."""
     variants = []
     for label, evals in rows:
         row: dict[str, Any] = {"label": label, "files": len(evals)}
-        for metric in METRICS:
+        for metric in metrics:
             cells = {}
             for subset in subsets:
-                values = [100.0 * e["subsets"][subset][metric] for e in evals if subset in e["subsets"]]
+                found = [metric_value(e, subset, metric) for e in evals]
+                values = [100.0 * v for v in found if v is not None]
                 mean, std = mean_std(values) if len(values) == len(evals) else (None, None)
                 cells[subset] = {"mean": mean, "std": std, "values": values}
             row[metric] = cells
@@ -85,6 +112,7 @@ def summarise(
         "val_dataset": first.get("val_dataset"),
         "seeds": list(range(seeds)),
         "variants": variants,
+        "metrics": list(metrics),
     }
 
 
@@ -119,18 +147,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--title", default="Comparison", help="the plot's title")
     p.add_argument("--subsets", default=" ".join((ALL, *REPORTED)), help="space-separated subset columns")
     p.add_argument("--baseline_row", default="", help="also tabulate every row's change against this one")
+    p.add_argument(
+        "--gres", action="store_true", help="GRES models: N-acc, T-acc, gIoU under the ReLA and GSVA rules"
+    )
     args = p.parse_args(argv)
     try:
         rows = load_rows([parse_row(r) for r in args.row])
-        summary = summarise(rows, args.subsets.split())
-        text = f"{summary['val_dataset']}, gIoU\n\n{table(summary, 'gIoU')}\n\ncIoU\n\n{table(summary, 'cIoU')}\n"
+        metrics = tuple(GRES_METRICS) if args.gres else METRICS
+        summary = summarise(rows, args.subsets.split(), metrics)
+        text = "".join(f"{summary['val_dataset']}, {m}\n\n{table(summary, m)}\n\n" for m in metrics)
         if args.baseline_row:
-            text += f"\ngIoU change\n\n{change_table(summary, args.baseline_row)}\n"
+            text += f"\n{metrics[0]} change\n\n{change_table(summary, args.baseline_row, metrics[0])}\n"
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "compare.md", text)
         atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
-        write_png(out / "compare.png", bar_plot(summary, name=args.title))
+        write_png(out / "compare.png", bar_plot(summary, name=args.title, metrics=metrics))
     except (AblationError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
