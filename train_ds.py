@@ -51,8 +51,13 @@ from utils.safe_load import UnsafeCheckpointError
 
 
 def _given(cfg: RunConfig) -> set[str]:
-    """The model options (and ``vision_pretrained``) set on the command line: checked against the weights."""
-    return cfg.given_fields(ModelOptions) | ({"vision_pretrained"} & cfg.given)
+    """The model options (and ``vision_pretrained``) set on the command line: checked against the weights.
+    ``gres`` on (given, or recorded by the run being resumed) always counts: it may add [REJ] to a merged base."""
+    return (
+        cfg.given_fields(ModelOptions)
+        | ({"vision_pretrained"} & cfg.given)
+        | ({"gres"} if cfg.model.gres else set())
+    )
 
 
 def _report(

@@ -312,6 +312,19 @@ class OptionMismatchError(ValueError):
     """A flag the user gave disagrees with the weights it would apply to (the message lists each one)."""
 
 
+def add_rej_token(model: LFLLMForCausalLM, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Give a loaded model without ``[REJ]`` the token: added to ``tokenizer``, the embeddings grown by a
+    fresh row (as for every new token of a base), the config marked ``gres`` with the new id among its
+    trainable ``new_token_ids``. Returns the id."""
+    ids, added = add_special_tokens(tokenizer, model.config.use_mm_start_end, gres=True)
+    rows = max(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    model.config.gres = True
+    model.config.rej_token_id = ids[REJ_TOKEN]
+    model.config.new_token_ids = sorted({*(model.config.new_token_ids or []), *added})
+    return ids[REJ_TOKEN]
+
+
 def check_given_options(source: str, options: ModelOptions, given: Collection[str], recorded: dict) -> None:
     """Raise :class:`OptionMismatchError` when an option in ``given`` (field names set on the command line)
     differs from what ``source`` records; the one check of every entry point."""
@@ -341,6 +354,8 @@ def build_lfllm(
     * ``version`` is a merged LFLLM directory: everything (SAM, ``[SEG]`` projector, CAAM, options) comes
       from it, nothing is re-initialised; an option in ``given`` (the :class:`ModelOptions` fields the user
       set explicitly) that differs from the merged model's is refused with :class:`OptionMismatchError`.
+      One exception: ``gres`` given to a merged model without ``[REJ]`` adds the token (a new, trainable row),
+      MLLMSeg's GRES stage started from a model trained on one-target expressions.
 
     Args:
         given: names of the :class:`ModelOptions` fields (and ``"vision_pretrained"``) set explicitly on a
@@ -383,7 +398,12 @@ def build_lfllm(
         )
         recorded = recorded_options(model.config)
         recorded["caam_views"] = model.config.caam_offsets or []
+        extend = options.gres and "gres" in given and not model.config.gres
+        if extend:
+            recorded["gres"] = True  # added below: the one option a merged model can gain
         check_given_options(f"the merged model {version}", options, given, recorded)
+        if extend:
+            add_rej_token(model, tokenizer)
         odd = set()
         if model.sam is not None:
             odd = {str(t.dtype) for t in model.sam.prompt_encoder.state_dict().values()} - {"torch.float32"}

@@ -318,3 +318,53 @@ def test_generated_answers_decode_every_slot_in_order(tiny_base, gres_dataset) -
     h, w = batch["original_hw"][0]
     assert all(s.mask_logits.shape == (h, w) for s in slots[0])
     assert not torch.equal(slots[0][0].mask_logits, slots[0][2].mask_logits)  # each slot its own state
+
+
+def test_gres_stage_from_a_merged_model_trains_merges_and_scores(tiny_merged, gres_dataset, tmp_path) -> None:
+    """MLLMSeg's GRES stage: a merged one-target model given --gres gains [REJ], trains on the GRES data with
+    train_ds.py, merges (its merged base named by the export) and is scored with the GRES table."""
+    import merge_lora_weights_and_save_hf_model as merge_script
+    from tests.test_train import run_train
+
+    runs = tmp_path / "runs"
+    common = [
+        "--dataset_dir",
+        str(gres_dataset),
+        "--val_dataset",
+        f"{TINY_DS}|syn|val",
+        "--log_base_dir",
+        str(runs),
+    ]
+    args = [
+        "--version", str(tiny_merged), "--gres", "--refer_seg_data", TINY_DS, *common, "--exp_name", "stage2",
+        "--precision", "fp32", "--workers", "0", "--batch_size", "1", "--grad_accumulation_steps", "1",
+        "--epochs", "1", "--steps_per_epoch", "2", "--lr", "1e-3", "--warmup_steps", "0",
+        "--no_gradient_checkpointing",
+    ]  # fmt: skip
+    out = run_train(args)
+    assert "GRES (both rules)" in out and "N-acc" in out
+    with pytest.raises(AssertionError, match="add --gres"):  # without the flag: refused before training
+        run_train([*(a for a in args if a != "--gres"), "--exp_name", "x"])  # the last --exp_name counts
+    merged = merge_script.main(
+        [
+            "--weight",
+            str(runs / "stage2" / "export" / "last"),
+            "--save_path",
+            str(tmp_path / "m"),
+            "--precision",
+            "fp32",
+        ]
+    )
+    model, tokenizer = build_lfllm(merged)
+    assert model.config.gres and model.config.rej_token_id == tokenizer.convert_tokens_to_ids(REJ_TOKEN)
+    base, _ = build_lfllm(tiny_merged)
+    assert model.get_input_embeddings().weight.shape[0] == base.get_input_embeddings().weight.shape[0] + 1
+    evaluated = run_train(
+        ["--version", str(merged), "--eval_only", *common, "--exp_name", "ev", "--workers", "0"]
+    )
+    assert "GRES baselines" in evaluated
+    record = json.loads((runs / "ev" / "eval.json").read_text())
+    assert (
+        set(record["gres"]["rules"]) == {"gsva", "rela"}
+        and record["gres"]["rules"]["rela"]["All"]["n_no_target"] > 0
+    )

@@ -133,9 +133,9 @@ def merge_to_hf(cfg: RunConfig, opts: MergeOptions, meta: dict[str, Any] | None)
     # Read the trained tensors first: a DeepSpeed checkpoint is parsed (and released) before the base exists.
     source = open_weights(opts.weight, opts.tag)
     print(f"weights: {source.path} ({source.kind}, {len(source.names())} tensors)")
-    model, tokenizer = build_lfllm(
-        version, vision_pretrained, cfg.model, dtype, given=cfg.given_fields(ModelOptions)
-    )
+    # a run recorded with gres rebuilds a merged base without [REJ] as it trained it: with the token added
+    given = cfg.given_fields(ModelOptions) | ({"gres"} if cfg.model.gres else set())
+    model, tokenizer = build_lfllm(version, vision_pretrained, cfg.model, dtype, given=given)
     wrapped = make_trainable(model, cfg.trainable)
     count = load_trainable(wrapped, source)
     source_kind = source.kind
