@@ -7,8 +7,10 @@ Two sources of pixels per ``<ds>``:
 
 * ``"lightfield"``: ``<dataset_dir>/lf/<ds>/Image<id>/`` read by :func:`load_light_field` (centre,
   neighbours, disparity);
-* ``"image"``: a 2D RefCOCO-style dataset, centre from ``<dataset_dir>/refer_seg/<ds>/images/<file_name>``;
-  no neighbours (``views`` is (0, H, W, 3)) and no disparity.
+* ``"image"``: a 2D RefCOCO-style dataset, centre from ``<dataset_dir>/refer_seg/<ds>/images/<file_name>``,
+  or, when that folder does not exist, from where LISA keeps the images (:data:`LISA_IMAGE_ROOTS`:
+  ``refer_seg/images/mscoco/images/train2014/`` for the RefCOCO family and gRefCOCO,
+  ``refer_seg/images/saiapr_tc-12/`` for RefCLEF); no neighbours (``views`` is (0, H, W, 3)) and no disparity.
 
 ``source="auto"`` picks ``"lightfield"`` when ``lf/<ds>/`` exists, else ``"image"``.
 """
@@ -39,6 +41,22 @@ from dataset.refer import Ref, ReferAnnotations
 from utils.views import NEIGHBOURHOODS, Offset, parse_views
 
 Source = Literal["auto", "lightfield", "image"]
+DEFAULT_IMAGE_ROOT = "refer_seg/{ds}/images"
+#: Where LISA's layout keeps a 2D dataset's images (relative to ``dataset_dir``), by dataset name; any other
+#: name uses the COCO folder, as LISA does for every RefCOCO-family dataset.
+LISA_IMAGE_ROOTS: dict[str, str] = {"refclef": "refer_seg/images/saiapr_tc-12"}
+LISA_COCO_ROOT = "refer_seg/images/mscoco/images/train2014"
+
+
+def image_root_of(dataset_dir: Path, ds: str, image_root: str = DEFAULT_IMAGE_ROOT) -> str:
+    """The image folder of 2D dataset ``ds``: ``image_root`` when given or present, else LISA's layout
+    (:data:`LISA_IMAGE_ROOTS`) when that folder exists, else ``image_root`` (the pre-flight check then
+    names the missing files there)."""
+    own = image_root.format(ds=ds)
+    if image_root != DEFAULT_IMAGE_ROOT or (dataset_dir / own).is_dir():
+        return own
+    lisa = LISA_IMAGE_ROOTS.get(ds.split("(")[0], LISA_COCO_ROOT)
+    return lisa if (dataset_dir / lisa).is_dir() else own
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,7 @@ class SceneDataset(torch.utils.data.Dataset):
         split_by: str | None = None,
         source: Source = "auto",
         lf_root: str | Mapping[str, str] = "lf/{ds}",
-        image_root: str = "refer_seg/{ds}/images",
+        image_root: str = DEFAULT_IMAGE_ROOT,
         seed: int = 0,
         with_pixels: bool = True,
         probe: str = "exact",
@@ -141,7 +159,7 @@ class SceneDataset(torch.utils.data.Dataset):
         self.num_classes_per_sample = num_classes_per_sample
         self.with_disparity = with_disparity
         self.lf_roots = [_per_dataset(lf_root, ds, "lf_root").format(ds=ds) for ds in self.names]
-        self.image_root = image_root
+        self.image_roots = [image_root_of(self.dataset_dir, ds, image_root) for ds in self.names]
         self.seed = seed
         self.with_pixels = with_pixels
         if probe not in PROBES:
@@ -188,12 +206,11 @@ class SceneDataset(torch.utils.data.Dataset):
     def scene_path(self, index: int) -> Path:
         """Scene folder (light field) or image file (2D) of item ``index``."""
         scene = self.scenes[index]
-        ds = self.names[scene.ds_index]
         if self.sources[scene.ds_index] == "lightfield":
             root = self.lf_roots[scene.ds_index]
             return self.dataset_dir / root / self.layouts[scene.ds_index].scene_name(scene.image_id)
         file_name = self.annotations[scene.ds_index].image(scene.image_id)["file_name"]
-        return self.dataset_dir / self.image_root.format(ds=ds) / file_name
+        return self.dataset_dir / self.image_roots[scene.ds_index] / file_name
 
     def _pick(self, index: int, refs: tuple[Ref, ...]) -> list[tuple[Ref, str]]:
         """(ref, sentence) pairs of one item: all of them (val) or a seeded sample (train)."""

@@ -175,3 +175,30 @@ def test_scene_dataset_and_baselines_read_unions_and_empty_targets(tmp_path: Pat
     out.reduce()
     # val refs 2 (none), 3 (C), 4 (A), 5 (A ∪ C) against A: IoU 0, 1/7, 1, 4/7
     assert out.compute()["All"]["gIoU"] == pytest.approx((0 + 1 / 7 + 1 + 4 / 7) / 4)
+
+
+@pytest.mark.parametrize(
+    ("ds", "folder"),
+    [("refcoco", "refer_seg/images/mscoco/images/train2014"), ("grefcoco", "refer_seg/images/mscoco/images/train2014"),
+     ("refclef", "refer_seg/images/saiapr_tc-12")],
+)  # fmt: skip
+def test_lisa_image_layout_is_found(tmp_path: Path, ds: str, folder: str) -> None:
+    """A LISA-layout folder (refs beside instances.json, the images where LISA keeps them) reads as it is;
+    a dataset's own images/ folder, when present, wins."""
+    from dataset.check import check_datasets
+    from dataset.scenes import SceneDataset, image_root_of
+
+    root = tmp_path / "refer_seg" / ds
+    root.mkdir(parents=True)
+    (root / "grefs(unc).json").write_text(json.dumps(_grefs()))
+    (root / "instances.json").write_text(json.dumps(_instances()))
+    images = tmp_path / folder
+    images.mkdir(parents=True)
+    cv2.imwrite(str(images / "COCO_train2014_000000000001.jpg"), np.zeros((4, 5, 3), np.uint8))
+    scenes = SceneDataset(tmp_path, ds, "val", mode="val", with_disparity=False, source="image")
+    assert scenes.scene_path(0) == images / "COCO_train2014_000000000001.jpg"
+    assert scenes[0]["center"].shape == (4, 5, 3)
+    checked, problems = check_datasets([scenes], False, progress=False)
+    assert checked == 1 and problems == []
+    (root / "images").mkdir()
+    assert image_root_of(tmp_path, ds) == f"refer_seg/{ds}/images"  # its own folder first
