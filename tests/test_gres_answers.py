@@ -368,3 +368,33 @@ def test_gres_stage_from_a_merged_model_trains_merges_and_scores(tiny_merged, gr
         set(record["gres"]["rules"]) == {"gsva", "rela"}
         and record["gres"]["rules"]["rela"]["All"]["n_no_target"] > 0
     )
+
+
+def test_several_expressions_per_question_train_slot_by_slot(tiny_base, gres_dataset) -> None:
+    """--exprs_per_question 2: one question per two expressions, one slot each in order; the forward matches
+    every slot to its mask and trains."""
+    import dataclasses
+
+    from dataset.collate import TokenSpec, collate_batch
+    from dataset.refer_seg import ReferSegDataset, SampleSpec
+    from dataset.scenes import SceneDataset
+
+    torch.manual_seed(0)
+    model, tokenizer = build_lfllm(
+        tiny_base["llava"], tiny_base["sam"], ModelOptions(gres=True), torch.float32
+    )
+    scenes = SceneDataset(gres_dataset, TINY_DS, "train", mode="train", num_classes_per_sample=3)
+    spec = dataclasses.replace(SampleSpec.from_model_config(model.config), exprs_per_question=2)
+    tokens = TokenSpec.from_tokenizer(tokenizer, model.config.image_seq_length, 512)
+    data = ReferSegDataset(scenes, tokenizer, spec, tokens, train=True)
+    batch = collate_batch([data[i] for i in range(2)], tokenizer.pad_token_id)
+    per_scene = [len(s) for s in batch["sentences"]]
+    assert len(batch["input_ids"]) == sum((k + 1) // 2 for k in per_scene)  # ceil(k / 2) questions a scene
+    slots = (batch["input_ids"] == model.config.seg_token_id) | (
+        batch["input_ids"] == model.config.rej_token_id
+    )
+    assert int(slots.sum()) == sum(per_scene)
+    rej = int((batch["input_ids"] == model.config.rej_token_id).sum())
+    assert rej == sum(sum(f) for f in batch["no_target"])
+    out = model(lf_batch=batch)
+    assert torch.isfinite(out["loss"]) and [len(r) for r in out["pred_rejected"]] == per_scene
