@@ -54,7 +54,12 @@ def teacher_forced_scored(
     """Teacher-forced mask logits per image (k_i, H_i, W_i), SAM's predicted IoU per image (k_i,) and the
     model's decision per slot (k_i,) bool (True: its LM head prefers ``[REJ]``; all False without it)."""
     out = model.forward_lf(batch)
-    return out["pred_masks"], out["pred_ious"], out["pred_rejected"]
+    masks = out["pred_masks"]
+    # a head without slot decisions (the oracle models of scripts/seg_oracle.py) answers every slot
+    rejected = out.get("pred_rejected") or [
+        torch.zeros(len(m), dtype=torch.bool, device=m.device) for m in masks
+    ]
+    return masks, out["pred_ious"], rejected
 
 
 def _left_padded(embeds: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
