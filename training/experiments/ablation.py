@@ -465,15 +465,24 @@ def bar_plot(
     spread = f"mean +/- std over {seeds} seeds" if seeds > 1 else "1 seed (no error bars)"
     title = f"{name}: {spread}"
     title += f", {steps} training steps each" if steps else ""
-    head = np.full((96, width, 3), PAPER, np.uint8)
-    _text(head, title, (width // 2, 38), 0.95, thick=2, anchor="centre")
+    # the title shrinks to fit the width; the legend wraps onto as many rows as it needs
+    scale = min(0.95, 0.95 * (width - 40) / max(cv2.getTextSize(title, FONT, 0.95, 2)[0][0], 1))
     entries = [(COLOURS[i % len(COLOURS)], v["label"]) for i, v in enumerate(summary["variants"])]
     widths = [44 + cv2.getTextSize(label, FONT, 0.7, 2)[0][0] + 36 for _, label in entries]
-    x = (width - sum(widths)) // 2
-    for (colour, label), w in zip(entries, widths):
-        cv2.rectangle(head, (x, 60), (x + 30, 84), colour, -1)
-        _text(head, label, (x + 40, 81), 0.7, thick=2)
-        x += w
+    rows: list[list[int]] = [[]]
+    for i, w in enumerate(widths):
+        if rows[-1] and sum(widths[j] for j in rows[-1]) + w > width - 40:
+            rows.append([])
+        rows[-1].append(i)
+    head = np.full((60 + 36 * len(rows), width, 3), PAPER, np.uint8)
+    _text(head, title, (width // 2, 38), scale, thick=2, anchor="centre")
+    for r, row in enumerate(rows):
+        x, y = (width - sum(widths[i] for i in row)) // 2, 60 + 36 * r
+        for i in row:
+            colour, label = entries[i]
+            cv2.rectangle(head, (x, y), (x + 30, y + 24), colour, -1)
+            _text(head, label, (x + 40, y + 21), 0.7, thick=2)
+            x += widths[i]
     panels = [_panel(summary, metric, width, panel_height) for metric in metrics]
     return np.concatenate([head, *panels], axis=0)
 
