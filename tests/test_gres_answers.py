@@ -398,3 +398,30 @@ def test_several_expressions_per_question_train_slot_by_slot(tiny_base, gres_dat
     assert rej == sum(sum(f) for f in batch["no_target"])
     out = model(lf_batch=batch)
     assert torch.isfinite(out["loss"]) and [len(r) for r in out["pred_rejected"]] == per_scene
+
+
+def test_chat_and_demo_say_no_such_object_for_rej(tmp_path) -> None:
+    """A [REJ] answer: chat writes an empty mask and says so, the demo's score line says so; the decoder's
+    mask for the slot (kept for the GSVA rule) is not shown."""
+    import cv2
+    import numpy as np
+
+    from model.inference import Generated, Slot
+    from training.serve.demo import score_text
+    from training.serve.predict import _report, result_images, write_result
+
+    drawn = torch.full((6, 8), 5.0)  # what the decoder drew for the [REJ] slot: everything
+    rej = Generated([1, 2], "[REJ].", drawn, 0.9, [Slot(drawn, 0.9, True)], rejected=True)
+    seg = Generated([1, 2], "[SEG].", drawn, 0.9, [Slot(drawn, 0.9, False)])
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    mask, _, scores = result_images(rgb, "the blue bridge", rej)
+    assert not mask.any() and scores is None
+    assert result_images(rgb, "the car", seg)[0].all()
+    assert score_text(rej) == ("no such object: the model answered [REJ]", None)
+    center = tmp_path / "c.png"
+    cv2.imwrite(str(center), rgb)
+    written = write_result(tmp_path / "out", "q", str(center), rej, "the blue bridge")
+    said = []
+    _report("q", rej, written, said.append)
+    assert said[1].startswith("[q] no such object ([REJ]): wrote an empty mask")
+    assert not cv2.imread(str(written.mask_path), cv2.IMREAD_GRAYSCALE).any()
