@@ -528,3 +528,21 @@ def test_ctrl_c_saves_last_and_prints_the_command_that_resumes(
     log = _log(run)
     assert sorted(log) == list(range(1, step + 2))
     assert log[step + 1]["lr"] == pytest.approx(Schedule(LR, 2, 200).lr_of_step(step + 1))
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_as_its_default():
+    """An option added later (``gres``, ``exprs_per_question``) is absent from an older checkpoint's record:
+    it counts at its default, so the run resumes; a real difference is still reported."""
+    from training.config import RunConfig
+    from training.run_dir import option_differences, with_later_defaults
+
+    current = RunConfig.from_record({}).resume_values()
+    older = {
+        k: v for k, v in current.items() if k not in ("model_options.gres", "loop_options.exprs_per_question")
+    }
+    assert option_differences(older, current)  # compared as written, the missing keys differ
+    assert option_differences(with_later_defaults(older), current) == []
+    changed = {**older, "model_options.use_caam": not current["model_options.use_caam"]}
+    assert option_differences(with_later_defaults(changed), current) == [
+        f"model_options.use_caam: {changed['model_options.use_caam']!r} -> {current['model_options.use_caam']!r}"
+    ]

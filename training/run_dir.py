@@ -95,6 +95,12 @@ def recorded_resume_values(record: dict[str, Any]) -> dict[str, Any]:
     return RunConfig.from_record(record).resume_values()
 
 
+def with_later_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded must-match values with every option added since it was written (absent from
+    ``recorded``) at its default: what the run trained with, since the option did not exist then."""
+    return {**RunConfig.from_record({}).resume_values(), **recorded}
+
+
 def option_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: recorded -> current`` for every value that differs (nested option groups flattened)."""
 

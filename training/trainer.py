@@ -44,7 +44,7 @@ from training.checkpoint import (
 )
 from training.ds_config import Schedule, clipped_warmup, total_steps
 from training.evaluate import evaluate
-from training.run_dir import OPTIONS_FILE, option_differences, recorded_resume_values
+from training.run_dir import OPTIONS_FILE, option_differences, recorded_resume_values, with_later_defaults
 from training.run_log import RunLogger
 from utils.batch import Batch
 from utils.distributed import DistInfo, gather_objects, mean_across_ranks
@@ -299,6 +299,8 @@ class Trainer:
                     recorded = recorded_resume_values(json.loads(beside.read_text()))
                 except (json.JSONDecodeError, TypeError, ValueError):
                     recorded = None
+        if recorded is not None:
+            recorded = with_later_defaults(recorded)  # e.g. gres: a checkpoint from before the option
         diffs = option_differences(recorded, self.cfg.resume_values()) if recorded is not None else []
         if diffs and not self.cfg.run.resume_with_changes:
             raise ValueError(
