@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from utils.distributed import gather_objects
-from utils.metrics import ALL, subset_tags
+from utils.metrics import ALL, render_table, subset_tags
 
 #: The subset tags of generated GRES expressions, in table order (``dataset.synthetic.gres`` writes them).
 GRES_TAGS: tuple[str, ...] = ("multi", "no-target", "nt-absent", "nt-depth")
@@ -223,12 +223,7 @@ class GresMetrics:
                 else:
                     row.append("nan" if math.isnan(value) else f"{100.0 * value:.2f}")
             rows.append(row)
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = [
-            "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) for r in rows
-        ]
-        lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(([title] if title else []) + lines)
+        return render_table(rows, title)
 
     def baselines_table(self) -> str:
         """The model's All row against "always ``[SEG]``" and "always ``[REJ]``" (its own masks, every

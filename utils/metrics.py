@@ -256,12 +256,7 @@ class SegMetrics:
                 else:
                     row.append("nan" if math.isnan(value) else f"{100.0 * value:.2f}")
             rows.append(row)
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = [
-            "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) for r in rows
-        ]
-        lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(([title] if title else []) + lines)
+        return render_table(rows, title)
 
     def to_json(self, with_expressions: bool = True) -> dict[str, Any]:
         """JSON-serialisable ``compute()`` (NaN -> None), the thresholds used and, with
@@ -274,6 +269,17 @@ class SegMetrics:
         if with_expressions:
             out["expressions"] = self.expressions()
         return out
+
+
+def render_table(rows: Sequence[Sequence[str]], title: str | None = None) -> str:
+    """Plain-text table of string cells: the first row a header, the first column left-aligned, the others
+    right-aligned, a rule under the header, ``title`` above (the metrics' tables share it)."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [
+        "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(([title] if title else []) + lines)
 
 
 def _metric_keys() -> list[str]:
