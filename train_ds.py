@@ -27,6 +27,7 @@ import torch
 
 from dataset.errors import DataError
 from dataset.refer_seg import SampleSpec
+from dataset.scenes import SceneDataset
 from model.build import DTYPES, OptionMismatchError, build_lfllm, check_pretrained_dir
 from model.options import ModelOptions
 from model.trainable import unwrap
@@ -66,7 +67,8 @@ def _report(
     """Print the table (paper column order) beside the expression-blind baselines; write ``eval.json``."""
     if not dist_info.is_main:
         return
-    baselines = baseline_metrics(val_scenes(cfg, with_disparity=False))
+    scenes = val_scenes(cfg, with_disparity=False)
+    baselines = baseline_metrics(scenes) if isinstance(scenes, SceneDataset) else {}  # referring sets only
     probe = "" if cfg.eval.eval_input == "exact" else f", input {cfg.eval.eval_input}"
     title = f"{cfg.eval.val_dataset} ({cfg.eval.eval_protocol}{probe}), model {cfg.run.version}"
     print(metrics.table(title=title))

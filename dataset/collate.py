@@ -59,20 +59,22 @@ def encode_conversation(
     ``spec.model_max_length`` bounds the prompt as the reference's tokenizer sees it: each ``<image>`` /
     ``<depth>`` placeholder counts as one token (the reference expands them inside the model), so the same
     ``--model_max_length 512`` fits a llava-1.5 prompt whose expanded length is 512 + 2 x 575. A prompt
-    longer than that is cut there, and refused with ``ValueError`` if the cut would drop a ``[SEG]``.
+    longer than that is cut there (a long VQA answer loses its end), and refused with ``ValueError`` if the cut
+    would drop a ``[SEG]`` or, in a prompt without answers, the end of the question.
     """
     chunks: list[tuple[int, bool]] = [] if spec.bos_id is None else [(spec.bos_id, False)]
     for text, is_answer in segments:
         chunks += [(tid, is_answer) for tid in tokenizer(text, add_special_tokens=False).input_ids]
     if len(chunks) > spec.model_max_length:
         seg_positions = [i for i, (t, _) in enumerate(chunks) if t == spec.seg_id]
-        if not seg_positions:  # a prompt awaiting its answer (prediction): cutting it drops the question
+        answered = any(is_answer for _, is_answer in chunks)
+        if not seg_positions and not answered:  # a prompt awaiting its answer: cutting it drops the question
             raise ValueError(
                 f"prompt of {len(chunks)} tokens (placeholders counted once) exceeds "
                 f"model_max_length={spec.model_max_length}; cutting it would drop the end of the question: "
                 "shorten the expression"
             )
-        if seg_positions[-1] >= spec.model_max_length:
+        if seg_positions and seg_positions[-1] >= spec.model_max_length:
             raise ValueError(
                 f"prompt of {len(chunks)} tokens (placeholders counted once) exceeds "
                 f"model_max_length={spec.model_max_length} and would be truncated past [SEG] "
@@ -136,6 +138,8 @@ def collate_batch(samples: list[Sample], pad_id: int) -> Batch:
     for key in META_KEYS:
         if key == "no_target":  # GRES flags; a sample from elsewhere (chat, the benchmarks) has targets only
             batch[key] = [list(s.get(key) or [False] * len(s.get("sentences") or ())) for s in samples]
+        elif key == "task":  # a sample from outside a task mix is a referring one
+            batch[key] = [s.get(key, "refer_seg") for s in samples]
         else:
             batch[key] = [s[key] for s in samples]
     return batch

@@ -56,6 +56,24 @@ VAL_MULTI_QUESTION = MULTI_QUESTION_TEMPLATES[0]
 VAL_ANSWER = ANSWER_TEMPLATES[1]
 VAL_BOX_ANSWER = BOX_ANSWER_TEMPLATES[0]
 BOX_STEP = 0.1
+#: Semantic segmentation (``sem_seg``): a class name; half mention the disparity, as the release's do.
+SEM_SEG_QUESTION_TEMPLATES: tuple[str, ...] = (
+    "What is {expr} in this image? Please output a segmentation mask.",
+    "Can you segment every {expr} in this light field, using its disparity map?",
+    "Please segment the {expr} in this image.",
+    "Given the disparity map, where is the {expr} in this image? Please respond with a segmentation mask.",
+)
+#: Reasoning segmentation (``reason_seg``): a full-sentence query is asked as it is, a phrase inside a question.
+REASON_SENTENCE_TEMPLATES: tuple[str, ...] = (
+    "{expr} Please output a segmentation mask.",
+    "{expr} Please respond with a segmentation mask.",
+)
+REASON_PHRASE_TEMPLATES: tuple[str, ...] = (
+    "What is {expr} in this image? Please output a segmentation mask.",
+    "Please segment {expr} in this light field.",
+)
+#: A reasoning answer that also explains (``--explanatory``).
+EXPLAINED_ANSWER = "Sure, [SEG]. {explanation}"
 """Grid of the boxes that ``answer_box`` answers state (11 values a coordinate, as the tiny base's REC)."""
 
 
@@ -185,6 +203,16 @@ def build_turns(
             a = multi_answer(chunk, rejects[start : start + exprs_per_question])
             turns.append((q, a if with_answer else None))
 
+    return place_visual(turns, prefix, order, pack)
+
+
+def place_visual(
+    turns: list[tuple[str, str | None]], prefix: str, order: str, pack: bool
+) -> list[list[tuple[str, str | None]]]:
+    """Conversations of ``turns`` with the visual placeholders ``prefix`` before each question
+    (``image_first``) or after it (``expression_first``): one conversation per turn, or with ``pack`` one
+    multi-turn conversation whose first question alone carries them."""
+
     def visual(q: str) -> str:
         return prefix + q if order == "image_first" else q + "\n" + prefix.rstrip("\n")
 
@@ -192,3 +220,59 @@ def build_turns(
         first_q, first_a = turns[0]
         return [[(visual(first_q), first_a), *turns[1:]]]
     return [[(visual(q), a)] for q, a in turns]
+
+
+def task_question(task: str, expr: str, rng: random.Random | None, is_sentence: bool = False) -> str:
+    """The question of one mask of ``task`` (``sem_seg``: a class name; ``reason_seg``: a query, asked as
+    it is when ``is_sentence``); random template with ``rng``, the first one otherwise."""
+    if task == "sem_seg":
+        templates = SEM_SEG_QUESTION_TEMPLATES
+    elif task == "reason_seg":
+        templates = REASON_SENTENCE_TEMPLATES if is_sentence else REASON_PHRASE_TEMPLATES
+    else:
+        raise ValueError(f"task {task!r} has no mask questions of its own")
+    text = " ".join(expr.strip().split()) if is_sentence else clean_expression(expr)
+    if not text:
+        raise ValueError("empty reasoning query")
+    return (rng.choice(templates) if rng is not None else templates[0]).format(expr=text)
+
+
+def build_task_turns(
+    item: dict,
+    *,
+    use_depth: bool,
+    use_mm_start_end: bool,
+    pack: bool,
+    rng: random.Random | None = None,
+    with_answer: bool = True,
+    order: str = PROMPT_ORDERS[0],
+    explanatory: float = -1.0,
+) -> tuple[list[list[tuple[str, str | None]]], list[bool]]:
+    """Conversations of an item of ``sem_seg``, ``reason_seg`` or ``vqa`` (:mod:`dataset.tasks.base`), and
+    per mask whether its answer still asks for it.
+
+    ``sem_seg`` / ``reason_seg``: a question per mask, answered with one ``[SEG]``. A reasoning item with
+    an explanation (``explanations``), in training (``rng``) and with ``explanatory`` >= 0: with
+    probability ``explanatory`` the answer is the explanation alone (no ``[SEG]``: that mask is dropped),
+    else ``[SEG]`` followed by the explanation or not, evenly (LISA's mix). ``vqa``: the item's ``turns``
+    as one conversation, the visual placeholders in the first question, every answer supervised.
+    """
+    task = item["task"]
+    prefix = visual_prefix(use_depth, use_mm_start_end)
+    if task == "vqa":
+        turns = [(q, a if with_answer else None) for q, a in item["turns"]]
+        return place_visual(turns, prefix, order, pack=True), []
+    flags = item.get("is_sentence") or [False] * len(item["sentences"])
+    notes = item.get("explanations") or [None] * len(item["sentences"])
+    turns, keep = [], []
+    for expr, is_sentence, note in zip(item["sentences"], flags, notes):
+        q = task_question(task, expr, rng, bool(is_sentence))
+        a, kept = answer(rng), True
+        if note and rng is not None and explanatory >= 0:
+            if rng.random() < explanatory:
+                a, kept = note, False
+            elif rng.random() < 0.5:
+                a = EXPLAINED_ANSWER.format(explanation=note)
+        turns.append((q, a if with_answer else None))
+        keep.append(kept)
+    return place_visual(turns, prefix, order, pack), keep

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dataset.collate import TokenSpec, encode_conversation
 from dataset.errors import DataError, LightFieldError
-from dataset.prompts import BOX_STEP, build_turns
+from dataset.prompts import BOX_STEP, build_task_turns, build_turns
 from dataset.scenes import SceneDataset
 from dataset.transforms import clip_geometry, disparity_scale, longest_side_shape, sam_geometry
 from utils.batch import Sample
@@ -115,10 +115,14 @@ class ReferSegDataset(torch.utils.data.Dataset):
         with_answers: bool = True,
         seed: int = 0,
         features: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None,
+        explanatory: float = -1.0,
     ) -> None:
         """``features``: with a feature cache, ``features(raw_scene) -> {"image_tokens", "depth_tokens",
-        "sam_embeddings"}`` replaces the images (the scenes then come without pixels)."""
+        "sam_embeddings"}`` replaces the images (the scenes then come without pixels). ``scenes`` may be a
+        task mix (:class:`dataset.tasks.mix.TaskMix`): an item's ``task`` chooses its prompts
+        (:func:`dataset.prompts.build_task_turns`; ``explanatory``: ``--explanatory``)."""
         self.scenes, self.tokenizer, self.spec, self.tokens = scenes, tokenizer, spec, tokens
+        self.explanatory = explanatory
         self.features = features
         self.train, self.with_answers, self.seed, self.epoch = train, with_answers, seed, 0
         if spec.answer_box and with_answers:
@@ -220,6 +224,35 @@ class ReferSegDataset(torch.utils.data.Dataset):
             self._check_positions(ids)
         return out
 
+    def task_conversations(
+        self, raw: dict[str, Any], rng: random.Random | None
+    ) -> tuple[list[tuple[list[int], list[int]]], list[bool]]:
+        """Tokenised conversations of a ``sem_seg``, ``reason_seg`` or ``vqa`` item, and per mask whether
+        its answer asks for it (:func:`dataset.prompts.build_task_turns`)."""
+        spec = self.spec
+        if spec.answer_box or spec.gres or spec.exprs_per_question > 1:
+            raise ValueError(
+                f"task {raw['task']}: LISA's task mix trains one-[SEG] answers; not with --answer_box, --gres "
+                "or --exprs_per_question"
+            )
+        convs, keep = build_task_turns(
+            raw,
+            use_depth=spec.use_depth,
+            use_mm_start_end=spec.use_mm_start_end,
+            pack=spec.pack_conversations,
+            rng=rng,
+            with_answer=self.with_answers,
+            order=spec.prompt_order,
+            explanatory=self.explanatory,
+        )
+        out = [
+            encode_conversation(self.tokenizer, render_segments(spec.conv_type, c), self.tokens)
+            for c in convs
+        ]
+        for ids, _ in out:
+            self._check_positions(ids)
+        return out, keep
+
     def _check_positions(self, ids: list[int]) -> None:
         """``ValueError`` when a conversation (plus the tokens kept free for generation) needs more
         positions than the language model has: past them it answers from positions it never learned."""
@@ -241,20 +274,33 @@ class ReferSegDataset(torch.utils.data.Dataset):
             sample: Sample = {**self._geometry(raw["hw"]), **self.features(raw)}
         else:
             sample = self._images(raw)
+        masks = raw.get("masks")  # None for prediction-only scenes (chat)
+        task = raw.get("task", "refer_seg")
+        keep = None
         try:
-            sample["conversations"] = self.conversations(
-                raw["sentences"], rng, raw.get("masks"), raw.get("no_target")
-            )
+            if task == "refer_seg":
+                sample["conversations"] = self.conversations(
+                    raw["sentences"], rng, raw.get("masks"), raw.get("no_target")
+                )
+            else:
+                sample["conversations"], keep = self.task_conversations(raw, rng)
         except ValueError as exc:  # a DataError rebuilds cleanly from a DataLoader worker
             raise DataError(raw["scene_dir"], str(exc)) from exc
-        masks = raw.get("masks")  # None for prediction-only scenes (chat)
+        sentences, subsets = raw["sentences"], raw["subsets"]
+        no_target = raw.get("no_target") or [False] * len(sentences)
+        if keep is not None and not all(keep):  # answers that explain instead of segmenting: no mask
+            sentences, subsets, no_target = (
+                [v for v, k in zip(x, keep) if k] for x in (sentences, subsets, no_target)
+            )
+            masks = None if masks is None else masks[np.asarray(keep, dtype=bool)]
         sample.update(
             masks=None if masks is None else torch.from_numpy(masks),
+            task=task,
             image_id=raw["image_id"],
             ds=raw["ds"],
-            sentences=raw["sentences"],
-            subsets=raw["subsets"],
-            no_target=raw.get("no_target") or [False] * len(raw["sentences"]),
+            sentences=sentences,
+            subsets=subsets,
+            no_target=no_target,
             scene_dir=raw["scene_dir"],
             center_path=self._center_path(raw["scene_dir"]),
         )

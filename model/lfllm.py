@@ -32,7 +32,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from model.caam import CAAM
 from model.depth import DepthStream, depth_grid, disparity_to_depth_image
 from model.light_decoder import LightDecoderConfig, LightMaskDecoder, SemanticFusion, masks_to_image
-from model.losses import answer_cross_entropy, mask_losses
+from model.losses import answer_cross_entropy, mask_losses, task_loss_sums
 from model.options import CAAM_TARGETS, DEFAULT_MODEL_OPTIONS, DEPTH_PROJECTORS, MASK_HEADS
 from model.sam import build_sam, normalise_sam_pixels, reset_sam_buffers
 from utils.batch import Batch
@@ -489,7 +489,8 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
 
         Returns ``loss``, ``ce_loss``, ``bce_loss``, ``dice_loss`` (scalars), ``pred_masks`` (list per
         image of (k_i, H_i, W_i) logits at original resolution, in the order of ``batch["gt_masks"]``) and
-        ``pred_ious`` (list per image of (k_i,) SAM-predicted IoUs, detached; no loss trains them).
+        ``pred_ious`` (list per image of (k_i,) SAM-predicted IoUs, detached; no loss trains them); with
+        ``batch["task_names"]`` (a task mix) also ``task_stats`` (T, 5), :func:`model.losses.task_loss_sums`.
         """
         image_tokens, depth_tokens, visual = self.encode_frozen(batch)
         input_ids, conv_image = batch["input_ids"], batch["conv_image"]
@@ -519,10 +520,13 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         )
         # The mask losses train the [SEG] slots only: a [REJ] slot's answer is the token (GSVA, MLLMSeg).
         keep = [~slot_rej[sel] for sel in per_image]
-        bce, dice = mask_losses(
-            [m[k] for m, k in zip(pred_masks, keep)],
-            [g[k.to(g.device)] for g, k in zip(batch["gt_masks"], keep)],
-        )
+        trained = [m[k] for m, k in zip(pred_masks, keep)]
+        targets = [g[k.to(g.device)] for g, k in zip(batch["gt_masks"], keep)]
+        bce, dice = mask_losses(trained, targets)
+        if batch.get("task_names") and labels is not None:  # a task mix: each task's losses, for the log
+            result["task_stats"] = task_loss_sums(
+                hidden, labels, self.lm_head, conv_image, trained, targets, batch["task"], batch["task_names"]
+            )
         cfg = self.config
         result.update(
             loss=cfg.ce_loss_weight * ce + cfg.bce_loss_weight * bce + cfg.dice_loss_weight * dice,

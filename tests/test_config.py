@@ -76,10 +76,10 @@ def test_lisa_baseline_switches_reach_the_model_options():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--dataset", "sem_seg"], "only 'refer_seg'"),
+        (["--dataset", "sem_seg||depth_seg"], "unknown task"),
         (["--depth_range", "1,-1"], "lo must be < hi"),
         (["--depth_range", "abc"], "expected 'lo,hi'"),
-        (["--val_dataset", "ref-urbanlf-syn|val"], "ds|splitBy|split"),
+        (["--val_dataset", "ref-urbanlf-syn|syn|val|x"], "ds|splitBy|split"),
         (["--depth_source", "oavc"], "invalid choice: 'oavc'"),
         (["--estimated_disparity_name", "sub/d.npy"], "plain file name ending in .npy"),
         (["--estimated_disparity_name", "d.png"], "plain file name ending in .npy"),

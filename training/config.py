@@ -113,12 +113,39 @@ class RunConfig:
             self._check_estimator,
             self._check_mask_head,
             self._check_eval_input,
+            self._check_tasks,
         ):
             try:
                 check()
             except ValueError as exc:
                 lines.append(str(exc))
         return lines
+
+    def _check_tasks(self) -> None:
+        """The task mix's flags act or are refused: a reasoning val set is not served from a feature cache
+        and not probed; ``--refer_seg_sample_rates`` needs referring segmentation in ``--dataset``."""
+        d, ev = self.datasets, self.eval
+        if d.refer_seg_sample_rates and "refer_seg" not in d.tasks:
+            raise ValueError(f"--refer_seg_sample_rates: --dataset {d.dataset!r} has no refer_seg task")
+        if self.run.feature_cache and not self.run.eval_only:
+            for task in d.tasks:
+                names = [
+                    n.rpartition("|")[0] if task == "reason_seg" and "|" in n else n
+                    for n in d.task_names(task)
+                ]
+                others = [n for n in names if n not in d.names]
+                if others:
+                    raise ValueError(
+                        f"--feature_cache holds the scenes of --refer_seg_data {d.refer_seg_data!r}, and task {task} "
+                        f"also reads {', '.join(others)} (--{task}_data): drop --feature_cache or those datasets"
+                    )
+        if ev.reasoning and self.run.feature_cache and (self.run.eval_only or not ev.no_eval):
+            raise ValueError(
+                f"--val_dataset {ev.val_dataset!r} (reasoning segmentation) is evaluated from the images: "
+                "drop --feature_cache, or train with --no_eval and evaluate the merged model without it"
+            )
+        if ev.reasoning and ev.eval_input != "exact":
+            raise ValueError(f"--eval_input {ev.eval_input}: the probes apply to referring val sets only")
 
     def _check_eval_input(self) -> None:
         probe = self.eval.eval_input

@@ -32,7 +32,7 @@ from model.lfllm import LFLLMForCausalLM
 from utils.batch import Batch
 from utils.gres_metrics import GresMetrics, mask_area_stats
 from utils.mask_scores import DEFAULT_SCORE, scores_of_one
-from utils.metrics import SegMetrics, mask_iou_stats, subset_tags
+from utils.metrics import IGNORE_LABEL, SegMetrics, mask_iou_stats, subset_tags
 from utils.visualize import (
     annotated_overlay,
     colorize_disparity,
@@ -107,8 +107,9 @@ def _records(
             masks = [(m, s, r or m is None) for m, s, r in masks]
         missing = [m is None and gres is None for m, _, _ in masks]
         stacked = torch.stack([torch.zeros_like(gt[0]) if m is None or r else m.float() for m, _, r in masks])
-        inter, union = mask_iou_stats(stacked, gt > 0.5)
-        union = torch.where(torch.tensor(missing, device=union.device), gt.flatten(1).sum(1).double(), union)
+        inter, union = mask_iou_stats(stacked, gt)  # gt: 1 foreground, IGNORE_LABEL left out
+        gt_area = ((gt > 0) & (gt != IGNORE_LABEL)).flatten(1).sum(1).double()
+        union = torch.where(torch.tensor(missing, device=union.device), gt_area, union)
         ds, image_id = batch["ds"][i], batch["image_id"][i]
         records = []
         for k, (logits, sam_iou, rejected) in enumerate(masks):

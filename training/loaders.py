@@ -19,7 +19,10 @@ from dataset.lightfield import LightFieldLayout
 from dataset.options import DataOptions, PromptOptions
 from dataset.refer_seg import ReferSegDataset, SampleSpec
 from dataset.scenes import SceneDataset, split_datasets
+from dataset.tasks.mix import TaskMix
+from dataset.tasks.reason_seg import ReasonSegDataset
 from training.config import RunConfig
+from training.task_mix import build_task_mix
 from utils import distributed
 
 
@@ -28,7 +31,8 @@ class EpochSampler(Sampler[int]):
 
     With ``groups`` (one list of indices per dataset) and unequal ``weights`` (``--sample_rates``), each
     draw first picks a dataset with probability proportional to its weight, then the next index of that
-    dataset's own permutation stream; equal weights (the default) give the plain permutations."""
+    dataset's own permutation stream; equal weights (the default) give the plain permutations, unless
+    ``by_group`` (a task mix: equal task rates still draw each task equally often, whatever its size)."""
 
     def __init__(
         self,
@@ -38,12 +42,13 @@ class EpochSampler(Sampler[int]):
         rank: int,
         groups: list[list[int]] | None = None,
         weights: list[float] | None = None,
+        by_group: bool = False,
     ) -> None:
         if n == 0:
             raise ValueError("the training split has no scenes")
         self.n, self.num_samples, self.seed, self.rank, self.epoch = n, num_samples, seed, rank, 0
         self.start = 0
-        weighted = groups is not None and weights is not None and len(set(weights)) > 1
+        weighted = groups is not None and weights is not None and (by_group or len(set(weights)) > 1)
         self.groups = [g for g in groups] if weighted else None
         self.weights = torch.tensor(weights, dtype=torch.float64) if weighted else None
         if self.groups is not None and any(not g for g in self.groups):
@@ -97,6 +102,11 @@ def scene_layouts(data: DataOptions, datasets: str) -> dict[str, Any]:
     }
 
 
+def _layouts(cfg: RunConfig) -> Any:
+    """``datasets -> SceneDataset-style layout kwargs`` of this run (for the task readers)."""
+    return lambda datasets: scene_layouts(cfg.data, datasets)
+
+
 def train_scenes(
     cfg: RunConfig,
     views: Sequence[tuple[int, int]] = (),
@@ -137,6 +147,10 @@ def used_scene_dirs(cfg: RunConfig, train: bool, val: bool) -> list[Path]:
         groups.append(val_scenes(cfg, with_disparity=False))
     dirs: dict[Path, None] = {}
     for scenes in groups:
+        if not isinstance(
+            scenes, SceneDataset
+        ):  # a reasoning set: its light-field scenes are the refer set's
+            continue
         for i, scene in enumerate(scenes.scenes):
             if scenes.sources[scene.ds_index] == "lightfield":
                 dirs.setdefault(scenes.scene_path(i), None)
@@ -240,26 +254,42 @@ def build_train_loader(
         pack=cfg.loop.pack_conversations,
         exprs_per_question=cfg.loop.exprs_per_question,
     )
-    scenes = train_scenes(
-        cfg,
-        caam_views(model_config),
-        rank=rank,
-        with_disparity=spec.needs_disparity,
-        with_pixels=store is None,
-    )
-    features = None if store is None else store.provider(scenes, spec)
+    views = caam_views(model_config)
+
+    def refer() -> SceneDataset:
+        return train_scenes(
+            cfg, views, rank=rank, with_disparity=spec.needs_disparity, with_pixels=store is None
+        )
+
+    mixed = cfg.datasets.tasks != ["refer_seg"]
+    if mixed:
+        flat = spec.needs_disparity or spec.caam_clip or spec.caam_sam
+        items: Any = build_task_mix(
+            cfg, refer, _layouts(cfg), views, rank, spec.needs_disparity, store is None, flat_2d=flat
+        )
+        groups, weights = items.groups()
+    else:
+        items = refer()
+        groups = [
+            [i for i, sc in enumerate(items.scenes) if sc.ds_index == d] for d in range(len(items.names))
+        ]
+        weights = cfg.datasets.sample_weights()
+    features = None
+    if store is not None:
+        features = store.provider(refer() if mixed else items, spec)
     data = ReferSegDataset(
-        scenes,
+        items,
         tokenizer,
         spec,
         _tokens(tokenizer, model_config, cfg.prompt),
         train=True,
         seed=cfg.loop.seed,
         features=features,
+        explanatory=cfg.datasets.explanatory,
     )
-    groups = [[i for i, sc in enumerate(scenes.scenes) if sc.ds_index == d] for d in range(len(scenes.names))]
-    weights = cfg.datasets.sample_weights()
-    sampler = EpochSampler(len(data), cfg.loop.samples_per_epoch, cfg.loop.seed, rank, groups, weights)
+    sampler = EpochSampler(
+        len(data), cfg.loop.samples_per_epoch, cfg.loop.seed, rank, groups, weights, by_group=mixed
+    )
     loader = DataLoader(
         data,
         batch_size=cfg.loop.batch_size,
@@ -277,10 +307,27 @@ def val_scenes(
     views: Sequence[tuple[int, int]] = (),
     with_pixels: bool = True,
     probe: str = "exact",
-) -> SceneDataset:
+) -> SceneDataset | ReasonSegDataset:
     """The raw validation scenes of ``--val_dataset`` (``ds|splitBy|split``; split may be a subset tag);
-    ``probe``: what their light-field input is replaced with (``--eval_input``, ``SceneDataset``)."""
+    ``probe``: what their light-field input is replaced with (``--eval_input``, ``SceneDataset``). A
+    reasoning set (``name|split``) gives a :class:`dataset.tasks.reason_seg.ReasonSegDataset` (every query of
+    every target; exact inputs only)."""
     ds, split_by, split = cfg.eval.split
+    if cfg.eval.reasoning:
+        if probe != "exact":
+            raise ValueError(
+                f"--eval_input {probe}: the probes apply to referring val sets, not {ds}|{split}"
+            )
+        return ReasonSegDataset(
+            cfg.datasets.dataset_dir,
+            ds,
+            split,
+            mode="val",
+            views=list(views),
+            with_disparity=with_disparity,
+            with_pixels=with_pixels,
+            **scene_layouts(cfg.data, ds),
+        )
     return SceneDataset(
         cfg.datasets.dataset_dir,
         ds,
@@ -315,6 +362,11 @@ def build_val_loader(
         probe=cfg.eval.eval_input,
     )
     features = None if store is None else store.provider(scenes, spec)
+    if cfg.eval.reasoning and (spec.needs_disparity or spec.caam_clip or spec.caam_sam):
+        views = caam_views(model_config)  # ReasonSeg's 2D images become flat light fields
+        scenes = TaskMix(
+            [("reason_seg", scenes)], [1.0], [[1.0] * len(scenes.names)], views, True, spec.needs_disparity
+        )
     data = ReferSegDataset(
         scenes,
         tokenizer,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dataset.disparity.config import DisparityConfig, config_overrides
 from dataset.options import PROBES
+from dataset.tasks.base import TASKS
 from utils.options import at_least, fraction, option, positive_finite
 
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
@@ -19,12 +20,38 @@ EVAL_PROTOCOLS: tuple[str, ...] = ("teacher_forced", "generated")
 CACHE_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
-def _only_refer_seg(value: str) -> str | None:
-    return None if value == "refer_seg" else "only 'refer_seg' (Ref-UrbanLF / RefCOCO layout) is supported"
+def _tasks(value: str) -> str | None:
+    names = [t.strip() for t in value.split("||")]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        return f"unknown task(s) {unknown or [value]}: expected '||'-joined names of {', '.join(TASKS)}"
+    if len(set(names)) < len(names):
+        return "a task is named twice"
+    return None
 
 
-def _three_parts(value: str) -> str | None:
-    return None if len(value.split("|")) == 3 else "expected 'ds|splitBy|split'"
+def _explanatory(value: float) -> str | None:
+    if value == -1 or 0 <= value <= 1:
+        return None
+    return "must be a share in [0, 1], or -1 (no explanations)"
+
+
+def _rates(text: str, flag: str) -> list[float]:
+    """``"3,1"`` -> ``[3.0, 1.0]``; ``ValueError`` naming ``flag`` unless every value is a positive number."""
+    try:
+        rates = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected numbers like '3,1'") from None
+    if not all(r > 0 and r == r and r != float("inf") for r in rates):
+        raise ValueError(f"{flag} {text!r}: every rate must be a positive number")
+    return rates
+
+
+def _val_parts(value: str) -> str | None:
+    parts = value.split("|")
+    if len(parts) in (2, 3) and all(parts):
+        return None
+    return "expected 'ds|splitBy|split' (referring) or 'name|split' (reasoning, e.g. 'ReasonSeg|val')"
 
 
 def _fresh_start(value: int) -> str | None:
@@ -40,10 +67,50 @@ def _fresh_start(value: int) -> str | None:
 class DatasetOptions:
     """Which datasets a run reads, how they are mixed, and the disparity estimator's settings."""
 
-    dataset_dir: str = option("./dataset", "root of refer_seg/ and lf/", resume=True)
-    dataset: str = option("refer_seg", "only refer_seg is supported", check=_only_refer_seg)
-    sample_rates: str = option("1", "weight of each --refer_seg_data dataset, e.g. '3,1'", resume=True)
+    dataset_dir: str = option(
+        "./dataset", "root of refer_seg/, lf/ and the other tasks' folders", resume=True
+    )
+    dataset: str = option(
+        "refer_seg",
+        "'||'-joined tasks of LISA's mix: sem_seg, refer_seg, vqa, reason_seg (e.g. 'sem_seg||refer_seg||vqa||"
+        "reason_seg')",
+        check=_tasks,
+        resume=True,
+    )
+    sample_rates: str = option(
+        "1",
+        "one task in --dataset: weight of each of its datasets (e.g. '3,1' for two --refer_seg_data); several "
+        "tasks: weight of each task (LISA: '9,3,3,1')",
+        resume=True,
+    )
     refer_seg_data: str = option("ref-urbanlf-syn", "'||'-separated dataset names", resume=True)
+    refer_seg_sample_rates: str = option(
+        "",
+        "weight of each --refer_seg_data dataset when --dataset names several tasks (empty: equal)",
+        resume=True,
+    )
+    sem_seg_data: str = option(
+        "ade20k||cocostuff||pascal_part||paco_lvis||mapillary",
+        "'||'-separated semantic-segmentation datasets (a light-field dataset name: its categories)",
+        resume=True,
+    )
+    vqa_data: str = option(
+        "llava_instruct_150k",
+        "llava_dataset/<name>.json of the VQA task (a light-field dataset name too)",
+        resume=True,
+    )
+    reason_seg_data: str = option(
+        "ReasonSeg|train",
+        "'name|split' of the reasoning-segmentation task (reason_seg/<name>/<split>/)",
+        resume=True,
+    )
+    explanatory: float = option(
+        0.1,
+        "reason_seg answers of images with an explanation: this share answers with the explanation alone (no "
+        "mask), the rest [SEG] with or without it; -1: no explanations",
+        check=_explanatory,
+        resume=True,
+    )
     disparity_set: tuple[str, ...] = option(
         (),
         "estimator setting (a DisparityConfig field, e.g. d_max=3 or views=full); repeatable",
@@ -53,28 +120,79 @@ class DatasetOptions:
     disparity_device: str = option("", "device of the estimator; empty: the rank's own device")
 
     @property
+    def tasks(self) -> list[str]:
+        """The tasks of ``--dataset``, in its order."""
+        return [t.strip() for t in self.dataset.split("||")]
+
+    @property
     def names(self) -> list[str]:
         """The datasets of ``refer_seg_data``."""
         return [n for n in self.refer_seg_data.split("||") if n.strip()]
 
-    def sample_weights(self) -> list[float]:
-        """``sample_rates`` as one positive weight per dataset (a single value applies to all).
+    def task_data(self, task: str) -> str:
+        """The datasets flag value of ``task`` (``--sem_seg_data``, ``--refer_seg_data``, …)."""
+        return str(getattr(self, f"{task}_data"))
 
-        Raises ``ValueError`` naming the flag."""
-        names = self.names
-        try:
-            rates = [float(v) for v in str(self.sample_rates).split(",")]
-        except ValueError:
-            raise ValueError(f"--sample_rates {self.sample_rates!r}: expected numbers like '3,1'") from None
+    def task_names(self, task: str) -> list[str]:
+        """The datasets of ``task``'s flag (``--sem_seg_data`` …), ``||``-separated; ``reason_seg``'s entries
+        are ``name|split``."""
+        return [n.strip() for n in self.task_data(task).split("||") if n.strip()]
+
+    def sample_weights(self) -> list[float]:
+        """One positive weight per ``--refer_seg_data`` dataset (see :meth:`dataset_weights`)."""
+        return self.dataset_weights("refer_seg")
+
+    def dataset_weights(self, task: str) -> list[float]:
+        """One positive weight per dataset of ``task``: ``--sample_rates`` when ``--dataset`` is that task
+        alone (a single value applies to all), else ``--refer_seg_sample_rates`` for ``refer_seg`` and equal
+        weights for the other tasks (LISA draws their datasets uniformly).
+
+        Raises ``ValueError`` naming the flag; with several tasks, also when ``--sample_rates`` does not give
+        one rate per task (and says which flag weights the referring datasets)."""
+        self.task_weights()
+        names, several = self.task_names(task), len(self.tasks) > 1
+        if task == "refer_seg" and (several or self.refer_seg_sample_rates):
+            if not several and str(self.sample_rates) != "1":
+                raise ValueError(
+                    f"--sample_rates {self.sample_rates!r} and --refer_seg_sample_rates "
+                    f"{self.refer_seg_sample_rates!r} both weight --refer_seg_data when --dataset is one task: "
+                    "give one of them"
+                )
+            flag, text = "--refer_seg_sample_rates", self.refer_seg_sample_rates or "1"
+        elif several:
+            flag, text = "", "1"
+        else:
+            flag, text = "--sample_rates", str(self.sample_rates)
+        rates = _rates(text, flag)
         if len(rates) == 1:
             rates = rates * len(names)
         if len(rates) != len(names):
             raise ValueError(
-                f"--sample_rates {self.sample_rates!r}: {len(rates)} rates for {len(names)} datasets "
-                f"of --refer_seg_data {self.refer_seg_data!r}"
+                f"{flag} {text!r}: {len(rates)} rates for {len(names)} datasets of --{task}_data "
+                f"{self.task_data(task)!r}"
             )
-        if not all(r > 0 and r == r and r != float("inf") for r in rates):
-            raise ValueError(f"--sample_rates {self.sample_rates!r}: every rate must be a positive number")
+        return rates
+
+    def task_weights(self) -> list[float]:
+        """One positive weight per task of ``--dataset`` (``--sample_rates`` with several tasks; ``[1.0]``
+        for one). Raises ``ValueError`` naming the flags when the count disagrees."""
+        tasks = self.tasks
+        if len(tasks) == 1:
+            return [1.0]
+        rates = _rates(str(self.sample_rates), "--sample_rates")
+        if len(rates) == 1:
+            return rates * len(tasks)
+        if len(rates) != len(tasks):
+            hint = ""
+            if len(rates) == len(self.names) and "refer_seg" in tasks:
+                hint = (
+                    f"; to weight the {len(self.names)} datasets of --refer_seg_data use --refer_seg_sample_rates "
+                    f"{self.sample_rates!r}"
+                )
+            raise ValueError(
+                f"--sample_rates {self.sample_rates!r}: {len(rates)} rates for the {len(tasks)} tasks of --dataset "
+                f"{self.dataset!r} (with several tasks --sample_rates weights the tasks){hint}"
+            )
         return rates
 
     def disparity_config(self) -> DisparityConfig:
@@ -190,7 +308,10 @@ class EvalOptions:
     """Validation: which split, how the masks are produced, where overlays go."""
 
     val_dataset: str = option(
-        "ref-urbanlf-syn|syn|val", "ds|splitBy|split (split may be a subset tag)", check=_three_parts
+        "ref-urbanlf-syn|syn|val",
+        "ds|splitBy|split (referring; split may be a subset tag), or name|split (reasoning segmentation: "
+        "'ReasonSeg|val', or a light-field dataset's generated queries: 'ref-urbanlf-syn|val')",
+        check=_val_parts,
     )
     val_batch_size: int = option(1, "scenes per validation batch", check=at_least(1))
     no_eval: bool = option(False, "skip validation after each epoch", off="eval")
@@ -207,7 +328,15 @@ class EvalOptions:
     )
 
     @property
+    def reasoning(self) -> bool:
+        """Whether ``val_dataset`` names a reasoning-segmentation set (``name|split``)."""
+        return len(self.val_dataset.split("|")) == 2
+
+    @property
     def split(self) -> tuple[str, str, str]:
-        """``(ds, splitBy, split)``."""
-        ds, split_by, split = self.val_dataset.split("|")
+        """``(ds, splitBy, split)``; a reasoning set's splitBy is empty."""
+        parts = self.val_dataset.split("|")
+        if len(parts) == 2:
+            return parts[0], "", parts[1]
+        ds, split_by, split = parts
         return ds, split_by, split

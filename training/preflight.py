@@ -226,8 +226,11 @@ def preflight(cfg: RunConfig, *, train: bool, is_main: bool, check_version: bool
         groups.append(scenes)
     if cfg.run.eval_only or not cfg.eval.no_eval:
         scenes = val_scenes(cfg, with_disparity=False, views=views)
-        problems.append(split_problem(scenes, "--val_dataset", cfg.eval.val_dataset))
-        groups.append(scenes)
+        if isinstance(scenes, SceneDataset):  # a reasoning set is checked by its reader as it is built
+            problems.append(split_problem(scenes, "--val_dataset", cfg.eval.val_dataset))
+            groups.append(scenes)
+        elif len(scenes) == 0:
+            problems.append(f"--val_dataset {cfg.eval.val_dataset!r}: no query in that split")
     if train:
         problems.append(gres_problem(cfg, groups[0], check_version))
     problems.append(positions_problem(cfg, check_version))

@@ -214,20 +214,28 @@ def _say(note: str | None) -> None:
 
 
 def train_micro_step(
-    engine: Any, batch: Batch, micro_index: int, seed: int, dist_info: DistInfo
+    engine: Any,
+    batch: Batch,
+    micro_index: int,
+    seed: int,
+    dist_info: DistInfo,
+    task_names: list[str] | None = None,
 ) -> torch.Tensor:
     """One micro-step of training: forward + backward + (at the accumulation boundary, which DeepSpeed
     tracks) the optimiser step. Torch is reseeded with (seed, micro-step, rank) first, so a resumed run
     draws the same dropout masks. The step :class:`Trainer` runs and the benchmark times.
 
     Returns:
-        ``(4,)`` the detached float losses ``(loss, ce, bce, dice)``.
+        ``(4,)`` the detached float losses ``(loss, ce, bce, dice)``; with ``task_names`` (a task mix)
+        followed by each task's :data:`model.losses.TASK_STAT_FIELDS` sums, ``(4 + 5 T,)``.
 
     Raises:
         NonFiniteLossError naming the step when the loss is NaN or infinite.
     """
     torch.manual_seed(seed * 1_000_003 + micro_index * dist_info.world_size + dist_info.rank)
     batch = move_batch(batch, dist_info.device)
+    if task_names:
+        batch["task_names"] = list(task_names)
     out = engine(lf_batch=batch)
     loss = out["loss"]
     if not torch.isfinite(loss):
@@ -239,7 +247,33 @@ def train_micro_step(
         )
     engine.backward(loss)
     engine.step()
-    return torch.stack([out[k].detach().float() for k in LOSS_KEYS])
+    losses = torch.stack([out[k].detach().float() for k in LOSS_KEYS])
+    if task_names:
+        losses = torch.cat([losses.cpu(), out["task_stats"].flatten()])
+    return losses
+
+
+def task_scalars(
+    sums: torch.Tensor, task_names: list[str], weights: tuple[float, float, float]
+) -> dict[str, float]:
+    """``<task>/loss``, ``<task>/ce_loss``, ``<task>/bce_loss``, ``<task>/dice_loss`` of each task that had
+    answer tokens or masks, from the (T x 5) sums of :func:`model.losses.task_loss_sums` (added over
+    micro-steps and ranks); ``weights`` = (ce, bce, dice) loss weights."""
+    out: dict[str, float] = {}
+    for task, (ce_sum, tokens, bce_sum, dice_sum, masks) in zip(task_names, sums.view(-1, 5).tolist()):
+        if tokens == 0 and masks == 0:
+            continue
+        ce = ce_sum / tokens if tokens else 0.0
+        bce, dice = (bce_sum / masks, dice_sum / masks) if masks else (0.0, 0.0)
+        out.update(
+            {
+                f"{task}/loss": weights[0] * ce + weights[1] * bce + weights[2] * dice,
+                f"{task}/ce_loss": ce,
+                f"{task}/bce_loss": bce,
+                f"{task}/dice_loss": dice,
+            }
+        )
+    return out
 
 
 class Trainer:
@@ -264,6 +298,8 @@ class Trainer:
         self.ckpt_dir = run_dir / "ckpt_model"
         self.state = TrainState()
         self.gas = cfg.loop.grad_accumulation_steps
+        tasks = cfg.datasets.tasks
+        self.task_names = tasks if len(tasks) > 1 else None  # a task mix logs each task's losses
         self.last_metrics: SegMetrics | None = None
 
     # ------------------------------------------------------------------ checkpoints
@@ -522,7 +558,14 @@ class Trainer:
 
     def train_step(self, batch: Batch, micro_index: int) -> torch.Tensor:
         """:func:`train_micro_step` on this trainer's engine (losses ``(loss, ce, bce, dice)``)."""
-        return train_micro_step(self.engine, batch, micro_index, self.cfg.loop.seed, self.dist)
+        return train_micro_step(
+            self.engine, batch, micro_index, self.cfg.loop.seed, self.dist, self.task_names
+        )
+
+    def loss_weights(self) -> tuple[float, float, float]:
+        """The (CE, BCE, dice) weights of the model's loss."""
+        c = self.engine.module.config
+        return float(c.ce_loss_weight), float(c.bce_loss_weight), float(c.dice_loss_weight)
 
     def interrupt(self, step: int, epoch_end: bool) -> None:
         """A stop request at ``step``: save ``last`` (an epoch end's validation stays pending), then raise
@@ -562,7 +605,7 @@ class Trainer:
                 self.sampler.set_epoch(epoch, start=first_micro * loop.batch_size)
                 if hasattr(self.loader.dataset, "set_epoch"):
                     self.loader.dataset.set_epoch(epoch)
-                acc = torch.zeros(len(LOSS_KEYS))
+                acc = torch.zeros(len(LOSS_KEYS) + 5 * len(self.task_names or ()))
                 tic = time.perf_counter()
                 step_lr = float(self.engine.get_lr()[0])  # the LR this optimiser step trains with
                 for offset, batch in enumerate(self.loader):
@@ -577,6 +620,9 @@ class Trainer:
                     losses, stop_now = reduced[: len(LOSS_KEYS)], bool(reduced[-1] > 0)
                     seconds = time.perf_counter() - tic
                     values = dict(zip(LOSS_KEYS, losses.tolist()))
+                    if self.task_names:
+                        sums = reduced[len(LOSS_KEYS) : -1]
+                        values.update(task_scalars(sums, self.task_names, self.loss_weights()))
                     values.update(lr=step_lr, images_per_s=images_per_step / seconds)
                     if step % loop.print_freq == 0 or step == stop:
                         self.log.scalars(step, values)

@@ -39,12 +39,15 @@ class Batch(TypedDict, total=False):
     labels: Tensor  # (N, L) int64, utils.tokens.IGNORE_INDEX outside the answers
     attention_mask: Tensor  # (N, L) int64, 1 on real tokens
     conv_image: Tensor  # (N,) int64 scene index of each conversation
-    gt_masks: list[Tensor]  # B x (k_i, H_i, W_i) float {0, 1}, in the [SEG] order of scene i
+    gt_masks: list[
+        Tensor
+    ]  # B x (k_i, H_i, W_i) float {0, 1, 255}, in the [SEG] order of scene i; 255: ignored
     image_id: list[int | str]  # B scene ids
     ds: list[str]  # B dataset names
     sentences: list[list[str]]  # B x k_i expressions
     subsets: list[list[tuple[str, ...]]]  # B x k_i subset tags of each expression
     no_target: list[list[bool]]  # B x k_i: the expression names no object (GRES; its mask is empty)
+    task: list[str]  # B tasks of LISA's mix (dataset.tasks.base.TASKS); refer_seg outside a mix
     scene_dir: list[str]  # B scene folders (or 2D image paths)
     center_path: list[str]  # B centre-view files
 
@@ -76,7 +79,8 @@ class Sample(TypedDict, total=False):
     sam_depth: Tensor  # (2, 4g, 4g) from the feature cache (depth stream on)
     vision_features: Tensor  # (Pd, Dv) from the feature cache (light mask head)
     conversations: list[tuple[list[int], list[int]]]  # k x (input_ids, labels) (or one packed conversation)
-    masks: Tensor | None  # (k, H, W) uint8 {0, 1}; None when predicting
+    masks: Tensor | None  # (k, H, W) uint8 {0, 1, 255 = left out of loss and IoU}; None when predicting
+    task: str  # the task of LISA's mix that made the sample (refer_seg outside a mix)
     image_id: int | str
     ds: str
     sentences: list[str]  # k expressions
@@ -115,6 +119,7 @@ META_KEYS: tuple[str, ...] = (
     "sentences",
     "subsets",
     "no_target",
+    "task",
     "scene_dir",
     "center_path",
 )

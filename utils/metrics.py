@@ -26,6 +26,9 @@ from utils.distributed import gather_objects
 from utils.splits import SPLIT_NAMES
 
 THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+#: A ground-truth pixel of this value is left out of the IoU and of the mask losses (ReasonSeg's "ignore"
+#: regions); every other value > 0 is foreground.
+IGNORE_LABEL = 255
 PAPER_COLUMNS: tuple[str, ...] = ("All", "o-1", "o-2", "o-3", "distance", "closest", "behind", "front")
 ALL = "All"
 _THRESHOLD_TOL = 1e-12
@@ -46,7 +49,8 @@ def mask_iou_stats(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         pred: ``(N, H, W)`` (or ``(H, W)``) logits (foreground where ``> 0``; logit 0 is background) or
             bool masks.
-        gt: same shape; bool, or numeric with foreground where ``> 0``.
+        gt: same shape; bool, or numeric with foreground where ``> 0`` and :data:`IGNORE_LABEL` where the
+            pixel counts for neither (it is left out of the prediction too).
 
     Returns:
         ``(intersection, union)``, each ``(N,)`` float64 pixel counts (on ``pred.device``).
@@ -61,7 +65,10 @@ def mask_iou_stats(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"pred: expected shape (N, H, W) or (H, W), got {tuple(pred.shape)}")
     pred_fg = pred if pred.dtype == torch.bool else pred > 0
     gt_fg = gt.to(pred.device)
-    gt_fg = gt_fg if gt_fg.dtype == torch.bool else gt_fg > 0
+    if gt_fg.dtype != torch.bool:
+        valid = gt_fg != IGNORE_LABEL
+        gt_fg = (gt_fg > 0) & valid
+        pred_fg = pred_fg & valid
     inter = (pred_fg & gt_fg).flatten(1).sum(dim=1, dtype=torch.int64)
     union = (pred_fg | gt_fg).flatten(1).sum(dim=1, dtype=torch.int64)
     return inter.to(torch.float64), union.to(torch.float64)

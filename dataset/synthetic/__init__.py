@@ -2,7 +2,9 @@
 
 Files: ``config.py`` (settings), ``shapes.py`` (category silhouettes and textures), ``layout.py`` (scene
 sampling and rendering of every view), ``expressions.py`` (unambiguous referring expressions),
-``generator.py`` (records and ``write_dataset``), ``cli.py`` (``scripts/make_synthetic_data.py``).
+``generator.py`` (records and ``write_dataset``), ``gres.py`` (several targets or none, ``--gres``),
+``tasks.py`` + ``task_texts.py`` (VQA and reasoning segmentation, ``--tasks``), ``cli.py``
+(``scripts/make_synthetic_data.py``).
 """
 
 from dataset.synthetic.config import SyntheticConfig

@@ -50,6 +50,11 @@ class GenerateOptions:
         "also write generalised expressions: several targets ('the red vehicles') or none ('the blue bridge', "
         "a false depth relation), tagged multi / no-target / nt-absent / nt-depth (give it its own --ds_name)",
     )
+    tasks: bool = option(
+        _DEFAULTS["tasks"],
+        "also write LISA's other tasks for the same scenes: VQA conversations (llava_dataset/<ds>.json, "
+        "<ds>_val.json) and reasoning segmentation (reason_seg/<ds>/: train, val, val_explicit, explanatory)",
+    )
     seed: int = option(_DEFAULTS["seed"], "dataset seed (output is a function of it)")
     ds_name: str = option(_DEFAULTS["ds_name"], "dataset name <ds>")
     disparity_name: str = option(_DEFAULTS["disparity_name"], "centre disparity file name in each scene")
@@ -100,6 +105,12 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"  GRES: {100 * summary['gres']['no_target_share']:.1f} % of the expressions have no target "
             f"(gRefCOCO 11.6 %), {100 * summary['gres']['multi_target_share']:.1f} % several"
+        )
+    if "tasks" in summary:
+        t = summary["tasks"]
+        lines.append(
+            f"  VQA: {t['vqa']['train']['records']} + {t['vqa']['val']['records']} conversations, "
+            f"reasoning targets: train {t['reason_seg']['train']}, val {t['reason_seg']['val']}"
         )
     return "\n".join(lines)
 

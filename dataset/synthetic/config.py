@@ -29,6 +29,7 @@ class SyntheticConfig:
     disparity_name: str = "5_5_disparity.npy"
     same_looking_prob: float = 0.4
     gres: bool = False  # add GRES refs (several targets, or none: dataset.synthetic.gres) beside the others
+    tasks: bool = False  # also write VQA and reasoning-segmentation data (dataset.synthetic.tasks)
 
     def __post_init__(self) -> None:
         self.validate()

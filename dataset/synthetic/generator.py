@@ -21,6 +21,8 @@ On disk (``write_dataset``)::
                                                  subsets, sentences[{sent_id, sent, tokens}]}
     <dataset_dir>/refer_seg/<ds>/instances.json  COCO images / annotations (RLE) / categories
     <dataset_dir>/lf/<ds>/Image<id>/<row>_<col>.png and <disparity_name> (float32 (H, W))
+    <dataset_dir>/llava_dataset/<ds>.json, reason_seg/<ds>/  with ``cfg.tasks``: VQA and reasoning segmentation
+                                                 (``dataset/synthetic/tasks.py``)
 
 Ids: scenes ``1..num_train`` are ``train``, the next ``num_val`` are ``val``; ``ann_id = image_id * 100 +
 layer_id`` (every object with a visible pixel gets an annotation); ``ref_id = ann_id`` (one ref per
@@ -59,6 +61,7 @@ from dataset.synthetic.expressions import (
 from dataset.synthetic.gres import GRES_REF_OFFSET, gres_expressions
 from dataset.synthetic.layout import Layer, full_area, render_view, sample_background, sample_layers
 from dataset.synthetic.shapes import CATEGORIES
+from dataset.synthetic.tasks import SceneTasks, scene_tasks, task_paths, write_task_files
 
 OCCLUSION_THRESHOLDS: tuple[tuple[str, float], ...] = (
     ("no-o", 0.95),
@@ -253,8 +256,11 @@ def gres_records(scene: SyntheticScene, cfg: SyntheticConfig, split: str) -> lis
     return out
 
 
-def _write_scene(job: tuple[int, SyntheticConfig, str]) -> tuple[dict, list[dict], list[dict], int]:
-    """Render scene ``image_id`` and write its views and disparity under ``lf_dir``; returns its records."""
+def _write_scene(
+    job: tuple[int, SyntheticConfig, str],
+) -> tuple[dict, list[dict], list[dict], int, SceneTasks | None]:
+    """Render scene ``image_id`` and write its views and disparity under ``lf_dir``; returns its records
+    (and its VQA and reasoning records with ``cfg.tasks``)."""
     image_id, cfg, lf_dir = job
     scene = render_scene(image_id, cfg)
     out = Path(lf_dir) / f"Image{image_id}"
@@ -263,7 +269,9 @@ def _write_scene(job: tuple[int, SyntheticConfig, str]) -> tuple[dict, list[dict
         if not cv2.imwrite(str(out / f"{row}_{col}.png"), np.ascontiguousarray(view[:, :, ::-1])):
             raise OSError(f"{out / f'{row}_{col}.png'}: cv2.imwrite failed")
     np.save(out / cfg.disparity_name, scene.disparity.astype(np.float32))
-    return (*scene_records(scene, cfg), len(scene.same_looking_pairs))
+    image, anns, refs = scene_records(scene, cfg)
+    tasks = scene_tasks(image_id, scene.objects, refs, cfg) if cfg.tasks else None
+    return image, anns, refs, len(scene.same_looking_pairs), tasks
 
 
 def _summary(
@@ -295,19 +303,28 @@ def _summary(
     }
 
 
-def _install(tmp: Path, root: Path, ds: str, overwrite: bool) -> None:
-    """Move the finished ``tmp/{lf,refer_seg}/<ds>`` into ``root``; the refs JSON arrives last."""
-    targets = [root / "lf" / ds, root / "refer_seg" / ds]
+def _outputs(root: Path, cfg: SyntheticConfig) -> list[Path]:
+    """What a run installs under ``root``, in order: ``lf/<ds>``, the task files (``cfg.tasks``), then
+    ``refer_seg/<ds>``."""
+    tasks = task_paths(root, cfg.ds_name) if cfg.tasks else []
+    return [root / "lf" / cfg.ds_name, *tasks, root / "refer_seg" / cfg.ds_name]
+
+
+def _install(tmp: Path, root: Path, cfg: SyntheticConfig, overwrite: bool) -> None:
+    """Move the finished ``tmp/<path>`` of every output into ``root/<path>``; the refs JSON arrives last.
+    Replacing ``<ds>`` also removes task files of it that this run does not write (they would be stale)."""
+    targets = _outputs(root, cfg)
+    stale = [p for p in task_paths(root, cfg.ds_name) if p not in targets and overwrite]
     trash = tmp / "old"
-    for target in reversed(targets):  # refs first: a half-replaced dataset never has a refs JSON
+    for target in [*reversed(targets), *stale]:  # refs first: a half-replaced dataset never has a refs JSON
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target}: exists; pass overwrite=True (--overwrite) to replace it")
-            trash.mkdir(exist_ok=True)
-            target.rename(trash / target.parent.name)
+            (trash / target.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            target.rename(trash / target.relative_to(root))
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
-        (tmp / target.parent.name / ds).rename(target)
+        (tmp / target.relative_to(root)).rename(target)
 
 
 def write_dataset(
@@ -327,7 +344,7 @@ def write_dataset(
         Summary: scene, annotation, ref and sentence counts per split, tag counts per split, config.
     """
     root = Path(dataset_dir)
-    if not overwrite and any((root / sub / cfg.ds_name).exists() for sub in ("lf", "refer_seg")):
+    if not overwrite and any(p.exists() for p in _outputs(root, cfg)):
         raise FileExistsError(f"{root}: dataset {cfg.ds_name!r} exists; pass overwrite=True (--overwrite)")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{cfg.ds_name}-", dir=root))
@@ -336,20 +353,21 @@ def write_dataset(
         lf_dir.mkdir(parents=True)
         ref_dir.mkdir(parents=True)
         jobs = [(i, cfg, str(lf_dir)) for i in range(1, cfg.num_train + cfg.num_val + 1)]
-        images, anns, refs, pairs = [], [], [], 0
+        images, anns, refs, pairs, tasks = [], [], [], 0, []
         if workers > 1:
             pool = multiprocessing.get_context("spawn").Pool(workers)
             results = pool.imap(_write_scene, jobs)
         else:
             pool, results = None, map(_write_scene, jobs)
         try:
-            for image, scene_anns, scene_refs, n_pairs in tqdm(
+            for image, scene_anns, scene_refs, n_pairs, scene_task in tqdm(
                 results, total=len(jobs), desc="synthetic scenes"
             ):
                 images.append(image)
                 anns += scene_anns
                 refs += scene_refs
                 pairs += n_pairs
+                tasks += [scene_task] if scene_task else []
         finally:
             if pool is not None:
                 pool.terminate()
@@ -357,9 +375,12 @@ def write_dataset(
         instances = {"images": images, "annotations": anns, "categories": categories}
         (ref_dir / "instances.json").write_text(json.dumps(instances))
         (ref_dir / f"{cfg.ds_name}.json").write_text(json.dumps(refs, indent=1))
-        _install(tmp, root, cfg.ds_name, overwrite)
+        task_summary = write_task_files(tmp, cfg, tasks) if cfg.tasks else None
+        _install(tmp, root, cfg, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = _summary(cfg, images, anns, refs, pairs)
     summary["dataset_dir"] = str(root)
+    if task_summary is not None:
+        summary["tasks"] = task_summary
     return summary
