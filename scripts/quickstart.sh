@@ -14,8 +14,23 @@ if [ "$GRES" != 0 ] && [ "$GRES" != 1 ]; then
   echo "error: GRES=$GRES: expected 0 (referring segmentation) or 1 (several targets or none)" >&2
   exit 2
 fi
+# TASKS=1: LISA's task mix on the generator's light-field versions of its tasks (make_synthetic_data.py --tasks):
+# semantic segmentation of the scenes' categories, VQA about them and implicit reasoning queries beside the
+# referring expressions, drawn 9:3:3:1 as LISA's --sample_rates; the merged model is also scored on the reasoning
+# val set (implicit queries) and on the explicit expressions of the same targets.
+TASKS=${TASKS:-0}
+if [ "$TASKS" != 0 ] && [ "$TASKS" != 1 ]; then
+  echo "error: TASKS=$TASKS: expected 0 (referring segmentation) or 1 (LISA's task mix)" >&2
+  exit 2
+fi
+if [ "$TASKS" = 1 ] && [ "$GRES" = 1 ]; then
+  echo "error: TASKS=1 with GRES=1: LISA's task mix trains one-[SEG] answers; choose one" >&2
+  exit 2
+fi
 DS=$([ "$GRES" = 1 ] && echo ref-urbanlf-gres || echo ref-urbanlf-syn)
+[ "$TASKS" = 0 ] || DS=ref-urbanlf-tasks
 GEN_FLAGS=$([ "$GRES" = 1 ] && echo --gres || true)
+[ "$TASKS" = 0 ] || GEN_FLAGS=--tasks
 NUM_TRAIN=${NUM_TRAIN:-64}
 NUM_VAL=${NUM_VAL:-16}
 HEIGHT=${HEIGHT:-120}
@@ -103,6 +118,12 @@ if [ "$NUM_EXTRA" -gt 0 ]; then
   fi
   DATA_FLAGS=(--refer_seg_data "$DS||$DS-extra" --sample_rates "1,$(( NUM_EXTRA >= NUM_TRAIN ? (NUM_EXTRA + NUM_TRAIN / 2) / NUM_TRAIN : 1 ))")
 fi
+if [ "$TASKS" = 1 ]; then  # the same datasets for every task; the referring datasets keep their weights
+  SETS=${DATA_FLAGS[1]}
+  REFER_RATES=$([ "${#DATA_FLAGS[@]}" -gt 2 ] && echo "${DATA_FLAGS[3]}" || echo 1)
+  DATA_FLAGS=(--dataset "sem_seg||refer_seg||vqa||reason_seg" --sample_rates 9,3,3,1 --refer_seg_data "$SETS"
+    --refer_seg_sample_rates "$REFER_RATES" --sem_seg_data "$SETS" --vqa_data "$SETS" --reason_seg_data "$SETS|train")
+fi
 
 # The base: the shipped pretrained tiny LLaVA + SAM, made by scripts/pretrain_tiny_base.py on generated 2D scenes
 # disjoint from this benchmark, each with its record beside it: pretrained/tiny_base_v3 (the default: the
@@ -168,6 +189,14 @@ PROTOCOL=$($PY -c "import json,sys; print('generated' if json.load(open(sys.argv
   --version "$OUT/merged" --dataset_dir "$OUT/dataset" --val_dataset "$DS|syn|val" \
   --log_base_dir "$OUT/runs" --exp_name quickstart_eval --precision $PRECISION --workers 1 \
   "${CACHE[@]}" --vis_save_path "$OUT/vis" --eval_protocol "$PROTOCOL" ${EVAL_FLAGS:-} 2>&1 | tee "$OUT/eval_table.txt" | grep -v "^\[20" | grep -v "^eval ("
+if [ "$TASKS" = 1 ]; then  # reasoning: the implicit queries, then the explicit expressions of the same targets
+  for split in val val_explicit; do
+    .venv/bin/deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" train_ds.py --eval_only \
+      --version "$OUT/merged" --dataset_dir "$OUT/dataset" --val_dataset "$DS|$split" \
+      --log_base_dir "$OUT/runs" --exp_name "quickstart_eval_reason_$split" --precision $PRECISION --workers 1 \
+      ${EVAL_FLAGS:-} 2>&1 | tee "$OUT/eval_reason_$split.txt" | grep -E "^ *(All|gIoU|cIoU|n )|^ref|^ReasonSeg"
+  done
+fi
 
 stamp "5/5 predict one expression on a validation light field -> $OUT/predict"
 SCENE=$($PY - "$OUT/dataset" $DS <<'EOF'
