@@ -97,3 +97,21 @@ def test_the_clash_of_sample_rates_is_refused_before_anything_runs(tiny_base, ta
     assert proc.returncode != 0 and "3 rates for the 2 tasks" in proc.stdout + proc.stderr
     assert not (tmp_path / "clash").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_check_names_a_broken_task_file_before_any_model(task_data, tmp_path, capsys):
+    from training.preflight import check_main
+
+    data = tmp_path / "data"
+    shutil.copytree(task_data, data)
+    flags = ["--dataset_dir", str(data), "--refer_seg_data", TINY_DS, "--val_dataset", f"{TINY_DS}|syn|val"]
+    flags += [*MIX, "--sem_seg_data", f"ade20k||{TINY_DS}", "--vqa_data", TINY_DS]
+    flags += ["--reason_seg_data", f"{TINY_DS}|train", "--no_caam", "--no_depth"]
+    assert check_main(flags) == 0, capsys.readouterr().err
+    broken = sorted((data / "reason_seg" / TINY_DS / "train").glob("*.json"))[0]
+    broken.write_text(json.dumps({"text": "not a list", "is_sentence": False, "shapes": []}))
+    assert check_main(flags) == 1
+    assert str(broken) in capsys.readouterr().err
+    (data / "llava_dataset" / f"{TINY_DS}.json").unlink()
+    assert check_main(flags) == 1
+    assert f"llava_dataset/{TINY_DS}.json" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,13 @@ from dataset.check import Problem, check_annotations, check_datasets, report
 from dataset.errors import DataError
 from dataset.lightfield import LightFieldLayout, load_light_field, read_disparity
 from dataset.scenes import SceneDataset
+from dataset.tasks.base import contract_problem
 from model.build import check_pretrained_dir
 from model.caam import warp_to_center
 from model.options import ModelOptions
 from training.config import RunConfig, parse_config
-from training.loaders import train_scenes, val_scenes
+from training.loaders import scene_layouts, train_scenes, val_scenes
+from training.task_mix import task_parts
 from utils import distributed
 from utils.views import NEIGHBOURHOODS, Offset, parse_views
 
@@ -73,6 +75,30 @@ def split_problem(scenes: SceneDataset, flag: str, value: str) -> str | None:
         f"{flag} {value!r}: split {scenes.split!r} selects 0 expressions in {', '.join(scenes.names)}; "
         f"the data has splits and subset tags: {', '.join(present) or 'none'}"
     )
+
+
+def tasks_problem(
+    cfg: RunConfig, views: Sequence[tuple[int, int]], refer: Callable[[], SceneDataset]
+) -> str | None:
+    """The other tasks of ``--dataset``: each reader is built (it checks its folders and annotation files,
+    naming the file, before any model is), must hold training items, and its first item must follow the
+    task contract (:func:`dataset.tasks.base.contract_problem`). None when ``--dataset`` is ``refer_seg``."""
+    if cfg.datasets.tasks == ["refer_seg"]:
+        return None
+    parts = task_parts(cfg, refer, lambda names: scene_layouts(cfg.data, names), views, 0, False, True)
+    lines = []
+    for task, data in parts:
+        if task == "refer_seg":
+            continue
+        if len(data) == 0:
+            lines.append(f"--{task}_data {cfg.datasets.task_data(task)!r}: no training item")
+            continue
+        why = contract_problem({**data[0], "task": task})
+        if why:
+            lines.append(
+                f"--{task}_data {cfg.datasets.task_data(task)!r}: its first item is malformed: {why}"
+            )
+    return "\n".join(lines) or None
 
 
 def gres_problem(cfg: RunConfig, scenes: SceneDataset, check_version: bool = True) -> str | None:
@@ -220,10 +246,13 @@ def preflight(cfg: RunConfig, *, train: bool, is_main: bool, check_version: bool
     views, need_disparity = model_inputs(cfg.run.version, cfg.model, check_version)
     groups: list[SceneDataset] = []
     problems = []
-    if train:
+    refer = train and "refer_seg" in cfg.datasets.tasks
+    if refer:
         scenes = train_scenes(cfg, views, with_disparity=False)
         problems.append(split_problem(scenes, "--refer_seg_data", cfg.datasets.refer_seg_data))
         groups.append(scenes)
+    if train:
+        problems.append(tasks_problem(cfg, views, lambda: train_scenes(cfg, views, with_disparity=False)))
     if cfg.run.eval_only or not cfg.eval.no_eval:
         scenes = val_scenes(cfg, with_disparity=False, views=views)
         if isinstance(scenes, SceneDataset):  # a reasoning set is checked by its reader as it is built
@@ -231,7 +260,7 @@ def preflight(cfg: RunConfig, *, train: bool, is_main: bool, check_version: bool
             groups.append(scenes)
         elif len(scenes) == 0:
             problems.append(f"--val_dataset {cfg.eval.val_dataset!r}: no query in that split")
-    if train:
+    if refer:
         problems.append(gres_problem(cfg, groups[0], check_version))
     problems.append(positions_problem(cfg, check_version))
     problems = [p for p in problems if p]
