@@ -32,12 +32,11 @@ from dataset.lightfield import (
     DEFAULT_LAYOUT,
     LightFieldLayout,
     LightFieldSample,
-    load_light_field,
     read_disparity,
-    read_rgb,
 )
 from dataset.options import PROBES
 from dataset.refer import Ref, ReferAnnotations
+from dataset.tasks.base import check_sampling, load_pixels
 from utils.views import NEIGHBOURHOODS, Offset, parse_views
 
 Source = Literal["auto", "lightfield", "image"]
@@ -142,10 +141,7 @@ class SceneDataset(torch.utils.data.Dataset):
         with_pixels: bool = True,
         probe: str = "exact",
     ) -> None:
-        if mode not in ("train", "val"):
-            raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
-        if num_classes_per_sample < 1:
-            raise ValueError(f"num_classes_per_sample must be ≥ 1, got {num_classes_per_sample}")
+        check_sampling(mode, num_classes_per_sample)
         self.dataset_dir = Path(dataset_dir)
         named = [_name_and_split_by(n) for n in split_datasets(datasets)]
         self.names = [ds for ds, _ in named]
@@ -222,19 +218,12 @@ class SceneDataset(torch.utils.data.Dataset):
         return [(refs[i], refs[i].sentences[int(rng.integers(len(refs[i].sentences)))]) for i in chosen]
 
     def _load_pixels(self, index: int) -> LightFieldSample:
-        path = self.scene_path(index)
-        if self.sources[self.scenes[index].ds_index] == "lightfield":
-            layout = self.layouts[self.scenes[index].ds_index]
-            sample = load_light_field(path, self.offsets, layout, self.with_disparity)
-            return self._probed(index, sample)
-        center = read_rgb(path)
-        return LightFieldSample(
-            center=center,
-            views=np.empty((0, *center.shape), dtype=np.uint8),
-            offsets=np.empty((0, 2), dtype=np.int64),
-            disparity=None,
-            scene_dir=str(path),
+        ds_index = self.scenes[index].ds_index
+        lightfield = self.sources[ds_index] == "lightfield"
+        sample = load_pixels(
+            self.scene_path(index), lightfield, self.offsets, self.layouts[ds_index], self.with_disparity
         )
+        return self._probed(index, sample) if lightfield else sample
 
     def _probed(self, index: int, sample: LightFieldSample) -> LightFieldSample:
         """``sample`` with its input replaced as :attr:`probe` says (see the class doc)."""

@@ -33,7 +33,7 @@ from utils.views import Offset
 
 #: The tasks of ``--dataset``, in LISA's order.
 TASKS: tuple[str, ...] = ("sem_seg", "refer_seg", "vqa", "reason_seg")
-__all__ = ["IGNORE_LABEL", "TASKS", "contract_problem", "load_pixels", "pixel_fields"]
+__all__ = ["IGNORE_LABEL", "TASKS", "check_sampling", "contract_problem", "load_pixels", "pixel_fields"]
 #: Keys every item carries (besides the pixels or ``hw``).
 COMMON_KEYS: tuple[str, ...] = (
     "task",
@@ -70,6 +70,15 @@ def load_pixels(
         disparity=None,
         scene_dir=str(path),
     )
+
+
+def check_sampling(mode: str, num_classes_per_sample: int) -> None:
+    """``ValueError`` unless ``mode`` is ``"train"`` or ``"val"`` and ``num_classes_per_sample`` >= 1 (the
+    arguments every task reader and :class:`dataset.scenes.SceneDataset` share)."""
+    if mode not in ("train", "val"):
+        raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
+    if num_classes_per_sample < 1:
+        raise ValueError(f"num_classes_per_sample must be ≥ 1, got {num_classes_per_sample}")
 
 
 def pixel_fields(sample: LightFieldSample) -> dict[str, Any]:

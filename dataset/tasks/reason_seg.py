@@ -40,7 +40,7 @@ import torch.utils.data
 from dataset.errors import AnnotationError, DataError
 from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout
 from dataset.scenes import split_datasets
-from dataset.tasks.base import IGNORE_LABEL
+from dataset.tasks.base import IGNORE_LABEL, check_sampling
 from dataset.tasks.vqa import image_sources
 from utils.views import Offset
 
@@ -218,10 +218,7 @@ class ReasonSegDataset(torch.utils.data.Dataset):
         with_pixels: bool = True,
         explanatory: float = -1.0,
     ) -> None:
-        if mode not in ("train", "val"):
-            raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
-        if num_classes_per_sample < 1:
-            raise ValueError(f"num_classes_per_sample must be ≥ 1, got {num_classes_per_sample}")
+        check_sampling(mode, num_classes_per_sample)
         self.dataset_dir = Path(dataset_dir)
         entries = [name.partition("|") for name in split_datasets(datasets)]
         self.names = [ds.strip() for ds, _, _ in entries]

@@ -61,7 +61,7 @@ from dataset.errors import AnnotationError, DataError
 from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout
 from dataset.refer import ReferAnnotations, decode_segmentation
 from dataset.scenes import split_datasets
-from dataset.tasks.base import load_pixels, pixel_fields
+from dataset.tasks.base import check_sampling, load_pixels, pixel_fields
 from utils.views import Offset, parse_views
 
 
@@ -344,10 +344,7 @@ class SemSegDataset(torch.utils.data.Dataset):
         with_disparity: bool = True,
         with_pixels: bool = True,
     ) -> None:
-        if mode not in ("train", "val"):
-            raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
-        if num_classes_per_sample < 1:
-            raise ValueError(f"num_classes_per_sample must be ≥ 1, got {num_classes_per_sample}")
+        check_sampling(mode, num_classes_per_sample)
         self.dataset_dir = Path(dataset_dir)
         self.names = split_datasets(datasets)
         self.split, self.mode, self.seed = split, mode, seed

@@ -36,7 +36,7 @@ from dataset.check import image_size
 from dataset.errors import AnnotationError, LightFieldError
 from dataset.lightfield import DEFAULT_LAYOUT, LightFieldLayout
 from dataset.scenes import _per_dataset, split_datasets
-from dataset.tasks.base import load_pixels, pixel_fields
+from dataset.tasks.base import check_sampling, load_pixels, pixel_fields
 from utils.views import Offset
 
 #: Folder of the conversation files, relative to ``dataset_dir`` (LISA's ``llava_dataset``).
@@ -186,8 +186,7 @@ class VQADataset(torch.utils.data.Dataset):
         with_disparity: bool = True,
         with_pixels: bool = True,
     ) -> None:
-        if mode not in ("train", "val"):
-            raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
+        check_sampling(mode, num_classes_per_sample)
         if split not in ("train", "val"):
             raise ValueError(f"VQA split must be 'train' or 'val', got {split!r}")
         self.dataset_dir = Path(dataset_dir)
