@@ -528,8 +528,14 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
                 hidden, labels, self.lm_head, conv_image, trained, targets, batch["task"], batch["task_names"]
             )
         cfg = self.config
+        loss = cfg.ce_loss_weight * ce + cfg.bce_loss_weight * bce + cfg.dice_loss_weight * dice
+        if not len(rows) and torch.is_grad_enabled():
+            # No mask anywhere in the batch (a VQA or explanation-only batch of the task mix): the mask head never
+            # ran, so its weights would get no gradient here while another rank's do, and data-parallel ranks
+            # must reduce the same gradients. A zero term gives every trainable weight one (exactly zero).
+            loss = loss + sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         result.update(
-            loss=cfg.ce_loss_weight * ce + cfg.bce_loss_weight * bce + cfg.dice_loss_weight * dice,
+            loss=loss,
             ce_loss=ce.detach(),
             bce_loss=bce.detach(),
             dice_loss=dice.detach(),

@@ -239,3 +239,56 @@ def test_a_long_vqa_answer_is_cut_and_a_question_is_not() -> None:
     assert len(ids) == 20 and labels[-1] != -100  # cut inside the answer, which keeps its start
     with pytest.raises(ValueError, match="drop the end of the question"):
         encode_conversation(_CharTokenizer(), [("A question far too long to fit here.", False)], spec)
+
+
+def test_a_batch_without_masks_gives_every_trainable_weight_a_gradient(tiny_base, tiny_dataset) -> None:
+    """A VQA-only batch never runs the mask head: every trainable weight still gets a gradient (zero for the
+    mask head), as data-parallel ranks must reduce the same gradients (ZeRO-2 otherwise mismatches)."""
+    from dataset.collate import collate_batch
+    from dataset.refer_seg import ReferSegDataset, SampleSpec
+    from dataset.scenes import SceneDataset
+    from model.build import build_lfllm
+    from model.options import ModelOptions
+    from model.trainable import TrainableOptions, make_trainable
+    from tests.conftest import TINY_DS
+    from utils.views import parse_views
+
+    torch.manual_seed(0)
+    model, tokenizer = build_lfllm(
+        tiny_base["llava"],
+        tiny_base["sam"],
+        ModelOptions(semantic_fusion=True, depth_stream=True),
+        torch.float32,
+    )
+    trainable = make_trainable(model, TrainableOptions(lora_r=4))
+    scenes = SceneDataset(tiny_dataset, TINY_DS, "train", views=parse_views("4"), mode="val")
+    raw = scenes[0]
+    vqa = {**raw, "sentences": [], "masks": raw["masks"][:0], "ref_ids": [], "subsets": [], "no_target": []}
+    vqa["turns"] = [("How many objects are there?", "There are three.")]
+
+    class _One(torch.utils.data.Dataset):
+        names = (TINY_DS,)
+
+        def __len__(self) -> int:
+            return 1
+
+        def group_of(self, index: int) -> int:
+            return 0
+
+        def __getitem__(self, index: int) -> dict:
+            return vqa
+
+    cfg = model.config
+    spec = SampleSpec.from_model_config(cfg)
+    mix = TaskMix([("vqa", _One())], [1.0], [[1.0]], parse_views("4"))
+    tokens = TokenSpec.from_tokenizer(tokenizer, cfg.image_seq_length, 512)
+    sample = ReferSegDataset(mix, tokenizer, spec, tokens, train=True)[0]
+    assert sample["task"] == "vqa" and sample["masks"].shape[0] == 0
+    batch = collate_batch([sample], tokenizer.pad_token_id)
+    out = trainable(lf_batch=batch)
+    out["loss"].backward()
+    params = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
+    assert params and all(p.grad is not None for _, p in params), [n for n, p in params if p.grad is None][:5]
+    decoder = [p.grad for n, p in params if "mask_decoder" in n or "fusion" in n or "depth_stream" in n]
+    assert decoder and all(not g.any() for g in decoder)  # the mask head: present, and exactly zero
+    assert any(p.grad.any() for n, p in params if "lora" in n)  # the answer trains the language model
