@@ -530,10 +530,12 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         cfg = self.config
         loss = cfg.ce_loss_weight * ce + cfg.bce_loss_weight * bce + cfg.dice_loss_weight * dice
         if not len(rows) and torch.is_grad_enabled():
-            # No mask anywhere in the batch (a VQA or explanation-only batch of the task mix): the mask head never
-            # ran, so its weights would get no gradient here while another rank's do, and data-parallel ranks
-            # must reduce the same gradients. A zero term gives every trainable weight one (exactly zero).
-            loss = loss + sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            # No mask anywhere in the batch (a VQA or explanation-only batch of the task mix). DeepSpeed's ranks
+            # reduce gradients in the order backward produces them, so every rank's graph must have the same
+            # shape: the mask head runs once on the first conversation's last state, weighted by zero.
+            last = (batch["attention_mask"][0].sum() - 1).view(1)
+            dummy, _ = self.predict_masks(hidden, input_ids, last.new_zeros(1), last, conv_image, visual, batch)
+            loss = loss + sum(m.float().sum() for m in dummy) * 0.0
         result.update(
             loss=loss,
             ce_loss=ce.detach(),

@@ -242,8 +242,9 @@ def test_a_long_vqa_answer_is_cut_and_a_question_is_not() -> None:
 
 
 def test_a_batch_without_masks_gives_every_trainable_weight_a_gradient(tiny_base, tiny_dataset) -> None:
-    """A VQA-only batch never runs the mask head: every trainable weight still gets a gradient (zero for the
-    mask head), as data-parallel ranks must reduce the same gradients (ZeRO-2 otherwise mismatches)."""
+    """A VQA-only batch has no [SEG]: the mask head still runs (weighted by zero), so the same weights get a
+    gradient as for a referring batch -- data-parallel ranks reduce them side by side (ZeRO-2 mismatches
+    otherwise)."""
     from dataset.collate import collate_batch
     from dataset.refer_seg import ReferSegDataset, SampleSpec
     from dataset.scenes import SceneDataset
@@ -269,6 +270,9 @@ def test_a_batch_without_masks_gives_every_trainable_weight_a_gradient(tiny_base
     class _One(torch.utils.data.Dataset):
         names = (TINY_DS,)
 
+        def __init__(self, item: dict) -> None:
+            self.item = item
+
         def __len__(self) -> int:
             return 1
 
@@ -276,19 +280,30 @@ def test_a_batch_without_masks_gives_every_trainable_weight_a_gradient(tiny_base
             return 0
 
         def __getitem__(self, index: int) -> dict:
-            return vqa
+            return self.item
 
     cfg = model.config
     spec = SampleSpec.from_model_config(cfg)
-    mix = TaskMix([("vqa", _One())], [1.0], [[1.0]], parse_views("4"))
     tokens = TokenSpec.from_tokenizer(tokenizer, cfg.image_seq_length, 512)
-    sample = ReferSegDataset(mix, tokenizer, spec, tokens, train=True)[0]
-    assert sample["task"] == "vqa" and sample["masks"].shape[0] == 0
-    batch = collate_batch([sample], tokenizer.pad_token_id)
-    out = trainable(lf_batch=batch)
-    out["loss"].backward()
-    params = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
-    assert params and all(p.grad is not None for _, p in params), [n for n, p in params if p.grad is None][:5]
-    decoder = [p.grad for n, p in params if "mask_decoder" in n or "fusion" in n or "depth_stream" in n]
-    assert decoder and all(not g.any() for g in decoder)  # the mask head: present, and exactly zero
-    assert any(p.grad.any() for n, p in params if "lora" in n)  # the answer trains the language model
+    refer = {
+        **raw,
+        "sentences": raw["sentences"][:1],
+        "masks": raw["masks"][:1],
+        "subsets": raw["subsets"][:1],
+    }
+    grads = {}
+    for task, item in (("refer_seg", refer), ("vqa", vqa)):
+        mix = TaskMix([(task, _One(item))], [1.0], [[1.0]], parse_views("4"))
+        sample = ReferSegDataset(mix, tokenizer, spec, tokens, train=True)[0]
+        assert sample["task"] == task and sample["masks"].shape[0] == (task == "refer_seg")
+        trainable.zero_grad(set_to_none=True)
+        trainable(lf_batch=collate_batch([sample], tokenizer.pad_token_id))["loss"].backward()
+        grads[task] = {n: p.grad.clone() for n, p in trainable.named_parameters() if p.grad is not None}
+    # the same weights get a gradient, as data-parallel ranks reducing the two batches side by side need
+    assert grads["vqa"].keys() == grads["refer_seg"].keys()
+    head = [n for n in grads["vqa"] if "mask_decoder" in n or "fusion" in n or "depth_stream" in n]
+    assert head and all(not grads["vqa"][n].any() for n in head)  # the mask head: present, exactly zero
+    assert any(grads["refer_seg"][n].any() for n in head)
+    assert any(
+        g.any() for n, g in grads["vqa"].items() if "lora" in n
+    )  # the answer trains the language model

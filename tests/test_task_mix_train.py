@@ -115,3 +115,29 @@ def test_the_check_names_a_broken_task_file_before_any_model(task_data, tmp_path
     (data / "llava_dataset" / f"{TINY_DS}.json").unlink()
     assert check_main(flags) == 1
     assert f"llava_dataset/{TINY_DS}.json" in capsys.readouterr().err
+
+
+def test_two_ranks_train_a_mix_whose_batches_differ_in_kind(tiny_base, task_data, tmp_path):
+    """One rank's micro-batch may be a VQA conversation (no mask) while the other's segments: the replicas
+    still reduce the same gradients and stay identical."""
+    args = _args(
+        tiny_base, task_data, tmp_path, "two", "--dataset", "refer_seg||vqa", "--sample_rates", "1,1"
+    )
+    args += [
+        "--vqa_data",
+        TINY_DS,
+        "--batch_size",
+        "1",
+        "--epochs",
+        "1",
+        "--steps_per_epoch",
+        "4",
+        "--no_eval",
+    ]
+    args[args.index("--grad_accumulation_steps") + 1] = "1"
+    run_train(args, ranks=2)
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 4
+    assert summary["replicas_identical"], summary["rank_fingerprints"]
+    records = _log(tmp_path / "two")
+    assert any("vqa/ce_loss" in r for r in records) and any("refer_seg/bce_loss" in r for r in records)
