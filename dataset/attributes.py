@@ -63,7 +63,11 @@ def _record_problem(record: Any) -> str | None:
         return f"missing {', '.join(missing)}"
     for key, kind in _FIELDS.items():
         value = record[key]
-        ok = isinstance(value, str) if kind is str else isinstance(value, (int, float)) and math.isfinite(value)
+        ok = (
+            isinstance(value, str)
+            if kind is str
+            else isinstance(value, (int, float)) and math.isfinite(value)
+        )
         if not ok or isinstance(value, bool):
             return f"{key} = {value!r} is not a {kind.__name__}"
     if record["depth_bin"] not in DEPTH_BINS:

@@ -216,13 +216,7 @@ class ReferSegDataset(torch.utils.data.Dataset):
             rejects=rejects if spec.gres else None,
             exprs_per_question=spec.exprs_per_question,
         )
-        out = [
-            encode_conversation(self.tokenizer, render_segments(spec.conv_type, c), self.tokens)
-            for c in convs
-        ]
-        for ids, _ in out:
-            self._check_positions(ids)
-        return out
+        return self._encode(convs)
 
     def task_conversations(
         self, raw: dict[str, Any], rng: random.Random | None
@@ -245,13 +239,17 @@ class ReferSegDataset(torch.utils.data.Dataset):
             order=spec.prompt_order,
             explanatory=self.explanatory,
         )
+        return self._encode(convs), keep
+
+    def _encode(self, convs: list[list[tuple[str, str | None]]]) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, labels) of each conversation, each checked against the model's positions."""
         out = [
-            encode_conversation(self.tokenizer, render_segments(spec.conv_type, c), self.tokens)
+            encode_conversation(self.tokenizer, render_segments(self.spec.conv_type, c), self.tokens)
             for c in convs
         ]
         for ids, _ in out:
             self._check_positions(ids)
-        return out, keep
+        return out
 
     def _check_positions(self, ids: list[int]) -> None:
         """``ValueError`` when a conversation (plus the tokens kept free for generation) needs more

@@ -534,7 +534,9 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
             # reduce gradients in the order backward produces them, so every rank's graph must have the same
             # shape: the mask head runs once on the first conversation's last state, weighted by zero.
             last = (batch["attention_mask"][0].sum() - 1).view(1)
-            dummy, _ = self.predict_masks(hidden, input_ids, last.new_zeros(1), last, conv_image, visual, batch)
+            dummy, _ = self.predict_masks(
+                hidden, input_ids, last.new_zeros(1), last, conv_image, visual, batch
+            )
             loss = loss + sum(m.float().sum() for m in dummy) * 0.0
         result.update(
             loss=loss,

@@ -546,7 +546,7 @@ def test_write_is_deterministic_per_seed(tmp_path: Path, capsys) -> None:
     write_dataset(tmp_path / "a", cfg)
     write_dataset(tmp_path / "b", cfg, workers=2)  # other processes, same bytes
     a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
-    assert len(a) == 3 * (81 + 1) + 2
+    assert len(a) == 3 * (81 + 1) + 3  # per scene 81 views + disparity; refs, instances, attributes
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
     cli = importlib.import_module("dataset.synthetic.cli")

@@ -20,6 +20,8 @@ On disk (``write_dataset``)::
     <dataset_dir>/refer_seg/<ds>/<ds>.json       refs {ref_id, ann_id, image_id, category_id, split,
                                                  subsets, sentences[{sent_id, sent, tokens}]}
     <dataset_dir>/refer_seg/<ds>/instances.json  COCO images / annotations (RLE) / categories
+    <dataset_dir>/refer_seg/<ds>/attributes.json {ann_id: category, colour, disparity, depth bin, occlusion, ...}
+                                                 (every annotation; ``dataset/attributes.py``)
     <dataset_dir>/lf/<ds>/Image<id>/<row>_<col>.png and <disparity_name> (float32 (H, W))
     <dataset_dir>/llava_dataset/<ds>.json, reason_seg/<ds>/  with ``cfg.tasks``: VQA and reasoning segmentation
                                                  (``dataset/synthetic/tasks.py``)
@@ -51,6 +53,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from dataset.attributes import ATTRIBUTES_FILE
+from dataset.synthetic.attributes import object_attributes
 from dataset.synthetic.config import SyntheticConfig
 from dataset.synthetic.expressions import (
     DEPTH_KINDS,
@@ -231,6 +235,17 @@ def scene_records(scene: SyntheticScene, cfg: SyntheticConfig) -> tuple[dict, li
     return image, anns, refs
 
 
+def scene_attributes(scene: SyntheticScene) -> dict[str, dict]:
+    """``{str(ann_id): attributes}`` of every annotated (visible) object (``attributes.json``)."""
+    return {
+        str(ann_id_of(scene.image_id, o.layer_id)): object_attributes(
+            o, scene.disparity, occlusion_tag(o.visible_fraction)
+        )
+        for o in scene.objects
+        if o.area
+    }
+
+
 def gres_records(scene: SyntheticScene, cfg: SyntheticConfig, split: str) -> list[dict]:
     """The scene's GRES refs in gRefCOCO's form (``ann_id`` / ``category_id`` lists, ``[-1]`` and
     ``no_target: true`` for none), drawn with their own generator so the other refs do not change."""
@@ -258,9 +273,9 @@ def gres_records(scene: SyntheticScene, cfg: SyntheticConfig, split: str) -> lis
 
 def _write_scene(
     job: tuple[int, SyntheticConfig, str],
-) -> tuple[dict, list[dict], list[dict], int, SceneTasks | None]:
+) -> tuple[dict, list[dict], list[dict], int, SceneTasks | None, dict[str, dict]]:
     """Render scene ``image_id`` and write its views and disparity under ``lf_dir``; returns its records
-    (and its VQA and reasoning records with ``cfg.tasks``)."""
+    (and its VQA and reasoning records with ``cfg.tasks``) and its objects' attributes."""
     image_id, cfg, lf_dir = job
     scene = render_scene(image_id, cfg)
     out = Path(lf_dir) / f"Image{image_id}"
@@ -271,7 +286,7 @@ def _write_scene(
     np.save(out / cfg.disparity_name, scene.disparity.astype(np.float32))
     image, anns, refs = scene_records(scene, cfg)
     tasks = scene_tasks(image_id, scene.objects, refs, cfg) if cfg.tasks else None
-    return image, anns, refs, len(scene.same_looking_pairs), tasks
+    return image, anns, refs, len(scene.same_looking_pairs), tasks, scene_attributes(scene)
 
 
 def _summary(
@@ -353,14 +368,14 @@ def write_dataset(
         lf_dir.mkdir(parents=True)
         ref_dir.mkdir(parents=True)
         jobs = [(i, cfg, str(lf_dir)) for i in range(1, cfg.num_train + cfg.num_val + 1)]
-        images, anns, refs, pairs, tasks = [], [], [], 0, []
+        images, anns, refs, pairs, tasks, attributes = [], [], [], 0, [], {}
         if workers > 1:
             pool = multiprocessing.get_context("spawn").Pool(workers)
             results = pool.imap(_write_scene, jobs)
         else:
             pool, results = None, map(_write_scene, jobs)
         try:
-            for image, scene_anns, scene_refs, n_pairs, scene_task in tqdm(
+            for image, scene_anns, scene_refs, n_pairs, scene_task, scene_attrs in tqdm(
                 results, total=len(jobs), desc="synthetic scenes"
             ):
                 images.append(image)
@@ -368,12 +383,14 @@ def write_dataset(
                 refs += scene_refs
                 pairs += n_pairs
                 tasks += [scene_task] if scene_task else []
+                attributes.update(scene_attrs)
         finally:
             if pool is not None:
                 pool.terminate()
         categories = [{"id": i + 1, "name": name} for i, name in enumerate(CATEGORIES)]
         instances = {"images": images, "annotations": anns, "categories": categories}
         (ref_dir / "instances.json").write_text(json.dumps(instances))
+        (ref_dir / ATTRIBUTES_FILE).write_text(json.dumps(attributes, indent=1))
         (ref_dir / f"{cfg.ds_name}.json").write_text(json.dumps(refs, indent=1))
         task_summary = write_task_files(tmp, cfg, tasks) if cfg.tasks else None
         _install(tmp, root, cfg, overwrite)
