@@ -55,7 +55,10 @@ FLAG_CASES = [
     (["--disparity_set", "num_planes=0"], "num_planes"),
     (["--sample_rates", "x"], "expected numbers like '3,1'"),
     (["--start_epoch", "2"], "comes from its checkpoint"),
-    (["--dataset", "vqa"], "only 'refer_seg'"),
+    (["--dataset", "vqa||depth_seg"], "unknown task(s) ['depth_seg']"),
+    (["--dataset", "sem_seg||refer_seg", "--sample_rates", "3,1,2"], "3 rates for the 2 tasks of --dataset"),
+    (["--dataset", "vqa", "--refer_seg_sample_rates", "2"], "--dataset 'vqa' has no refer_seg task"),
+    (["--explanatory", "2"], "must be a share in [0, 1], or -1"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
 ]
 
