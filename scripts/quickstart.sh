@@ -36,6 +36,10 @@ NUM_VAL=${NUM_VAL:-16}
 HEIGHT=${HEIGHT:-120}
 WIDTH=${WIDTH:-160}
 NUM_EXTRA=${NUM_EXTRA:-448}   # a second generated training set (seed 1, ~660 MB), sampled in proportion (≥ 1:1); 0: none
+# How far the extra set's object placement follows the disparity (make_synthetic_data.py --perspective): 1 = nearer
+# objects stand lower and are larger, as in the val set; 0 = placement independent of depth, so only the light field
+# and occlusion tell which object is nearer.
+EXTRA_PERSPECTIVE=${EXTRA_PERSPECTIVE:-1}
 EPOCHS=${EPOCHS:-10}
 STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-250}
 LR=${LR:-1e-3}
@@ -66,6 +70,10 @@ if [ "$FEATURE_CACHE" != 0 ] && [ "$FEATURE_CACHE" != 1 ]; then
 fi
 CACHE=()
 [ "$FEATURE_CACHE" = 0 ] || CACHE=(--feature_cache "$OUT/feature_cache")
+if ! [[ $EXTRA_PERSPECTIVE =~ ^(0|1|0\.[0-9]+|1\.0*)$ ]]; then
+  echo "error: EXTRA_PERSPECTIVE=$EXTRA_PERSPECTIVE: expected a number from 0 to 1 (e.g. 0, 0.5, 1)" >&2
+  exit 2
+fi
 for knob in NUM_TRAIN NUM_VAL NUM_EXTRA EPOCHS STEPS_PER_EPOCH; do
   if ! [[ ${!knob} =~ ^[1-9][0-9]*$ || ( $knob = NUM_EXTRA && ${!knob} = 0 ) ]]; then
     echo "error: $knob=${!knob}: expected a positive whole number$([ $knob = NUM_EXTRA ] && echo ' or 0')" >&2
@@ -112,11 +120,13 @@ if ! reuse_dataset $DS $(( NUM_TRAIN + NUM_VAL )) "NUM_TRAIN + NUM_VAL"; then
 fi
 DATA_FLAGS=(--refer_seg_data $DS)
 if [ "$NUM_EXTRA" -gt 0 ]; then
-  if ! reuse_dataset "$DS-extra" "$NUM_EXTRA" NUM_EXTRA; then
-    $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name "$DS-extra" \
+  EXTRA=$DS-extra  # a set with other placement gets its own name, so neither is mistaken for the other
+  [ "$EXTRA_PERSPECTIVE" = 1 ] || EXTRA=$DS-extra-p$EXTRA_PERSPECTIVE
+  if ! reuse_dataset "$EXTRA" "$NUM_EXTRA" NUM_EXTRA; then
+    $PY scripts/make_synthetic_data.py --dataset_dir "$OUT/dataset" --ds_name "$EXTRA" --perspective "$EXTRA_PERSPECTIVE" \
       --height "$HEIGHT" --width "$WIDTH" --num_train "$NUM_EXTRA" --num_val 0 --seed 1 --workers 2 $GEN_FLAGS
   fi
-  DATA_FLAGS=(--refer_seg_data "$DS||$DS-extra" --sample_rates "1,$(( NUM_EXTRA >= NUM_TRAIN ? (NUM_EXTRA + NUM_TRAIN / 2) / NUM_TRAIN : 1 ))")
+  DATA_FLAGS=(--refer_seg_data "$DS||$EXTRA" --sample_rates "1,$(( NUM_EXTRA >= NUM_TRAIN ? (NUM_EXTRA + NUM_TRAIN / 2) / NUM_TRAIN : 1 ))")
 fi
 if [ "$TASKS" = 1 ]; then  # the same datasets for every task; the referring datasets keep their weights
   SETS=${DATA_FLAGS[1]}

@@ -602,6 +602,7 @@ def test_cli_names_overwrite_and_bad_values(tmp_path: Path) -> None:
         ("angular", 1, "angular"),
         ("max_objects", 200, "max_objects"),
         ("same_looking_prob", 1.5, "same_looking_prob"),
+        ("perspective", -0.1, "perspective"),
         ("ds_name", "a/b", "ds_name"),
         ("num_val", -1, "num_val"),
     ],
@@ -645,3 +646,19 @@ def test_bench_data_runs_on_tiny_dataset(written: Path, capsys) -> None:
     assert all(r["items_per_s"] > 0 and r["first_item_s"] >= 0 for r in rows)
     out = capsys.readouterr().out
     assert "| num_workers | items/s |" in out and f"{CFG.height}x{CFG.width}" in out
+
+
+@pytest.mark.parametrize(("perspective", "low", "high"), [(1.0, 0.8, 1.0), (0.0, -0.15, 0.15)])
+def test_perspective_sets_how_placement_follows_disparity(perspective: float, low: float, high: float) -> None:
+    """Default scenes place nearer objects lower (their ground row follows the disparity); ``perspective=0``
+    draws the placement independently, so the row says nothing about depth."""
+    from dataset.synthetic.layout import sample_layers
+
+    cfg = SyntheticConfig(height=120, width=160, perspective=perspective)
+    disparity, bottom = [], []
+    for seed in range(300):
+        layers, _ = sample_layers(np.random.default_rng([seed, 7]), cfg, 0.5 * cfg.height)
+        disparity += [layer.disparity for layer in layers if layer.category != "bridge"]
+        bottom += [layer.bottom for layer in layers if layer.category != "bridge"]
+    r = float(np.corrcoef(disparity, bottom)[0, 1])
+    assert low <= r <= high, r

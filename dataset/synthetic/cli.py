@@ -55,6 +55,12 @@ class GenerateOptions:
         "also write LISA's other tasks for the same scenes: VQA conversations (llava_dataset/<ds>.json, "
         "<ds>_val.json) and reasoning segmentation (reason_seg/<ds>/: train, val, val_explicit, explanatory)",
     )
+    perspective: float = option(
+        _DEFAULTS["perspective"],
+        "how far an object's ground row and size follow its disparity: 1 = nearer objects stand lower and are "
+        "larger (the default scenes); 0 = placement drawn independently of the disparity, so only the light "
+        "field (and occlusion) tells depth (a cue-conflict training set)",
+    )
     seed: int = option(_DEFAULTS["seed"], "dataset seed (output is a function of it)")
     ds_name: str = option(_DEFAULTS["ds_name"], "dataset name <ds>")
     disparity_name: str = option(_DEFAULTS["disparity_name"], "centre disparity file name in each scene")

@@ -30,6 +30,7 @@ class SyntheticConfig:
     same_looking_prob: float = 0.4
     gres: bool = False  # add GRES refs (several targets, or none: dataset.synthetic.gres) beside the others
     tasks: bool = False  # also write VQA and reasoning-segmentation data (dataset.synthetic.tasks)
+    perspective: float = 1.0  # how much an object's placement follows its disparity (1: nearer = lower, larger)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -51,6 +52,8 @@ class SyntheticConfig:
             )
         if not 0.0 <= self.same_looking_prob <= 1.0:
             raise ValueError(f"same_looking_prob must be in [0, 1], got {self.same_looking_prob}")
+        if not 0.0 <= self.perspective <= 1.0:
+            raise ValueError(f"perspective must be in [0, 1], got {self.perspective}")
         if not self.ds_name or "/" in self.ds_name or "|" in self.ds_name:
             raise ValueError(
                 f"ds_name must be a non-empty folder name without '/' or '|', got {self.ds_name!r}"

@@ -134,8 +134,15 @@ def _sample_disparities(rng: np.random.Generator, kinds: list[tuple[str, str]], 
 def _place(
     rng: np.random.Generator, cfg: SyntheticConfig, cat: str, d: float, horizon: float, params: dict
 ) -> tuple[float, float, float]:
-    """Ground-contact row, height and half width (px): nearer objects stand lower and are larger."""
+    """Ground-contact row, height and half width (px): nearer objects stand lower and are larger.
+
+    The apparent depth that places the object is its disparity's share of ``OBJECT_DISPARITY``, mixed with an
+    independent uniform draw as ``cfg.perspective`` says (1: the disparity alone, the default scenes, whose
+    random stream this leaves unchanged; 0: placement says nothing about depth).
+    """
     depth = (d - OBJECT_DISPARITY[0]) / (OBJECT_DISPARITY[1] - OBJECT_DISPARITY[0])
+    if cfg.perspective < 1.0:
+        depth = cfg.perspective * depth + (1.0 - cfg.perspective) * float(rng.uniform())
     span = cfg.height - horizon
     bottom = min(horizon + span * (0.25 + 0.7 * depth) * rng.uniform(0.9, 1.05), cfg.height - 3.0)
     size = HEIGHT_FRACTION[cat] * cfg.height * (0.65 + 0.5 * depth) * rng.uniform(0.9, 1.1)
