@@ -649,7 +649,9 @@ def test_bench_data_runs_on_tiny_dataset(written: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize(("perspective", "low", "high"), [(1.0, 0.8, 1.0), (0.0, -0.15, 0.15)])
-def test_perspective_sets_how_placement_follows_disparity(perspective: float, low: float, high: float) -> None:
+def test_perspective_sets_how_placement_follows_disparity(
+    perspective: float, low: float, high: float
+) -> None:
     """Default scenes place nearer objects lower (their ground row follows the disparity); ``perspective=0``
     draws the placement independently, so the row says nothing about depth."""
     from dataset.synthetic.layout import sample_layers

@@ -30,7 +30,9 @@ class SyntheticConfig:
     same_looking_prob: float = 0.4
     gres: bool = False  # add GRES refs (several targets, or none: dataset.synthetic.gres) beside the others
     tasks: bool = False  # also write VQA and reasoning-segmentation data (dataset.synthetic.tasks)
-    perspective: float = 1.0  # how much an object's placement follows its disparity (1: nearer = lower, larger)
+    perspective: float = (
+        1.0  # how much an object's placement follows its disparity (1: nearer = lower, larger)
+    )
 
     def __post_init__(self) -> None:
         self.validate()
