@@ -13,7 +13,9 @@ The answer is generated (KV cache, ``model.inference.generate_masks``) and print
 (``utils.mask_scores``); the mask of its first ``[SEG]`` is written as ``OUT/<name>_mask.png`` (0/255,
 centre-view size) with ``OUT/<name>_overlay.png`` (≥ 512 px: expression, legend, score, disparity beside).
 An answer without ``[SEG]`` gets an empty mask (and says so). The disparity map comes from the scene
-folder (``--disparity_name``) or from the estimator (``--depth_source estimate``).
+folder (``--disparity_name``) or from the estimator (``--depth_source estimate``). ``--describe`` (a model
+trained with ``--ilvc``): segment, then describe -- the answer stops at its first ``[SEG]``, the predicted
+mask's region is cropped and encoded, and the model's description of it is printed (and in ``results.jsonl``).
 """
 
 from __future__ import annotations

@@ -167,6 +167,7 @@ def run_training(cfg: RunConfig, dist_info: DistInfo, run_dir: Path, logger: Run
         DTYPES[cfg.run.precision],
         given=_given(cfg),
         light_pretrained=cfg.light_checkpoint,
+        region_token=cfg.datasets.ilvc > 0,  # the placeholder of ILVC answers
     )
     if not cfg.eval.no_eval:
         check_protocol(model.config, cfg.eval.eval_protocol)  # before any training step

@@ -1,7 +1,7 @@
 """Tokenisation with placeholder expansion and label masking, and batching of model-ready samples.
 
 ``encode_conversation`` turns rendered segments into ``input_ids`` / ``labels``: the ``<image>`` and
-``<depth>`` placeholders are expanded to the real number of visual tokens (transformers 5's LLaVA does
+``<depth>`` placeholders (and an ILVC answer's ``<region>``) are expanded to the real number of visual tokens (transformers 5's LLaVA does
 not expand them), only answer segments carry labels, and a prompt longer than ``model_max_length`` (placeholders counted
 once, as in the reference) is refused when cutting it would drop a ``[SEG]``.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from utils.batch import META_KEYS, STACKED_KEYS, Batch, Sample
-from utils.tokens import DEPTH_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, SEG_TOKEN
+from utils.batch import META_KEYS, REGION_KEYS, STACKED_KEYS, Batch, Sample
+from utils.tokens import DEPTH_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class TokenSpec:
     num_image_tokens: int
     num_depth_tokens: int
     model_max_length: int
+    region_id: int | None = None  # <region> of a model built for ILVC answers; None otherwise
 
     @classmethod
     def from_tokenizer(
@@ -39,7 +40,9 @@ class TokenSpec:
         for token, tid in ids.items():
             if tid is None or (tid == unk and token != tokenizer.unk_token):
                 raise ValueError(f"tokenizer has no {token} token; build the model with model.build first")
+        region = tokenizer.get_vocab().get(REGION_TOKEN)
         return cls(
+            region_id=region,
             bos_id=tokenizer.bos_token_id,
             pad_id=tokenizer.pad_token_id,
             image_id=ids[IMAGE_TOKEN],
@@ -82,6 +85,8 @@ def encode_conversation(
             )
         chunks = chunks[: spec.model_max_length]
     expand = {spec.image_id: spec.num_image_tokens, spec.depth_id: spec.num_depth_tokens}
+    if spec.region_id is not None:  # a region's tokens come from the same tower as the image's
+        expand[spec.region_id] = spec.num_image_tokens
     ids: list[int] = []
     labels: list[int] = []
     for tid, is_answer in chunks:
@@ -130,6 +135,7 @@ def collate_batch(samples: list[Sample], pad_id: int) -> Batch:
         attention_mask=attention,
         conv_image=torch.tensor([i for i, _, _ in convs], dtype=torch.long),
     )
+    batch.update(_regions(samples))
     masks = [s.get("masks") for s in samples]
     if all(m is not None for m in masks):
         batch["gt_masks"] = [torch.as_tensor(m).float() for m in masks]
@@ -143,6 +149,26 @@ def collate_batch(samples: list[Sample], pad_id: int) -> Batch:
         else:
             batch[key] = [s[key] for s in samples]
     return batch
+
+
+def _regions(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """The ILVC regions of all samples, concatenated (``region_pixels``, ``region_masks``, ``region_boxes``)
+    with ``region_conv`` renumbered to the batch's conversations; empty without any region."""
+    out: dict[str, list[torch.Tensor]] = {}
+    offset = 0
+    for s in samples:
+        if s.get("region_conv") is not None and len(s["region_conv"]):
+            out.setdefault("region_conv", []).append(torch.as_tensor(s["region_conv"]) + offset)
+            for key in REGION_KEYS:
+                if s.get(key) is not None:
+                    out.setdefault(key, []).append(torch.as_tensor(s[key]))
+        offset += len(s["conversations"])
+    if not out:
+        return {}
+    count = len(out["region_conv"])
+    if any(len(v) != count for v in out.values()):
+        raise ValueError("ILVC regions of some samples lack keys that others carry")
+    return {key: torch.cat(v) for key, v in out.items()}
 
 
 def move_batch(batch: Batch, device: torch.device) -> Batch:

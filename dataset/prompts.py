@@ -11,6 +11,10 @@ location the LM has just written.
 A GRES model (``gres``) answers an expression that names no object with ``[REJ]`` instead of ``[SEG]``, and a
 question may ask for several expressions at once (``exprs_per_question``, MLLMSeg's GRES format): "Sure,
 e1: [SEG], e2: [REJ], e3: [SEG]." -- one slot per expression, in the question's order.
+
+An ILVC answer (``--ilvc``, LIRA's format) follows its ``[SEG]`` with the region's own visual tokens (the
+``<region>`` placeholder, expanded like ``<image>``) and a short description, closed by a second ``[SEG]``:
+"Sure, [SEG] <region> a red car, far away, fully visible [SEG]." (``dataset/regions.py`` writes the rest).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import random
 
 from utils.conversation import PROMPT_ORDERS
-from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
+from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, REGION_TOKEN
 
 QUESTION_TEMPLATES: tuple[str, ...] = (
     "This is a light field with its disparity map. Can you segment {expr} in this image?",
@@ -37,6 +41,12 @@ BOX_ANSWER_TEMPLATES: tuple[str, ...] = (
     "Sure, {box} [SEG].",
     "It is at {box}: [SEG].",
     "{box} [SEG].",
+)
+#: ILVC answers (training only): ``{region}`` is the ``<region>`` placeholder, ``{description}`` the target's.
+ILVC_ANSWER_TEMPLATES: tuple[str, ...] = (
+    "Sure, [SEG] {region} {description} [SEG].",
+    "It is [SEG] {region} {description} [SEG].",
+    "[SEG] {region} {description} [SEG].",
 )
 REJ_ANSWER_TEMPLATES: tuple[str, ...] = (
     "There is no such object: [REJ].",
@@ -135,6 +145,13 @@ def answer(rng: random.Random | None = None, box: str | None = None, reject: boo
     return (rng.choice(BOX_ANSWER_TEMPLATES) if rng is not None else VAL_BOX_ANSWER).format(box=box)
 
 
+def ilvc_answer(description: str, rng: random.Random | None = None) -> str:
+    """An ILVC answer: ``[SEG]``, the ``<region>`` placeholder, ``description``, ``[SEG]`` (random variant with
+    ``rng``, the first otherwise)."""
+    tpl = rng.choice(ILVC_ANSWER_TEMPLATES) if rng is not None else ILVC_ANSWER_TEMPLATES[0]
+    return tpl.format(region=REGION_TOKEN, description=description)
+
+
 def multi_question(exprs: list[str], rng: random.Random | None = None) -> str:
     """One question asking for every expression of ``exprs`` (random template when ``rng`` is given)."""
     names = [clean_expression(e) for e in exprs]
@@ -161,6 +178,7 @@ def build_turns(
     boxes: list[str] | None = None,
     rejects: list[bool] | None = None,
     exprs_per_question: int = 1,
+    ilvc_answers: list[str | None] | None = None,
 ) -> list[list[tuple[str, str | None]]]:
     """Conversations for one scene.
 
@@ -170,8 +188,10 @@ def build_turns(
     after it (``expression_first``). ``boxes``: one ``[x0, y0, x1, y1]`` text per expression, stated by
     the answer before its ``[SEG]`` (``answer_box`` models). ``rejects``: per expression, True where it
     names no object (its slot is ``[REJ]``; GRES models, whose fixed answer is the bare slot). ``exprs_per_question`` > 1: consecutive
-    expressions share one question and one answer with a slot each (:func:`multi_answer`). Returns a list of
-    conversations, each a list of (question, answer) turns.
+    expressions share one question and one answer with a slot each (:func:`multi_answer`). ``ilvc_answers``:
+    per expression, its ILVC answer (:func:`ilvc_answer`) or None; the plain answer is drawn either way, so
+    the questions drawn after it stay those of a run without ILVC.
+    Returns a list of conversations, each a list of (question, answer) turns.
     """
     if order not in PROMPT_ORDERS:
         raise ValueError(f"prompt order {order!r}: expected one of {PROMPT_ORDERS}")
@@ -183,6 +203,14 @@ def build_turns(
         raise ValueError(f"exprs_per_question must be >= 1, got {exprs_per_question}")
     if exprs_per_question > 1 and boxes is not None:
         raise ValueError("answer_box answers state one box before one [SEG]: use one expression per question")
+    if ilvc_answers is not None and any(d is not None for d in ilvc_answers):
+        if len(ilvc_answers) != len(expressions):
+            raise ValueError(f"{len(ilvc_answers)} ILVC answers for {len(expressions)} expressions")
+        if exprs_per_question > 1 or boxes is not None:
+            raise ValueError(
+                "ILVC answers hold one expression's [SEG] pair: not with boxes or several per question"
+            )
+    ilvc_answers = ilvc_answers or [None] * len(expressions)
     gres = rejects is not None
     rejects = [False] * len(expressions) if rejects is None else [bool(r) for r in rejects]
     prefix = visual_prefix(use_depth, use_mm_start_end)
@@ -195,6 +223,8 @@ def build_turns(
             q = question(e, rng)
             box = None if boxes is None else boxes[k]
             a = BARE_ANSWERS[rejects[k]] if bare else answer(rng, box, rejects[k])
+            if ilvc_answers[k] is not None and not rejects[k]:
+                a = ilvc_answers[k]
             turns.append((q, a if with_answer else None))
     else:
         for start in range(0, len(expressions), exprs_per_question):

@@ -12,7 +12,7 @@ lists; a multi-target ref's mask is the union of its annotations; ``ann_id: [-1]
 when the field is present) is a ref with no target, whose mask is empty. A plain integer ``ann_id`` is a
 one-target ref, as in RefCOCO and Ref-UrbanLF.
 
-Length: about 460 lines, because one reader serves every published refs format (Ref-UrbanLF's JSON, REFER's
+Length: about 470 lines, because one reader serves every published refs format (Ref-UrbanLF's JSON, REFER's
 pickles through a restricted unpickler, gRefCOCO's lists and no-target refs) with one set of checks; split
 into modules it would repeat the validation each format needs.
 
@@ -295,6 +295,7 @@ class ReferAnnotations:
         self._images = _index(instances.get("images"), "images", instances_path)
         self._anns = _index(instances.get("annotations"), "annotations", instances_path)
         self._categories = _index(instances.get("categories", []), "categories", instances_path)
+        self._by_image: dict[int, list[int]] | None = None
         self._check_links()
 
     @classmethod
@@ -393,6 +394,18 @@ class ReferAnnotations:
                 f"size {(height, width)}",
             )
         return mask
+
+    def boxes_of_image(self, image_id: int) -> dict[int, tuple[float, float, float, float]]:
+        """``{ann_id: (x, y, w, h)}``: the COCO ``bbox`` (pixels) of every annotation of ``image_id``."""
+        if self._by_image is None:
+            self._by_image = {}
+            for ann_id, ann in self._anns.items():
+                self._by_image.setdefault(int(ann.get("image_id", -1)), []).append(ann_id)
+        out = {}
+        for ann_id in self._by_image.get(int(image_id), []):
+            box = self._anns[ann_id].get("bbox") or (0.0, 0.0, 0.0, 0.0)
+            out[ann_id] = tuple(float(v) for v in box[:4])
+        return out
 
     def ref_mask(self, ref: Ref, cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
         """The (H, W) uint8 {0, 1} target of ``ref``: its one annotation's mask, the union of several

@@ -3,7 +3,9 @@
 ``ReferSegDataset`` wraps a :class:`dataset.scenes.SceneDataset` (raw arrays at original resolution) and
 produces what :func:`dataset.collate.collate_batch` batches: uint8 views at CLIP and SAM geometry (the
 neighbours only for the encoders CAAM feeds), disparity at both geometries, tokenised conversations and
-the GT masks at original resolution. Training and validation differ only in the prompt randomness.
+the GT masks at original resolution. Training and validation differ only in the prompt randomness, and in
+training with ILVC answers (``ilvc``, ``dataset/regions.py``): a share of the one-target expressions is answered
+"[SEG] <region> description [SEG]", with the target's masked crop and its mask once per ``[SEG]``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from transformers import PreTrainedTokenizerBase
 
 from dataset.collate import TokenSpec, encode_conversation
 from dataset.errors import DataError, LightFieldError
-from dataset.prompts import BOX_STEP, build_task_turns, build_turns
+from dataset.lightfield import read_rgb
+from dataset.prompts import BOX_STEP, build_task_turns, build_turns, ilvc_answer
+from dataset.regions import IlvcSpec, RegionCrop, region_crop
 from dataset.scenes import SceneDataset
 from dataset.transforms import clip_geometry, disparity_scale, longest_side_shape, sam_geometry
 from utils.batch import Sample
@@ -116,13 +120,23 @@ class ReferSegDataset(torch.utils.data.Dataset):
         seed: int = 0,
         features: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None,
         explanatory: float = -1.0,
+        ilvc: IlvcSpec | None = None,
     ) -> None:
         """``features``: with a feature cache, ``features(raw_scene) -> {"image_tokens", "depth_tokens",
         "sam_embeddings"}`` replaces the images (the scenes then come without pixels). ``scenes`` may be a
         task mix (:class:`dataset.tasks.mix.TaskMix`): an item's ``task`` chooses its prompts
-        (:func:`dataset.prompts.build_task_turns`; ``explanatory``: ``--explanatory``)."""
+        (:func:`dataset.prompts.build_task_turns`; ``explanatory``: ``--explanatory``). ``ilvc``: ILVC answers
+        in training (``--ilvc``; the model must have ``<region>``, ``tokens.region_id``)."""
         self.scenes, self.tokenizer, self.spec, self.tokens = scenes, tokenizer, spec, tokens
         self.explanatory = explanatory
+        self.ilvc = ilvc if ilvc is not None and ilvc.share > 0 and train and with_answers else None
+        if self.ilvc is not None:
+            if tokens.region_id is None:
+                raise ValueError("--ilvc: the model has no <region> token; build it with region_token=True")
+            if spec.answer_box or spec.exprs_per_question > 1:
+                raise ValueError(
+                    "--ilvc: not with --answer_box or --exprs_per_question > 1 (one [SEG] pair each)"
+                )
         self.features = features
         self.train, self.with_answers, self.seed, self.epoch = train, with_answers, seed, 0
         if spec.answer_box and with_answers:
@@ -184,10 +198,12 @@ class ReferSegDataset(torch.utils.data.Dataset):
         rng: random.Random | None,
         masks: np.ndarray | None = None,
         no_target: list[bool] | None = None,
+        ilvc_answers: list[str | None] | None = None,
     ) -> list[tuple[list[int], list[int]]]:
         """Tokenised conversations for ``sentences`` (one [SEG] each, in sentence order; a GRES model's
         answer to a sentence flagged in ``no_target`` is [REJ]); an ``answer_box`` model's answers state the
-        box of each of ``masks`` (k, H, W), one per sentence."""
+        box of each of ``masks`` (k, H, W), one per sentence; a sentence with an answer in ``ilvc_answers``
+        is answered with it (the ILVC form)."""
         spec = self.spec
         rejects = [bool(v) for v in no_target] if no_target is not None else [False] * len(sentences)
         # A model without [REJ] is scored on no-target expressions as it answers them, with [SEG] (its mask
@@ -215,6 +231,7 @@ class ReferSegDataset(torch.utils.data.Dataset):
             boxes=boxes,
             rejects=rejects if spec.gres else None,
             exprs_per_question=spec.exprs_per_question,
+            ilvc_answers=ilvc_answers,
         )
         return self._encode(convs)
 
@@ -277,9 +294,15 @@ class ReferSegDataset(torch.utils.data.Dataset):
         keep = None
         try:
             if task == "refer_seg":
+                regions = self._regions(raw, index)
                 sample["conversations"] = self.conversations(
-                    raw["sentences"], rng, raw.get("masks"), raw.get("no_target")
-                )
+                    raw["sentences"], rng, raw.get("masks"), raw.get("no_target"),
+                    None if regions is None else [None if r is None else r[0] for r in regions],
+                )  # fmt: skip
+                if regions is not None and any(r is not None for r in regions):
+                    sample.update(self._region_keys(regions))
+                    twice = [k for k, r in enumerate(regions) for _ in range(1 if r is None else 2)]
+                    masks = masks[twice]  # both [SEG]s of an ILVC answer are trained on its mask
             else:
                 sample["conversations"], keep = self.task_conversations(raw, rng)
         except ValueError as exc:  # a DataError rebuilds cleanly from a DataLoader worker
@@ -303,6 +326,46 @@ class ReferSegDataset(torch.utils.data.Dataset):
             center_path=self._center_path(raw["scene_dir"]),
         )
         return sample
+
+    def _regions(self, raw: dict[str, Any], index: int) -> list[tuple[str, RegionCrop] | None] | None:
+        """Per expression of a referring item, (ILVC answer, crop) where its answer takes the ILVC form, else
+        None; None without ILVC. Each expression draws once from its own generator (seeded by seed, epoch,
+        index), so the prompts' draws are those of a run without ILVC; one-target expressions with a
+        non-empty mask and an attributes record qualify."""
+        spec = self.ilvc
+        if spec is None or raw.get("masks") is None or raw.get("ann_ids") is None:
+            return None
+        rng = random.Random(hash((self.seed, self.epoch, index, 0x1C)))
+        no_target = raw.get("no_target") or [False] * len(raw["sentences"])
+        center = None
+        out: list[tuple[str, RegionCrop] | None] = []
+        for k, ann_ids in enumerate(raw["ann_ids"]):
+            drawn = rng.random() < spec.share
+            mask = raw["masks"][k] == 1
+            text = None
+            if drawn and len(ann_ids) == 1 and not no_target[k] and mask.any():
+                text = spec.describer.description(raw["ds"], raw["image_id"], ann_ids[0])
+            if text is None:
+                out.append(None)
+                continue
+            if center is None and spec.crop == "centre":  # a feature cache's scene holds no pixels
+                center = raw["center"] if "center" in raw else read_rgb(self._center_path(raw["scene_dir"]))
+            out.append((ilvc_answer(text, rng), region_crop(center, mask, spec.size)))
+        return out
+
+    def _region_keys(self, regions: list[tuple[str, RegionCrop] | None]) -> dict[str, torch.Tensor]:
+        """The sample's ``region_*`` keys (:class:`utils.batch.Sample`) of the ILVC answers in ``regions``."""
+        crops = [(k, r[1]) for k, r in enumerate(regions) if r is not None]
+        out = {
+            "region_masks": torch.stack([c.mask for _, c in crops]),
+            # one conversation per expression, or one packed conversation holding every turn
+            "region_conv": torch.tensor([0 if self.spec.pack_conversations else k for k, _ in crops]),
+        }
+        if self.ilvc.crop == "caam":
+            out["region_boxes"] = torch.stack([c.box for _, c in crops])
+        else:
+            out["region_pixels"] = torch.stack([c.pixels for _, c in crops])
+        return out
 
     def _center_path(self, scene_dir: str) -> str:
         """The centre-view file of a scene (the image itself for 2D datasets)."""

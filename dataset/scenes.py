@@ -120,7 +120,8 @@ class SceneDataset(torch.utils.data.Dataset):
     Items are dicts: ``image_id`` int, ``ds`` str, ``scene_dir`` str (the image file for 2D data),
     ``center`` (H, W, 3) uint8, ``views`` (V, H, W, 3) uint8, ``offsets`` (V, 2) int64, ``disparity``
     (H, W) float32 or None, ``sentences`` list[str] (N), ``masks`` (N, H, W) uint8 {0, 1},
-    ``ref_ids`` list[int] (N), ``subsets`` list[tuple[str, ...]] (N; the ref's split then its tags).
+    ``ref_ids`` list[int] (N), ``ann_ids`` list[tuple[int, ...]] (N; each ref's targets), ``subsets``
+    list[tuple[str, ...]] (N; the ref's split then its tags).
     """
 
     def __init__(
@@ -294,6 +295,7 @@ class SceneDataset(torch.utils.data.Dataset):
                 "sentences": [sent for _, sent in pairs],
                 "masks": self._masks(index, refs, hw),
                 "ref_ids": [ref.ref_id for ref in refs],
+                "ann_ids": [ref.ann_ids for ref in refs],
                 "subsets": [ref.tags for ref in refs],
                 "no_target": [ref.no_target for ref in refs],
             }
@@ -309,6 +311,7 @@ class SceneDataset(torch.utils.data.Dataset):
             "sentences": [sent for _, sent in pairs],
             "masks": self._masks(index, refs, pixels.center.shape[:2]),
             "ref_ids": [ref.ref_id for ref in refs],
+            "ann_ids": [ref.ann_ids for ref in refs],
             "subsets": [ref.tags for ref in refs],
             "no_target": [ref.no_target for ref in refs],
         }

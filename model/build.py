@@ -9,7 +9,7 @@ What is loaded is exactly what was saved: a merged model's or a base LLaVA's wei
 be missing from a base LLaVA), and a merged model's token ids must be its tokenizer's; each refusal is one
 :class:`utils.safe_load.WeightsMismatchError` naming the file and the first key.
 
-Length: about 440 lines: every way a model comes from disk (a base LLaVA + SAM or the light head, a merged
+Length: about 510 lines: every way a model comes from disk (a base LLaVA + SAM or the light head, a merged
 model) and the checks that what loads is what was saved; split, each path would lose its checks' view.
 """
 
@@ -34,17 +34,25 @@ from utils.safe_load import (
     token_mismatch_message,
     weight_files,
 )
-from utils.tokens import DEPTH_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN
+from utils.tokens import (
+    DEPTH_TOKEN,
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    IMAGE_TOKEN,
+    REGION_TOKEN,
+    REJ_TOKEN,
+    SEG_TOKEN,
+)
 from utils.views import parse_views
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_special_tokens(
-    tokenizer: PreTrainedTokenizerBase, use_mm_start_end: bool, gres: bool = False
+    tokenizer: PreTrainedTokenizerBase, use_mm_start_end: bool, gres: bool = False, region: bool = False
 ) -> tuple[dict[str, int], list[int]]:
-    """Add ``[SEG]``, ``<image>``, ``<depth>`` (and ``<im_start>``/``<im_end>``, and ``[REJ]`` for a
-    ``gres`` model) and a pad token.
+    """Add ``[SEG]``, ``<image>``, ``<depth>`` (and ``<im_start>``/``<im_end>``, ``[REJ]`` for a ``gres``
+    model, ``<region>`` for a model trained with ILVC answers) and a pad token.
 
     Returns (ids of the tokens it guarantees, ids it newly added). Tokens already present keep their ids.
     """
@@ -53,6 +61,8 @@ def add_special_tokens(
         wanted += [IM_START_TOKEN, IM_END_TOKEN]
     if gres:
         wanted.append(REJ_TOKEN)
+    if region:
+        wanted.append(REGION_TOKEN)
     vocab = tokenizer.get_vocab()
     missing = [t for t in wanted if t not in vocab]
     if missing:
@@ -145,6 +155,7 @@ def _lfllm_config(
         **option_fields(options, sam_cfg),
         seg_token_id=ids[SEG_TOKEN],
         rej_token_id=ids.get(REJ_TOKEN),
+        region_token_id=ids.get(REGION_TOKEN),
         depth_token_id=ids[DEPTH_TOKEN],
         sam_config=sam_cfg,
         clip_image_mean=list(processor.image_mean),
@@ -252,6 +263,7 @@ TOKEN_IDS = (
     ("image_token_index", IMAGE_TOKEN),
     ("depth_token_id", DEPTH_TOKEN),
     ("rej_token_id", REJ_TOKEN),  # None on both sides for a model without gres
+    ("region_token_id", REGION_TOKEN),  # None on both sides for a model never trained with --ilvc
 )
 
 
@@ -312,17 +324,38 @@ class OptionMismatchError(ValueError):
     """A flag the user gave disagrees with the weights it would apply to (the message lists each one)."""
 
 
-def add_rej_token(model: LFLLMForCausalLM, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Give a loaded model without ``[REJ]`` the token: added to ``tokenizer``, the embeddings grown by a
-    fresh row (as for every new token of a base), the config marked ``gres`` with the new id among its
-    trainable ``new_token_ids``. Returns the id."""
-    ids, added = add_special_tokens(tokenizer, model.config.use_mm_start_end, gres=True)
+def _grow_tokens(
+    model: LFLLMForCausalLM, tokenizer: PreTrainedTokenizerBase, **which: bool
+) -> dict[str, int]:
+    """Add the tokens ``which`` asks for (``gres=True``: ``[REJ]``, ``region=True``: ``<region>``) to a loaded
+    model: to ``tokenizer``, the embeddings grown by fresh rows (as for every new token of a base), the new
+    ids among the config's trainable ``new_token_ids``. Returns the tokenizer's ids."""
+    config = model.config
+    ids, added = add_special_tokens(
+        tokenizer, config.use_mm_start_end, gres=bool(config.gres) or which.get("gres", False),
+        region=config.region_token_id is not None or which.get("region", False),
+    )  # fmt: skip
     rows = max(len(tokenizer), model.get_input_embeddings().weight.shape[0])
     model.resize_token_embeddings(rows, mean_resizing=False)
+    config.new_token_ids = sorted({*(config.new_token_ids or []), *added})
+    return ids
+
+
+def add_rej_token(model: LFLLMForCausalLM, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Give a loaded model without ``[REJ]`` the token (a fresh, trainable row); the config marked
+    ``gres``. Returns the id."""
+    ids = _grow_tokens(model, tokenizer, gres=True)
     model.config.gres = True
     model.config.rej_token_id = ids[REJ_TOKEN]
-    model.config.new_token_ids = sorted({*(model.config.new_token_ids or []), *added})
     return ids[REJ_TOKEN]
+
+
+def add_region_token(model: LFLLMForCausalLM, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Give a loaded model without ``<region>`` the placeholder of ILVC answers (``--ilvc``): a fresh row,
+    recorded as ``region_token_id``. Returns the id."""
+    ids = _grow_tokens(model, tokenizer, region=True)
+    model.config.region_token_id = ids[REGION_TOKEN]
+    return ids[REGION_TOKEN]
 
 
 def check_given_options(source: str, options: ModelOptions, given: Collection[str], recorded: dict) -> None:
@@ -344,6 +377,7 @@ def build_lfllm(
     dtype: torch.dtype = torch.float32,
     given: Collection[str] = (),
     light_pretrained: str | Path | None = None,
+    region_token: bool = False,
 ) -> tuple[LFLLMForCausalLM, PreTrainedTokenizerBase]:
     """Load LFLLM from ``version``.
 
@@ -362,6 +396,8 @@ def build_lfllm(
             command line; the others are defaults that yield to what the weights hold.
         light_pretrained: a light-decoder file (``model.light_decoder.save_light_decoder``) to start the
             light head from, for a LLaVA directory with ``mask_head="light"`` only.
+        region_token: the model gets ``<region>``, the placeholder of ILVC answers (a training run with
+            ``--ilvc``, and its merge); a merged model that has it keeps it either way.
     """
     options = options or ModelOptions()
     check_pretrained_dir(version)
@@ -404,6 +440,8 @@ def build_lfllm(
         check_given_options(f"the merged model {version}", options, given, recorded)
         if extend:
             add_rej_token(model, tokenizer)
+        if region_token and model.config.region_token_id is None:
+            add_region_token(model, tokenizer)
         odd = set()
         if model.sam is not None:
             odd = {str(t.dtype) for t in model.sam.prompt_encoder.state_dict().values()} - {"torch.float32"}
@@ -411,7 +449,7 @@ def build_lfllm(
             raise RuntimeError(f"{version}: SAM's prompt encoder loaded as {odd}, expected float32")
         return model, tokenizer
     if options.mask_head == "light":
-        return _build_light(version, vision_pretrained, options, dtype, light_pretrained)
+        return _build_light(version, vision_pretrained, options, dtype, light_pretrained, region_token)
     if light_pretrained is not None:
         raise ValueError(f"--light_pretrained {light_pretrained}: the SAM route has no light decoder")
     if vision_pretrained is None:
@@ -423,7 +461,7 @@ def build_lfllm(
         {"out_dim", "image_size"} & set(given),
         {"out_dim": sam_cfg["prompt_embed_dim"], "image_size": sam_cfg["img_size"]},
     )
-    model, tokenizer = _new_lfllm(version, sam_cfg, options, dtype)
+    model, tokenizer = _new_lfllm(version, sam_cfg, options, dtype, region_token)
     model.sam.prompt_encoder.float()  # before loading, so its float32 checkpoint values stay exact
     model.sam.load_state_dict(sam.state_dict())
     del sam
@@ -431,12 +469,16 @@ def build_lfllm(
 
 
 def _new_lfllm(
-    version: str | Path, sam_cfg: dict | None, options: ModelOptions, dtype: torch.dtype
+    version: str | Path,
+    sam_cfg: dict | None,
+    options: ModelOptions,
+    dtype: torch.dtype,
+    region_token: bool = False,
 ) -> tuple[LFLLMForCausalLM, PreTrainedTokenizerBase]:
     """LLaVA from ``version`` with the new tokens added and the embeddings resized; LFLLM's own modules
     fresh (SAM still empty)."""
     tokenizer = load_tokenizer(version)
-    ids, added = add_special_tokens(tokenizer, options.use_mm_start_end, options.gres)
+    ids, added = add_special_tokens(tokenizer, options.use_mm_start_end, options.gres, region_token)
     config = _lfllm_config(version, sam_cfg, options, ids)
     config.new_token_ids = sorted(added)
     if config.mask_head == "light":
@@ -454,6 +496,7 @@ def _build_light(
     options: ModelOptions,
     dtype: torch.dtype,
     light_pretrained: str | Path | None = None,
+    region_token: bool = False,
 ) -> tuple[LFLLMForCausalLM, PreTrainedTokenizerBase]:
     """A LLaVA directory with the light mask head: no SAM checkpoint is read (one given is refused); the
     decoder starts from ``light_pretrained`` when given (checked before the LLaVA weights load)."""
@@ -464,7 +507,7 @@ def _build_light(
         )
     if light_pretrained is not None:
         read_light_decoder(light_pretrained)  # a missing or foreign file is refused before the base loads
-    model, tokenizer = _new_lfllm(version, None, options, dtype)
+    model, tokenizer = _new_lfllm(version, None, options, dtype, region_token)
     if light_pretrained is not None:
         load_light_decoder(model.light_decoder, light_pretrained)
     return model.to(dtype), tokenizer

@@ -5,6 +5,11 @@ the KV cache serves every new token and each image is encoded once however many 
 All conversations of a batch (every scene's expressions) are generated together, left-padded, and their
 masks come from one forward over prompt + answer (right-padded), reading ``[SEG]`` states exactly as in
 training. Every mask comes with SAM's predicted IoU for its ``[SEG]`` prompt (the decoder's IoU head).
+
+A model trained with ILVC answers (``config.region_token_id``) stops each answer at its first slot, as LIRA's
+evaluation does (its training answers go on with the region and a description); :func:`describe_regions`
+then continues such an answer ("segment, then describe"): the predicted region's own tokens are appended
+after ``[SEG]`` and the description is generated up to the next ``[SEG]`` / EOS.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 
 from model.lfllm import LFLLMForCausalLM, slot_predictor_positions
 from utils.batch import Batch
+from utils.tokens import REGION_TOKEN, SEG_TOKEN
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Generated:
     sam_iou: float | None = None
     slots: list[Slot] = field(default_factory=list)
     rejected: bool = False
+    description: str | None = None  # "segment, then describe" (describe_regions): the text after [SEG]
 
 
 @torch.no_grad()
@@ -73,12 +80,38 @@ def _left_padded(embeds: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor
     return out, mask
 
 
-def _answer_ids(row: torch.Tensor, eos_token_id: int | None) -> list[int]:
-    """Generated ids of one row up to (not including) its first EOS; the pads after it are dropped."""
+def _answer_ids(row: torch.Tensor, eos_token_id: int | None, slots: tuple[int, ...] = ()) -> list[int]:
+    """Generated ids of one row up to (not including) its first EOS, or up to and including its first token
+    of ``slots`` (an answer stopped at its first slot); the pads after it are dropped."""
     ids = row.tolist()
-    if eos_token_id is not None and eos_token_id in ids:
-        ids = ids[: ids.index(eos_token_id)]
+    for k, token in enumerate(ids):
+        if token == eos_token_id:
+            return ids[:k]
+        if token in slots:
+            return ids[: k + 1]
     return ids
+
+
+def _stops(model: LFLLMForCausalLM) -> tuple[int, ...]:
+    """The slot tokens an answer stops at: ``[SEG]`` (and ``[REJ]``) for a model trained with ILVC answers
+    (LIRA stops at the first ``[SEG]``), none otherwise."""
+    config = model.config
+    if getattr(config, "region_token_id", None) is None:
+        return ()
+    return tuple(t for t in (config.seg_token_id, getattr(config, "rej_token_id", None)) if t is not None)
+
+
+def _stop_list(tokenizer, stops: tuple[int, ...]) -> list[int] | None:
+    """``generate``'s ``eos_token_id``: the tokenizer's EOS and ``stops`` (None when there is neither)."""
+    ids = [t for t in (tokenizer.eos_token_id, *stops) if t is not None]
+    return ids or None
+
+
+def _placeholders(model: LFLLMForCausalLM) -> list[int]:
+    """Visual placeholders, which a generated answer may not write (it would have no features to fill)."""
+    config = model.config
+    ids = (config.image_token_id, config.depth_token_id, getattr(config, "region_token_id", None))
+    return [t for t in ids if t is not None]
 
 
 def _masks_for_sequences(
@@ -136,20 +169,19 @@ def generate_masks(
     image_tokens, depth_tokens, image_embeddings = model.encode_frozen(batch)
     conv_image = batch["conv_image"].tolist()
     lengths = [int(v) for v in batch["attention_mask"].sum(1)]
-    # A visual placeholder in the answer would have no features to fill it (the forward then fails).
-    placeholders = [t for t in (model.config.image_token_id, model.config.depth_token_id) if t is not None]
     embeds = model.build_inputs_embeds(batch["input_ids"], batch["conv_image"], image_tokens, depth_tokens)
     left, left_mask = _left_padded(embeds, lengths)
+    stops = _stops(model)
     new = model.generate(
         inputs_embeds=left,
         attention_mask=left_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=_stop_list(tokenizer, stops),
         pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=placeholders,
+        suppress_tokens=_placeholders(model),
     )
-    answers = [_answer_ids(new[n], tokenizer.eos_token_id) for n in range(len(conv_image))]
+    answers = [_answer_ids(new[n], tokenizer.eos_token_id, stops) for n in range(len(conv_image))]
     full_ids = [
         torch.cat([batch["input_ids"][n, : lengths[n]], torch.tensor(a, dtype=torch.long).to(left.device)])
         for n, a in enumerate(answers)
@@ -181,3 +213,68 @@ def generate_masks(
             )
         )
     return per_image
+
+
+def region_bridge(tokenizer, count: int) -> list[int]:
+    """The ids that follow ``[SEG]`` in an ILVC answer up to the end of its ``<region>`` run, as the training
+    answers tokenise ``"[SEG] <region>"`` (``<region>`` expanded to ``count`` tokens)."""
+    ids = tokenizer(f"{SEG_TOKEN} {REGION_TOKEN}", add_special_tokens=False).input_ids
+    seg, region = tokenizer.convert_tokens_to_ids(SEG_TOKEN), tokenizer.convert_tokens_to_ids(REGION_TOKEN)
+    after = ids[ids.index(seg) + 1 :]
+    return [t for t in after if t != region] + [region] * count
+
+
+@torch.no_grad()
+def describe_regions(
+    model: LFLLMForCausalLM,
+    batch: Batch,
+    tokenizer,
+    sequences: list[torch.Tensor],
+    images: list[int],
+    region_pixels: torch.Tensor,
+    region_masks: torch.Tensor,
+    max_new_tokens: int = 32,
+) -> list[list[int]]:
+    """Segment, then describe: continue each answer of ``sequences`` (prompt + generated answer ending at its
+    first ``[SEG]``, 1-D ids; of image ``images[r]`` of ``batch``) with its region's own tokens and generate
+    the description.
+
+    ``region_pixels`` (R, 3, S, S) uint8 / ``region_masks`` (R, S, S): each answer's *predicted* mask cropped
+    from the image as in training (``dataset.regions.region_crop``), encoded by :meth:`encode_regions` and
+    written at a ``<region>`` run appended after ``[SEG]`` (:func:`region_bridge`). Returns per answer the
+    generated ids, up to (not including) the next ``[SEG]`` / ``[REJ]`` / EOS; one left-padded ``generate``.
+    """
+    config = model.config
+    if getattr(config, "region_token_id", None) is None:
+        raise ValueError(
+            "describing a region needs a model trained with ILVC answers (--ilvc): it has no <region>"
+        )
+    if not sequences:
+        return []
+    regions = model.encode_regions({"region_pixels": region_pixels, "region_masks": region_masks})
+    image_tokens, depth_tokens, _ = model.encode_vision(batch)
+    device = image_tokens.device
+    bridge = torch.tensor(region_bridge(tokenizer, regions.shape[1]), dtype=torch.long, device=device)
+    full = [torch.cat([seq.to(device), bridge]) for seq in sequences]
+    lengths = [len(seq) for seq in full]
+    ids = torch.full((len(full), max(lengths)), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    for n, seq in enumerate(full):
+        ids[n, : len(seq)] = seq
+    conv = torch.tensor(images, dtype=torch.long, device=device)
+    embeds = model.build_inputs_embeds(ids, conv, image_tokens, depth_tokens, regions)
+    left, left_mask = _left_padded(embeds, lengths)
+    stops = tuple(t for t in (config.seg_token_id, getattr(config, "rej_token_id", None)) if t is not None)
+    new = model.generate(
+        inputs_embeds=left,
+        attention_mask=left_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=_stop_list(tokenizer, stops),
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=_placeholders(model),
+    )
+    out = []
+    for n in range(len(full)):
+        answer = _answer_ids(new[n], tokenizer.eos_token_id, stops)
+        out.append(answer[:-1] if answer and answer[-1] in stops else answer)
+    return out

@@ -15,7 +15,7 @@ tower's detail features, the image-token states and ``[SEG]`` (``--mask_head lig
 Shapes used below: B images, V neighbour views, N conversations, L tokens, M ``[SEG]`` tokens,
 S the CLIP input size, T the SAM input size, g = T / 16 the SAM embedding grid.
 
-Length: about 550 lines, one ``nn.Module`` whose methods are the model's whole path (encoders, placeholders,
+Length: about 610 lines, one ``nn.Module`` whose methods are the model's whole path (encoders, placeholders,
 language model, both mask routes, the step); split over files the order of that path would be lost.
 """
 
@@ -34,6 +34,7 @@ from model.depth import DepthStream, depth_grid, disparity_to_depth_image
 from model.light_decoder import LightDecoderConfig, LightMaskDecoder, SemanticFusion, masks_to_image
 from model.losses import answer_cross_entropy, mask_losses, task_loss_sums
 from model.options import CAAM_TARGETS, DEFAULT_MODEL_OPTIONS, DEPTH_PROJECTORS, MASK_HEADS
+from model.regions import clip_frame_boxes, masked_normalised, sample_boxes
 from model.sam import build_sam, normalise_sam_pixels, reset_sam_buffers
 from utils.batch import Batch
 from utils.geometry import shortest_side_shape
@@ -49,6 +50,7 @@ class LFLLMConfig(LlavaConfig):
 
     seg_token_id: int | None = None
     rej_token_id: int | None = None
+    region_token_id: int | None = None  # <region>: a model trained with ILVC answers (--ilvc)
     depth_token_id: int | None = None
     new_token_ids: list | None = None
     sam_config: dict | None = None
@@ -272,6 +274,39 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         projector = self.depth_projector or self.model.multi_modal_projector
         return image_tokens, projector(feats[b:]), detail
 
+    def encode_regions(self, batch: Batch) -> torch.Tensor | None:
+        """Visual tokens (R, T, D) of the batch's ILVC regions, or None when it has none: each region's masked
+        crop (``model/regions.py``) through the tower and projector of the image tokens, in one call. The crop
+        is ``region_pixels``, or with ``region_boxes`` (``--ilvc_crop caam``) sampled from the CAAM-aggregated
+        CLIP view of the region's image."""
+        masks = batch.get("region_masks")
+        if masks is None or not len(masks):
+            return None
+        size = int(self.config.vision_config.image_size)
+        if "region_boxes" in batch:
+            if not self.caam_on("clip") or "clip_center" not in batch:
+                raise ValueError(
+                    "--ilvc_crop caam crops the CAAM-aggregated CLIP view: the model needs CAAM on CLIP "
+                    "(--caam_target clip or both) and the batch the views (not with --feature_cache)"
+                )
+            x = self._aggregate(
+                batch["clip_center"],
+                batch.get("clip_views"),
+                batch.get("clip_disparity"),
+                batch["clip_scale"],
+            )
+            image = batch["conv_image"][batch["region_conv"]]
+            hw = [batch["original_hw"][i] for i in image.tolist()]
+            boxes = clip_frame_boxes(batch["region_boxes"], hw, x.shape[-1])
+            pixels, inside = sample_boxes(x[image], boxes, size)
+            masks = masks.bool() & inside
+        else:
+            pixels = batch["region_pixels"].float() / 255.0
+        pixels = masked_normalised(pixels, masks, self.config.clip_image_mean, self.config.clip_image_std)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
+            feats = self._vision_features(pixels)
+        return self.model.multi_modal_projector(feats)
+
     def encode_sam(self, batch: Batch) -> torch.Tensor:
         """SAM image embeddings (B, C, g, g), one encoder pass per image."""
         sam_views = batch.get("sam_views") if self.caam_on("sam") else None
@@ -316,10 +351,13 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         conv_image: torch.Tensor,
         image_tokens: torch.Tensor,
         depth_tokens: torch.Tensor | None,
+        region_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings (N, L, D) with image/depth features written at their placeholder runs.
 
         ``conv_image`` (N,) gives each conversation's image; features are indexed, never re-encoded.
+        ``region_tokens`` (R, T, D): the ILVC regions' tokens (:meth:`encode_regions`), written at the
+        ``<region>`` runs in row-major order (conversation, then position).
         """
         embeds = self.get_input_embeddings()(input_ids)
         pairs = [(self.config.image_token_id, image_tokens)]
@@ -335,6 +373,16 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
                     f"image has {per_conv.shape[1]} features (expand placeholders before the forward)"
                 )
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), per_conv.to(embeds.dtype))
+        if self.config.region_token_id is not None:
+            mask = input_ids == self.config.region_token_id
+            have = 0 if region_tokens is None else region_tokens.shape[0] * region_tokens.shape[1]
+            if int(mask.sum()) != have:
+                raise ValueError(
+                    f"<region> placeholders: the conversations hold {int(mask.sum())} tokens but the batch's "
+                    f"regions give {have} features"
+                )
+            if have:
+                embeds = embeds.masked_scatter(mask.unsqueeze(-1), region_tokens.to(embeds.dtype))
         return embeds
 
     def language_hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -491,10 +539,13 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         image of (k_i, H_i, W_i) logits at original resolution, in the order of ``batch["gt_masks"]``) and
         ``pred_ious`` (list per image of (k_i,) SAM-predicted IoUs, detached; no loss trains them); with
         ``batch["task_names"]`` (a task mix) also ``task_stats`` (T, 5), :func:`model.losses.task_loss_sums`.
+        An ILVC answer's ``<region>`` run holds its region's tokens (:meth:`encode_regions`, per step); its two
+        ``[SEG]`` slots each decode a mask, both trained on the target (``gt_masks`` holds it once per slot).
         """
         image_tokens, depth_tokens, visual = self.encode_frozen(batch)
         input_ids, conv_image = batch["input_ids"], batch["conv_image"]
-        embeds = self.build_inputs_embeds(input_ids, conv_image, image_tokens, depth_tokens)
+        regions = self.encode_regions(batch)  # ILVC answers (--ilvc): per expression, never cached
+        embeds = self.build_inputs_embeds(input_ids, conv_image, image_tokens, depth_tokens, regions)
         hidden = self.language_hidden(embeds, batch["attention_mask"])
         rej_id = self.config.rej_token_id
         rows, cols, slot_rej = slot_predictor_positions(input_ids, self.config.seg_token_id, rej_id)

@@ -114,6 +114,7 @@ class RunConfig:
             self._check_mask_head,
             self._check_eval_input,
             self._check_tasks,
+            self._check_ilvc,
         ):
             try:
                 check()
@@ -146,6 +147,29 @@ class RunConfig:
             )
         if ev.reasoning and ev.eval_input != "exact":
             raise ValueError(f"--eval_input {ev.eval_input}: the probes apply to referring val sets only")
+
+    def _check_ilvc(self) -> None:
+        """``--ilvc`` writes one expression's ``[SEG]`` pair per referring answer, per step."""
+        d = self.datasets
+        if d.ilvc <= 0:
+            return
+        if "refer_seg" not in d.tasks:
+            raise ValueError(
+                f"--ilvc {d.ilvc}: ILVC answers are referring answers; --dataset {d.dataset!r} has none"
+            )
+        if self.model.answer_box or self.loop.exprs_per_question > 1:
+            raise ValueError(
+                f"--ilvc {d.ilvc}: an ILVC answer is one expression's '[SEG] <region> description [SEG]'; not "
+                "with --answer_box or --exprs_per_question > 1"
+            )
+        if d.ilvc_crop == "caam" and self.run.feature_cache and not self.run.eval_only:
+            raise ValueError(
+                "--ilvc_crop caam crops the CAAM-aggregated view, which a cached batch does not hold: use "
+                "--ilvc_crop centre (read per step beside the cache) or drop --feature_cache"
+            )
+        if d.ilvc_crop == "caam" and (not self.model.use_caam or self.model.caam_target == "sam"):
+            raise ValueError("--ilvc_crop caam: the CLIP branch sees no CAAM-aggregated view (--no_caam or "
+                             "--caam_target sam); use --ilvc_crop centre")  # fmt: skip
 
     def _check_eval_input(self) -> None:
         probe = self.eval.eval_input

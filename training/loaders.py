@@ -18,6 +18,7 @@ from dataset.errors import LightFieldError
 from dataset.lightfield import LightFieldLayout
 from dataset.options import DataOptions, PromptOptions
 from dataset.refer_seg import ReferSegDataset, SampleSpec
+from dataset.regions import IlvcSpec, RegionDescriber
 from dataset.scenes import SceneDataset, split_datasets
 from dataset.tasks.mix import TaskMix
 from dataset.tasks.reason_seg import ReasonSegDataset
@@ -241,6 +242,20 @@ def caam_views(model_config: Any) -> list[tuple[int, int]]:
     return [tuple(o) for o in (model_config.caam_offsets or [])]
 
 
+def ilvc_spec(cfg: RunConfig, model_config: Any, spec: SampleSpec) -> IlvcSpec | None:
+    """The ILVC answers of this run's training set (``--ilvc``, ``--ilvc_crop``), or None when off. Reads
+    every ``--refer_seg_data`` dataset's ``attributes.json`` (a missing one raises naming the file)."""
+    d = cfg.datasets
+    if d.ilvc <= 0:
+        return None
+    if d.ilvc_crop == "caam" and not spec.caam_clip:
+        raise ValueError(
+            "--ilvc_crop caam: this model's CLIP branch sees no CAAM-aggregated view; use centre"
+        )
+    size = int(model_config.vision_config.image_size)
+    return IlvcSpec(d.ilvc, d.ilvc_crop, size, RegionDescriber(d.dataset_dir, d.names))
+
+
 def build_train_loader(
     cfg: RunConfig, model_config: Any, tokenizer: Any, rank: int, store: Any = None
 ) -> tuple[DataLoader, EpochSampler]:
@@ -286,6 +301,7 @@ def build_train_loader(
         seed=cfg.loop.seed,
         features=features,
         explanatory=cfg.datasets.explanatory,
+        ilvc=ilvc_spec(cfg, model_config, spec),
     )
     sampler = EpochSampler(
         len(data), cfg.loop.samples_per_epoch, cfg.loop.seed, rank, groups, weights, by_group=mixed

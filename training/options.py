@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dataset.disparity.config import DisparityConfig, config_overrides
 from dataset.options import PROBES
+from dataset.regions import ILVC_CROPS
 from dataset.tasks.base import TASKS
 from utils.options import at_least, fraction, option, positive_finite
 
@@ -45,6 +46,10 @@ def _rates(text: str, flag: str) -> list[float]:
     if not all(r > 0 and r == r and r != float("inf") for r in rates):
         raise ValueError(f"{flag} {text!r}: every rate must be a positive number")
     return rates
+
+
+def _share(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be a share in [0, 1] (0: off)"
 
 
 def _val_parts(value: str) -> str | None:
@@ -109,6 +114,21 @@ class DatasetOptions:
         "reason_seg answers of images with an explanation: this share answers with the explanation alone (no "
         "mask), the rest [SEG] with or without it; -1: no explanations",
         check=_explanatory,
+        resume=True,
+    )
+    ilvc: float = option(
+        0.0,
+        "share of the one-target referring answers written in LIRA's ILVC form, '[SEG] <region> description "
+        "[SEG]' (the region's own visual tokens, its description from attributes.json; both [SEG]s trained on "
+        "its mask); 0: off",
+        check=_share,
+        resume=True,
+    )
+    ilvc_crop: str = option(
+        "centre",
+        "where an ILVC region's crop comes from: the centre view at its original size, or the CAAM-aggregated "
+        "view the encoders see (CLIP geometry; not with --feature_cache)",
+        choices=ILVC_CROPS,
         resume=True,
     )
     disparity_set: tuple[str, ...] = option(

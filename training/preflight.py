@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
+from dataset.attributes import load_attributes
 from dataset.check import Problem, check_annotations, check_datasets, report
-from dataset.errors import DataError
+from dataset.errors import AnnotationError, DataError
 from dataset.lightfield import LightFieldLayout, load_light_field, read_disparity
 from dataset.scenes import SceneDataset
 from dataset.tasks.base import contract_problem
@@ -120,6 +121,19 @@ def gres_problem(cfg: RunConfig, scenes: SceneDataset, check_version: bool = Tru
         f"ref_id {ref_id} of {ds}: ann_id [-1]); only a model with a [REJ] token can learn to answer them: "
         "add --gres"
     )
+
+
+def ilvc_problem(cfg: RunConfig) -> str | None:
+    """Why ``--ilvc`` cannot describe the training targets: a ``--refer_seg_data`` dataset without a readable
+    ``attributes.json`` (the message names the file); None otherwise or without ``--ilvc``."""
+    if cfg.datasets.ilvc <= 0:
+        return None
+    for ds in cfg.datasets.names:
+        try:
+            load_attributes(cfg.datasets.dataset_dir, ds.split("(", 1)[0])
+        except AnnotationError as exc:
+            return f"--ilvc {cfg.datasets.ilvc} describes each target from its attributes: {exc}"
+    return None
 
 
 def positions_problem(cfg: RunConfig, check_version: bool = True) -> str | None:
@@ -262,6 +276,7 @@ def preflight(cfg: RunConfig, *, train: bool, is_main: bool, check_version: bool
             problems.append(f"--val_dataset {cfg.eval.val_dataset!r}: no query in that split")
     if refer:
         problems.append(gres_problem(cfg, groups[0], check_version))
+        problems.append(ilvc_problem(cfg))
     problems.append(positions_problem(cfg, check_version))
     problems = [p for p in problems if p]
     if problems:

@@ -35,13 +35,18 @@ class Batch(TypedDict, total=False):
     sam_embeddings: Tensor  # (B, C, g, g) SAM image-encoder output of the (CAAM-aggregated) view
     sam_depth: Tensor  # (B, 2, 4g, 4g) the depth stream's input (model.depth.depth_grid; depth stream on)
     vision_features: Tensor  # (B, Pd, Dv) the light head's detail features (the tower before the projector)
+    # ILVC answers (training with --ilvc; R regions, each one expression's target, S_t the tower's input size;
+    # absent when no answer of the batch takes the form; per step, never from a feature cache):
+    region_pixels: Tensor  # (R, 3, S_t, S_t) uint8 masked crop of the centre view (0 outside the mask)
+    region_masks: Tensor  # (R, S_t, S_t) bool the target's mask in the crop
+    region_boxes: Tensor  # (R, 4) float32 the crop box (x0, y0, x1, y1), original px (--ilvc_crop caam)
+    region_conv: Tensor  # (R,) int64 conversation of each region, in the order of its <region> runs
     input_ids: Tensor  # (N, L) int64, visual placeholders expanded, right-padded
     labels: Tensor  # (N, L) int64, utils.tokens.IGNORE_INDEX outside the answers
     attention_mask: Tensor  # (N, L) int64, 1 on real tokens
     conv_image: Tensor  # (N,) int64 scene index of each conversation
-    gt_masks: list[
-        Tensor
-    ]  # B x (k_i, H_i, W_i) float {0, 1, 255}, in the [SEG] order of scene i; 255: ignored
+    # gt_masks: in the [SEG] order of scene i (an ILVC answer's two [SEG]s: its mask twice); 255: ignored
+    gt_masks: list[Tensor]  # B x (k_i, H_i, W_i) float {0, 1, 255}
     image_id: list[int | str]  # B scene ids
     ds: list[str]  # B dataset names
     sentences: list[list[str]]  # B x k_i expressions
@@ -79,7 +84,12 @@ class Sample(TypedDict, total=False):
     sam_depth: Tensor  # (2, 4g, 4g) from the feature cache (depth stream on)
     vision_features: Tensor  # (Pd, Dv) from the feature cache (light mask head)
     conversations: list[tuple[list[int], list[int]]]  # k x (input_ids, labels) (or one packed conversation)
-    masks: Tensor | None  # (k, H, W) uint8 {0, 1, 255 = left out of loss and IoU}; None when predicting
+    region_pixels: Tensor | None  # (r, 3, S_t, S_t) uint8, r ILVC answers (Batch's keys, per scene)
+    region_masks: Tensor | None  # (r, S_t, S_t) bool
+    region_boxes: Tensor | None  # (r, 4) float32 (--ilvc_crop caam)
+    region_conv: Tensor | None  # (r,) int64 index into this sample's conversations
+    # masks: one per [SEG] slot (an ILVC answer's mask twice); 255 = left out of loss and IoU
+    masks: Tensor | None  # (k, H, W) uint8 {0, 1, 255}; None when predicting
     task: str  # the task of LISA's mix that made the sample (refer_seg outside a mix)
     image_id: int | str
     ds: str
@@ -112,6 +122,8 @@ FEATURE_KEYS: tuple[str, ...] = (
     "sam_depth",
     "vision_features",
 )
+#: The ILVC region tensors concatenated over scenes (besides ``region_conv``), present when a sample has them.
+REGION_KEYS: tuple[str, ...] = ("region_pixels", "region_masks", "region_boxes")
 #: The per-scene metadata lists carried through unchanged.
 META_KEYS: tuple[str, ...] = (
     "image_id",

@@ -11,6 +11,9 @@ SEG_TOKEN = "[SEG]"
 REJ_TOKEN = "[REJ]"
 IMAGE_TOKEN = "<image>"
 DEPTH_TOKEN = "<depth>"
+#: The placeholder of a region's own visual tokens in an ILVC answer (``[SEG] <region> description [SEG]``,
+#: LIRA's format; models built with ``region_token``); expanded like ``<image>``, never predicted.
+REGION_TOKEN = "<region>"
 IM_START_TOKEN = "<im_start>"
 IM_END_TOKEN = "<im_end>"
 

@@ -55,9 +55,15 @@ class FollowUpDataset(ReferSegDataset):
         self.question = question
 
     def conversations(
-        self, sentences: list[str], rng: Any, masks: Any = None, no_target: list[bool] | None = None
+        self,
+        sentences: list[str],
+        rng: Any,
+        masks: Any = None,
+        no_target: list[bool] | None = None,
+        ilvc_answers: list[str | None] | None = None,
     ) -> list[tuple[list[int], list[int]]]:
-        """One two-turn conversation per sentence (the second turn unanswered), tokenised."""
+        """One two-turn conversation per sentence (the second turn unanswered), tokenised; ``ilvc_answers``
+        never applies (the evaluation's answers are the plain ones)."""
         spec = self.spec
         rejects = [bool(v) for v in no_target] if no_target is not None and spec.gres else None
         convs = build_turns(

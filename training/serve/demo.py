@@ -1,5 +1,6 @@
 """The web demo's logic: pick a bundled light field or upload one, type an expression, get the answer,
-the mask overlay, the disparity map, the CAAM-aggregated view and the mask score.
+the mask overlay, the disparity map, the CAAM-aggregated view and the mask score; with "segment, then
+describe" (a model trained with ``--ilvc``) also the model's description of the region it segmented.
 
 ``app.py`` is the entry point and ``training/serve/demo_ui.py`` the gradio page; this module holds what they call:
 :class:`Demo` runs a :class:`training.serve.predict.Segmenter` (loaded once) on one (scene, expression) query and
@@ -79,6 +80,7 @@ class DemoResult:
     score: str = ""
     message: str = ""
     scores: dict[str, float] | None = field(default=None, repr=False)
+    description: str = ""
 
 
 @torch.no_grad()
@@ -127,8 +129,11 @@ class Demo:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="lfllm-demo-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
-    def run(self, example: str | None, uploads: list[str] | None, expression: str) -> DemoResult:
-        """Segment ``expression`` in the uploaded light field (when files are given) or in ``example``."""
+    def run(
+        self, example: str | None, uploads: list[str] | None, expression: str, describe: bool = False
+    ) -> DemoResult:
+        """Segment ``expression`` in the uploaded light field (when files are given) or in ``example``; with
+        ``describe``, then describe the segmented region (a model trained with ``--ilvc``)."""
         expression = (expression or "").strip()
         if not expression:
             return DemoResult(message="Type a referring expression, e.g. “the closest car”.")
@@ -144,7 +149,12 @@ class Demo:
                 scene_dir, depth_source, note = self.examples[example].scene_dir, "file", ""
             else:
                 return DemoResult(message="Pick one of the example light fields or upload one.")
-            result = self._segment(scene_dir, expression, depth_source)
+            if describe and not self.segmenter.can_describe:
+                describe = False
+                note = (note + " " if note else "") + (
+                    "This model was not trained with ILVC answers (--ilvc): it segments but cannot describe."
+                )
+            result = self._segment(scene_dir, expression, depth_source, describe)
             result.message = note
             return result
         except (DataError, ValueError, OSError) as exc:
@@ -174,12 +184,16 @@ class Demo:
         note = f"No disparity map in the upload: estimated from {len(scene.offsets)} neighbour views."
         return scene.scene_dir, "estimate", note
 
-    def _segment(self, scene_dir: Path, expression: str, depth_source: str) -> DemoResult:
+    def _segment(
+        self, scene_dir: Path, expression: str, depth_source: str, describe: bool = False
+    ) -> DemoResult:
         seg = self.segmenter
         data = seg.dataset([SceneQuery(scene_dir, (expression,))], depth_source=depth_source)
         sample = data[0]
         raw = data.scenes[0]
-        _, generated = seg.answer_batch([sample])
+        # the page's choice, passed only when it differs from the segmenter's own (--describe)
+        choice = {} if describe == getattr(seg, "describe", False) else {"describe": describe}
+        _, generated = seg.answer_batch([sample], **choice)
         result = generated[0][0]
         _, overlay, _ = result_images(raw["center"], expression, result)
         score, scores = score_text(result)
@@ -189,7 +203,8 @@ class Demo:
             mode = seg.model.caam.mode
             caption = f"CAAM ({mode}): centre + {seg.model.caam.num_views} neighbours warped by the disparity"
             caam = _captioned(caam, caption)
-        return DemoResult(result.text.strip(), overlay, disparity, caam, score, "", scores)
+        described = "" if result.description is None else result.description
+        return DemoResult(result.text.strip(), overlay, disparity, caam, score, "", scores, described)
 
 
 def build_parser(version_default: str, examples_default: str) -> argparse.ArgumentParser:

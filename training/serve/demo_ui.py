@@ -2,7 +2,8 @@
 score out. The logic behind it is :class:`training.serve.demo.Demo`; ``app.py`` starts it.
 
 Element ids (for people styling it and for the browser test): ``example``, ``upload``, ``expression``,
-``run``, ``message``, ``answer``, ``score``, ``overlay``, ``disparity``, ``caam``, ``preview``.
+``describe``, ``run``, ``message``, ``answer``, ``description``, ``score``, ``overlay``, ``disparity``, ``caam``,
+``preview``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ THEME = gr.themes.Default(
 
 def _outputs(result: DemoResult) -> tuple:
     message = f"**⚠ {result.message}**" if result.message and result.overlay is None else result.message
-    return result.answer, result.score, result.overlay, result.disparity, result.caam, message
+    return (
+        result.answer,
+        result.score,
+        result.overlay,
+        result.disparity,
+        result.caam,
+        message,
+        result.description,
+    )
 
 
 def build_page(demo: Demo) -> gr.Blocks:
@@ -44,11 +53,11 @@ def build_page(demo: Demo) -> gr.Blocks:
             None if example is None else read_rgb(example.scene_dir / demo.segmenter.layout.view_name((0, 0)))
         )
 
-    def segment(choice: str, uploads: list[str] | None, expression: str) -> tuple:
+    def segment(choice: str, uploads: list[str] | None, expression: str, describe: bool = False) -> tuple:
         files = uploads if choice == UPLOAD else None
         if choice == UPLOAD and not uploads:
             return _outputs(DemoResult(message="Upload a light field first (a .zip or the view files)."))
-        return _outputs(demo.run(choice, files, expression))
+        return _outputs(demo.run(choice, files, expression, bool(describe)))
 
     with gr.Blocks(title="LFLLM demo", analytics_enabled=False) as page:
         gr.Markdown(INTRO)
@@ -76,6 +85,11 @@ def build_page(demo: Demo) -> gr.Blocks:
                 expression = gr.Textbox(
                     label="Expression", placeholder="the closest car", elem_id="expression"
                 )
+                describe = gr.Checkbox(
+                    value=demo.segmenter.describe,
+                    label="Segment, then describe (a model trained with --ilvc)",
+                    elem_id="describe",
+                )
                 run = gr.Button("Segment", variant="primary", elem_id="run")
                 pairs = [[e.name, x] for e in demo.examples.values() for x in e.expressions]
                 if pairs:
@@ -83,6 +97,9 @@ def build_page(demo: Demo) -> gr.Blocks:
             with gr.Column(scale=2):
                 message = gr.Markdown(elem_id="message")
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                description = gr.Textbox(
+                    label="Description of the segmented region", interactive=False, elem_id="description"
+                )
                 score = gr.Textbox(label="Mask score", interactive=False, elem_id="score")
                 gr.Markdown("**Mask on the centre view**")
                 overlay = gr.Image(
@@ -116,9 +133,10 @@ def build_page(demo: Demo) -> gr.Blocks:
                 )
         example.change(preview, example, shown)
         uploads.upload(lambda _: UPLOAD, uploads, example)
-        outputs = [answer, score, overlay, disparity, caam, message]
-        run.click(segment, [example, uploads, expression], outputs)
-        expression.submit(segment, [example, uploads, expression], outputs)
+        outputs = [answer, score, overlay, disparity, caam, message, description]
+        inputs = [example, uploads, expression, describe]
+        run.click(segment, inputs, outputs)
+        expression.submit(segment, inputs, outputs)
     return page
 
 

@@ -135,7 +135,9 @@ def merge_to_hf(cfg: RunConfig, opts: MergeOptions, meta: dict[str, Any] | None)
     print(f"weights: {source.path} ({source.kind}, {len(source.names())} tensors)")
     # a run recorded with gres rebuilds a merged base without [REJ] as it trained it: with the token added
     given = cfg.given_fields(ModelOptions) | ({"gres"} if cfg.model.gres else set())
-    model, tokenizer = build_lfllm(version, vision_pretrained, cfg.model, dtype, given=given)
+    model, tokenizer = build_lfllm(
+        version, vision_pretrained, cfg.model, dtype, given=given, region_token=cfg.datasets.ilvc > 0
+    )
     wrapped = make_trainable(model, cfg.trainable)
     count = load_trainable(wrapped, source)
     source_kind = source.kind

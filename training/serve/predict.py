@@ -5,7 +5,10 @@ pipeline (same geometry, prompts and tokens) with generation (KV cache, ``model.
 ``run_one`` / ``run_batch`` write masks, overlays (≥ 512 px, expression, legend, score, disparity beside)
 and, in batch mode, ``results.jsonl`` (one line per expression) + ``results.json``. Scenes are batched on
 the device (``batch_size`` scenes, all their expressions, per generation). ``chat.py`` and the web demo
-(``training/serve/demo.py``) are the front ends.
+(``training/serve/demo.py``) are the front ends. With ``--describe`` (a model trained with ``--ilvc``) each
+answer is continued after its first ``[SEG]``: the *predicted* mask is cropped from the centre view as in
+training, its region's tokens appended, and the model's description of it generated
+(``model.inference.describe_regions``, "segment, then describe").
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from model.inference import Generated, generate_masks
 from model.options import GenerationOptions
 from training.config import RunConfig, RunOptions, config_from_namespace
 from training.evaluate import scene_disparity
+from training.serve.describe import describe_predicted
 from training.serve.merge import merged_record
 from utils.batch import Batch
 from utils.mask_scores import DEFAULT_SCORE, scores_of_one
@@ -55,6 +59,11 @@ class ServeConfig:
 
     config: RunConfig = field(default_factory=RunConfig)
     device: str | None = option(None, "default: cuda when available, else cpu", parse=str)
+    describe: bool = option(
+        False,
+        "segment, then describe: after the answer's first [SEG], its predicted mask's region is cropped, "
+        "encoded and described by the model (a model trained with --ilvc)",
+    )
 
 
 def add_segmenter_flags(parser: argparse.ArgumentParser, version_default: str | None = None) -> None:
@@ -83,7 +92,8 @@ def parse_serve(
     """Parse a command line with :func:`add_segmenter_flags`' flags: the namespace (for the front end's own
     flags) and the :class:`ServeConfig` the :class:`Segmenter` takes."""
     args = parser.parse_args(argv)
-    return args, ServeConfig(config_from_namespace(args, explicit_dests(parser, argv)), device=args.device)
+    config = config_from_namespace(args, explicit_dests(parser, argv))
+    return args, ServeConfig(config, device=args.device, describe=bool(args.describe))
 
 
 def recorded_conv_type(version: str | Path) -> str | None:
@@ -120,6 +130,17 @@ class Segmenter:
         )
         caam = self.spec.caam_clip or self.spec.caam_sam
         self.offsets = [tuple(o) for o in (config.caam_offsets or [])] if caam else []
+        self.describe = serve.describe
+        if self.describe and not self.can_describe:
+            raise ValueError(
+                f"--describe: {cfg.run.version} has no <region> token (it was not trained with ILVC answers, "
+                "--ilvc); drop --describe"
+            )
+
+    @property
+    def can_describe(self) -> bool:
+        """Whether the model was trained with ILVC answers ("segment, then describe")."""
+        return getattr(self.model.config, "region_token_id", None) is not None
 
     def dataset(
         self, queries: Sequence[SceneQuery], depth_source: DepthSource | None = None
@@ -143,13 +164,24 @@ class Segmenter:
         return move_batch(collate_batch(list(samples), self.tokenizer.pad_token_id), self.device)
 
     @torch.no_grad()
-    def answer_batch(self, samples: Sequence[dict[str, Any]]) -> tuple[Batch, list[list[Generated]]]:
-        """Answer every expression of several scenes in one go (one CLIP/SAM pass, one generation).
+    def answer_batch(
+        self, samples: Sequence[dict[str, Any]], describe: bool | None = None
+    ) -> tuple[Batch, list[list[Generated]]]:
+        """Answer every expression of several scenes in one go (one CLIP/SAM pass, one generation); with
+        ``describe`` (default: ``--describe``) also describe each predicted region
+        (:func:`training.serve.describe.describe_predicted`).
 
         Returns the batch (for its disparity) and, per scene, one :class:`Generated` per expression.
         """
         batch = self.collate(samples)
-        return batch, generate_masks(self.model, batch, self.tokenizer, self.max_new_tokens)
+        generated = generate_masks(self.model, batch, self.tokenizer, self.max_new_tokens)
+        if self.describe if describe is None else describe:
+            if not self.can_describe:
+                raise ValueError(
+                    "this model has no <region> token (not trained with --ilvc): it cannot describe"
+                )
+            describe_predicted(self.model, self.tokenizer, batch, samples, generated, self.max_new_tokens)
+        return batch, generated
 
     def answer(self, sample: dict[str, Any]) -> list[Generated]:
         """Generate one answer (+ mask logits at the centre view's size) per expression of ``sample``."""
@@ -224,6 +256,8 @@ def _report(name: str, result: Generated, written: Written, echo: Callable[[str]
         echo(f"[{name}] the answer has no [SEG] token: wrote an empty mask to {written.mask_path}")
     else:
         echo(f"[{name}] mask: {written.mask_path} (score {written.score:.3f})")
+    if result.description is not None:
+        echo(f"[{name}] description: {result.description}")
 
 
 def run_one(seg: Segmenter, scene_dir: Path, prompt: str, out_dir: Path, name: str) -> Generated:
@@ -365,6 +399,7 @@ def run_batch(
                         "answer": result.text,
                         "has_seg": result.mask_logits is not None and not result.rejected,
                         "no_such_object": result.rejected,
+                        "description": result.description,
                         "mask": written.mask_path.name,
                         "overlay": written.overlay_path.name,
                         "score": written.score,
