@@ -111,10 +111,14 @@ class DepthStream(torch.nn.Module):
     embedding grid (B, C, g, g), added to the mask decoder's dense prompt, so the decoder's image side
     sees the disparity directly (not only through the ``<DEPTH>`` tokens the LM may ignore).
 
-    The output convolution starts at zero: an untrained stream leaves the SAM route exactly as it was.
+    With ``detail_dim`` > 0 (``--depth_detail``) a second branch keeps the grid's full 4g x 4g resolution and
+    gives ``detail_dim`` channels for the decoder's upscaled embedding (:meth:`detail`): the grid the mask logits
+    are read from, where the disparity's object edges are four times finer than on SAM's embedding grid.
+
+    Both output convolutions start at zero: an untrained stream leaves the SAM route exactly as it was.
     """
 
-    def __init__(self, out_dim: int) -> None:
+    def __init__(self, out_dim: int, detail_dim: int = 0) -> None:
         super().__init__()
         mid = max(out_dim // 4, 8)
         self.net = torch.nn.Sequential(
@@ -129,7 +133,27 @@ class DepthStream(torch.nn.Module):
         self.out.zero_init = True  # kept zero by LFLLMForCausalLM._init_weights
         torch.nn.init.zeros_(self.out.weight)
         torch.nn.init.zeros_(self.out.bias)
+        self.detail_net = None
+        if detail_dim > 0:
+            width = max(detail_dim // 2, 8)
+            self.detail_net = torch.nn.Sequential(
+                torch.nn.Conv2d(2, width, 3, padding=1),
+                torch.nn.GELU(),
+                torch.nn.Conv2d(width, width, 3, padding=1),
+                torch.nn.GELU(),
+            )
+            self.detail_out = torch.nn.Conv2d(width, detail_dim, 1)
+            self.detail_out.zero_init = True
+            torch.nn.init.zeros_(self.detail_out.weight)
+            torch.nn.init.zeros_(self.detail_out.bias)
 
     def forward(self, grid: Tensor) -> Tensor:
         """(B, 2, 4g, 4g) depth grid -> (B, C, g, g) dense-prompt term, in the output layer's dtype."""
         return self.out(self.net(grid.to(self.out.weight.dtype)))
+
+    def detail(self, grid: Tensor) -> Tensor | None:
+        """(B, 2, 4g, 4g) depth grid -> (B, detail_dim, 4g, 4g), the term added to SAM's upscaled mask
+        embedding; None without the branch."""
+        if self.detail_net is None:
+            return None
+        return self.detail_out(self.detail_net(grid.to(self.detail_out.weight.dtype)))

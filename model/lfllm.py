@@ -68,6 +68,7 @@ class LFLLMConfig(LlavaConfig):
     answer_box: bool = _OPTIONS.answer_box
     semantic_fusion: bool = _OPTIONS.semantic_fusion
     depth_stream: bool = _OPTIONS.depth_stream
+    depth_detail: bool = _OPTIONS.depth_detail
     mask_head: str = _OPTIONS.mask_head
     light_detail_size: int = _OPTIONS.light_detail_size
     light_dim: int = _OPTIONS.light_dim
@@ -170,9 +171,21 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         if config.semantic_fusion:
             self.semantic_fusion = SemanticFusion(hidden, config.out_dim)
         self.depth_stream = None
+        self._upscale_term: torch.Tensor | None = None  # what the hook below adds during one decoder call
         if config.depth_stream:
-            self.depth_stream = DepthStream(config.out_dim)
+            detail = getattr(config, "depth_detail", False)
+            upscaled = self.sam.mask_decoder.transformer_dim // 8  # SAM's upscaled mask embedding channels
+            self.depth_stream = DepthStream(config.out_dim, upscaled if detail else 0)
+            if detail:
+                self.sam.mask_decoder.output_upscaling.register_forward_hook(self._add_upscale_term)
         self.post_init()
+
+    def _add_upscale_term(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on SAM's ``output_upscaling``: adds the depth stream's detail term (1, C/8, 4g, 4g) of the
+        image being decoded (``--depth_detail``) to its upscaled embedding (k, C/8, 4g, 4g); outside a
+        :meth:`decode_masks_scored` call it adds nothing. SAM's own decoder runs unchanged around it."""
+        term = self._upscale_term
+        return output if term is None else output + term.to(output.dtype)
 
     def _init_weights(self, module: nn.Module) -> None:
         """transformers' initialisation, except layers marked ``zero_init`` (the semantic fusion's output:
@@ -437,7 +450,8 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         ``states`` (M, T, D): the LLM states of each ``[SEG]``'s conversation (:meth:`conversation_states`),
         read by the semantic fusion into the decoder's dense prompt (``--semantic_fusion``); ``depth``
         (B, 2, 4g, 4g): each image's depth grid (:meth:`sam_depth`), encoded by the depth stream into the
-        dense prompt and the fusion's queries (``--depth_stream``).
+        dense prompt and the fusion's queries (``--depth_stream``), and with ``--depth_detail`` into the decoder's
+        upscaled mask embedding at 4g x 4g (:meth:`_add_upscale_term`).
         Returns, per image, mask logits (k_i, H_i, W_i) at original resolution and SAM's predicted IoU
         (k_i,) float32 of each mask (the decoder's IoU head), both in ``[SEG]`` order.
         """
@@ -446,9 +460,10 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
         pe = self.sam.prompt_encoder.get_dense_pe().to(dtype)
         no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).view(1, -1, 1, 1)
         g = image_embeddings.shape[-2:]
-        depth_dense = None
+        depth_dense = depth_detail = None
         if depth is not None and self.depth_stream is not None:
             depth_dense = self.depth_stream(depth).to(dtype)  # (B, C, g, g)
+            depth_detail = self.depth_stream.detail(depth)  # (B, C/8, 4g, 4g) with --depth_detail, else None
         masks_out, ious_out = [], []
         for i in range(image_embeddings.shape[0]):
             sel = (seg_image == i).nonzero(as_tuple=True)[0]
@@ -465,13 +480,17 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
                 embedding = embedding + depth_dense[i : i + 1]
             if states is not None and self.semantic_fusion is not None:
                 dense = dense + self.semantic_fusion(embedding.expand(len(sel), -1, -1, -1), pe, states[sel])
-            low_res, iou_pred = decoder(
-                image_embeddings=image_embeddings[i : i + 1],
-                image_pe=pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
+            self._upscale_term = None if depth_detail is None else depth_detail[i : i + 1]
+            try:
+                low_res, iou_pred = decoder(
+                    image_embeddings=image_embeddings[i : i + 1],
+                    image_pe=pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+            finally:
+                self._upscale_term = None
             h, w = (int(v) for v in resized_hw[i])
             masks = self.sam.postprocess_masks(low_res.float(), (h, w), tuple(original_hw[i]))
             masks_out.append(masks[:, 0])

@@ -30,7 +30,7 @@ CAAM_MODES: tuple[str, ...] = ("fixed", "learned", "occlusion")
 DEPTH_PROJECTORS: tuple[str, ...] = ("shared", "separate")
 MASK_HEADS: tuple[str, ...] = ("sam", "light")
 #: The options that only exist in the SAM route (refused with ``--mask_head light``).
-SAM_ROUTE_OPTIONS: tuple[str, ...] = ("semantic_fusion", "depth_stream")
+SAM_ROUTE_OPTIONS: tuple[str, ...] = ("semantic_fusion", "depth_stream", "depth_detail")
 
 
 def _views(text: str) -> str:
@@ -87,6 +87,12 @@ class ModelOptions:
         False,
         "the disparity map reaches SAM's mask decoder directly: pooled to 4x SAM's grid, encoded by a small "
         "conv net, added to the dense prompt (and the semantic fusion's queries)",
+        resume=True,
+    )
+    depth_detail: bool = option(
+        False,
+        "the depth stream also reaches the mask decoder's upscaled embedding (4x SAM's grid, the grid the mask "
+        "is read from), so mask edges can follow the disparity's (needs --depth_stream)",
         resume=True,
     )
     mask_head: str = option(
@@ -150,6 +156,8 @@ class ModelOptions:
                     "--caam_target sam: the light head (--mask_head light) has no SAM encoder; use clip or both "
                     "(both: the vision tower's passes)"
                 )
+        elif self.depth_detail and not self.depth_stream:
+            raise ValueError("--depth_detail is a branch of the depth stream: add --depth_stream")
         elif self.light_detail_size:
             raise ValueError("--light_detail_size is an option of the light head: add --mask_head light")
         if self.light_dim % 8:

@@ -1,7 +1,7 @@
 """The depth stream of the SAM route (``--depth_stream``, model/depth.DepthStream): its input against a
 hand-computed pooling, bad inputs refused, an untrained stream is the plain route, a trained one makes the
 masks depend on the disparity, the feature cache serves the same input, and it runs through train_ds.py,
-the merge and --eval_only."""
+the merge and --eval_only; its detail branch (``--depth_detail``) into SAM's upscaled mask embedding likewise."""
 
 from __future__ import annotations
 
@@ -102,12 +102,12 @@ def test_stream_trains_and_the_feature_cache_serves_the_same_input(tiny_base, ti
 
 def test_train_ds_with_stream_merge_and_eval_only(tiny_base, tiny_dataset, tmp_path):
     runs = tmp_path / "runs"
-    args = _args(tiny_base, tiny_dataset, runs, "streamed", "--depth_stream", "--semantic_fusion",
+    args = _args(tiny_base, tiny_dataset, runs, "streamed", "--depth_stream", "--depth_detail", "--semantic_fusion",
                  "--epochs", "1", "--steps_per_epoch", "2", "--no_eval",
                  "--feature_cache", str(tmp_path / "cache"))  # fmt: skip
     run_train(args)
     record = json.loads((runs / "streamed" / "export" / "last" / "trainable.json").read_text())
-    assert record["model_options"]["depth_stream"] is True
+    assert record["model_options"]["depth_stream"] is True and record["model_options"]["depth_detail"] is True
     merged = merge(
         "--weight",
         runs / "streamed" / "export" / "last",
@@ -118,6 +118,7 @@ def test_train_ds_with_stream_merge_and_eval_only(tiny_base, tiny_dataset, tmp_p
     )
     assert json.loads((merged / "config.json").read_text())["depth_stream"] is True
     loaded = LFLLMForCausalLM.from_pretrained(merged)
+    assert loaded.depth_stream.detail_net is not None
     export = load_file(runs / "streamed" / "export" / "last" / "trainable.safetensors")
     for name, tensor in loaded.depth_stream.state_dict().items():  # the trained stream, not a fresh one
         assert torch.equal(tensor, export[f"base_model.model.depth_stream.{name}"]), name
@@ -129,3 +130,58 @@ def test_train_ds_with_stream_merge_and_eval_only(tiny_base, tiny_dataset, tmp_p
         "--precision", "fp32", "--workers", "0",
     ])  # fmt: skip
     assert "gIoU" in out and (runs / "streamed_eval" / "eval.json").is_file()
+
+
+def test_depth_detail_starts_inert_then_reads_the_disparity_and_leaves_sam_alone(tiny_base, tiny_dataset):
+    torch.manual_seed(0)
+    options = ModelOptions(depth_stream=True, depth_detail=True)
+    model, tok = build_lfllm(tiny_base["llava"], tiny_base["sam"], options)
+    model.eval()
+    stream = model.depth_stream
+    upscaled = model.sam.mask_decoder.transformer_dim // 8
+    assert stream.detail_out.out_channels == upscaled and stream.detail_out.weight.abs().sum() == 0
+    batch = model_batch(model, tok, tiny_dataset, n=2)
+    grid = model.sam.prompt_encoder.image_embedding_size[0]
+    assert stream.detail(model.sam_depth(batch)).shape == (2, upscaled, 4 * grid, 4 * grid)
+    with torch.no_grad():
+        stream.out.weight.normal_(
+            0, 0.5
+        )  # the dense term on, so both models differ only by the detail branch
+    inert = _masks(model, batch)
+    plain, _ = build_lfllm(tiny_base["llava"], tiny_base["sam"], ModelOptions(depth_stream=True))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.eval()
+    assert all(torch.equal(a, b) for a, b in zip(inert, _masks(plain, batch)))
+    with torch.no_grad():
+        stream.detail_out.weight.normal_(0, 0.5)
+    detailed = _masks(model, batch)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(detailed, inert))
+    swapped = dict(batch, sam_disparity=batch["sam_disparity"].flip(0))
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(_masks(model, swapped), detailed))
+    # outside a decode the hook adds nothing: SAM's decoder called directly gives the plain model's output
+    assert model._upscale_term is None
+    emb = torch.randn(1, model.sam.mask_decoder.transformer_dim, grid, grid)
+    pe = model.sam.prompt_encoder.get_dense_pe()
+    sparse = torch.randn(1, 1, emb.shape[1])
+    dense = torch.zeros(1, emb.shape[1], grid, grid)
+    with torch.no_grad():
+        ours = model.sam.mask_decoder(emb, pe, sparse, dense, multimask_output=False)[0]
+        theirs = plain.sam.mask_decoder(emb, pe, sparse, dense, multimask_output=False)[0]
+    assert torch.equal(ours, theirs)
+
+
+def test_depth_detail_trains_and_is_refused_without_the_stream(tiny_base, tiny_dataset):
+    torch.manual_seed(0)
+    model, tok = build_lfllm(
+        tiny_base["llava"], tiny_base["sam"], ModelOptions(depth_stream=True, depth_detail=True)
+    )
+    wrapped = make_trainable(model, TrainableOptions())
+    assert any("detail_net" in n and p.requires_grad for n, p in wrapped.named_parameters())
+    with torch.no_grad():
+        model.depth_stream.detail_out.weight.add_(0.05)
+    wrapped(lf_batch=model_batch(model, tok, tiny_dataset, n=2))["loss"].backward()
+    assert model.depth_stream.detail_net[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="--depth_detail is a branch of the depth stream"):
+        ModelOptions(depth_detail=True)
+    with pytest.raises(ValueError, match="--depth_detail belongs to the SAM route"):
+        ModelOptions(mask_head="light", depth_detail=True, use_caam=False)
