@@ -230,17 +230,19 @@ def test_plan_command_prints_one_line_per_run(capsys):
     lines = capsys.readouterr().out.splitlines()
     # name|label|flags|cacheable|the SAM route's extras (the depth stream only with the depth module)
     assert lines[0] == "lisa_seed3|LISA|--no_caam --no_depth|1|--semantic_fusion"
-    assert lines[1] == "depth_seed3|+depth|--no_caam|1|--semantic_fusion --depth_stream"
-    assert lines[3] == "lfllm_seed3|LFLLM||1|--semantic_fusion --depth_stream"  # no flags: an empty field
+    assert lines[1] == "depth_seed3|+depth|--no_caam|1|--semantic_fusion --depth_stream --depth_detail"
+    assert (
+        lines[3] == "lfllm_seed3|LFLLM||1|--semantic_fusion --depth_stream --depth_detail"
+    )  # no flags: an empty field
     assert (
         lines[4]
-        == "lfllm-occlusion_seed3|LFLLM (occlusion)|--caam_mode occlusion|0|--semantic_fusion --depth_stream"
+        == "lfllm-occlusion_seed3|LFLLM (occlusion)|--caam_mode occlusion|0|--semantic_fusion --depth_stream --depth_detail"
     )
     assert abl.main(["plan", "--seeds", "0", "--estimate"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert (
         last
-        == "lfllm-estimate_seed0|LFLLM (estimated disparity)|--depth_source estimate|1|--semantic_fusion --depth_stream"
+        == "lfllm-estimate_seed0|LFLLM (estimated disparity)|--depth_source estimate|1|--semantic_fusion --depth_stream --depth_detail"
     )
 
 

@@ -98,7 +98,10 @@ def test_parameter_counts_are_those_of_the_real_modules(tiny_base):
     sam = {p["name"]: p for p in tiny_base["routes"]["sam"]["parts"]}
     with torch.device("meta"):
         real = build_sam(sam_config("tiny160"))
-        fusion, depth = SemanticFusion(128, 32), DepthStream(32)
+        fusion, depth = (
+            SemanticFusion(128, 32),
+            DepthStream(32, 32 // 8),
+        )  # the default route: with its detail branch
 
     def numel(*modules: nn.Module) -> int:
         return sum(p.numel() for m in modules for p in m.parameters())

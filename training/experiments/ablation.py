@@ -79,8 +79,9 @@ class Variant:
     @property
     def route(self) -> tuple[str, ...]:
         """The SAM route's extras (the quickstart's ``SAM_ROUTE_FLAGS``): the semantic fusion always; the
-        depth stream, which reads the disparity, only with the depth module."""
-        return ("--semantic_fusion", "--depth_stream") if self.depth else ("--semantic_fusion",)
+        depth stream and its detail branch, which read the disparity, only with the depth module."""
+        depth = ("--depth_stream", "--depth_detail") if self.depth else ()
+        return ("--semantic_fusion", *depth)
 
     @property
     def cacheable(self) -> bool:

@@ -105,6 +105,7 @@ def head_model(
         light_detail_size=detail_size if light else 0,
         semantic_fusion=fusion and not light,
         depth_stream=depth_stream and not light,
+        depth_detail=depth_stream and not light,  # the default route's stream has its detail branch
     )
     sam_cfg = None if light else sam_config(p.sam_variant)
     ids = {name: p.vocab_size + k for k, name in enumerate(("image", "seg", "depth"))}
@@ -208,8 +209,16 @@ def sam_route(model: LFLLMForCausalLM, images: int, expressions: int) -> list[di
         _part("SAM image encoder", [sam.image_encoder], encoder, trained=False, per="image"),
         _part("[SEG] projector", [projector], lambda: projector(_leaf(b * e, llm, grad=True)), True, "mask"),
     ]
-    if depth is not None:  # (B, 2, 4g, 4g) depth grid -> (B, C, g, g)
-        parts.append(_part("depth stream", [depth], lambda: depth(_leaf(b, 2, 4 * g, 4 * g)), True, "image"))
+    if (
+        depth is not None
+    ):  # (B, 2, 4g, 4g) depth grid -> (B, C, g, g), and (B, C/8, 4g, 4g) with --depth_detail
+
+        def streamed() -> list[torch.Tensor]:
+            grid = _leaf(b, 2, 4 * g, 4 * g)
+            detail = depth.detail(grid)
+            return [depth(grid)] + ([] if detail is None else [detail])
+
+        parts.append(_part("depth stream", [depth], streamed, True, "image"))  # with its detail branch
     if fusion is not None:
         parts.append(_part("semantic fusion", [fusion], fused, trained=True, per="mask"))
     modules = [sam.prompt_encoder, sam.mask_decoder]
