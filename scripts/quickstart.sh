@@ -47,10 +47,10 @@ SAM_PRETRAIN_STEPS=${SAM_PRETRAIN_STEPS:-600}
 # The mask head: sam (SAM's decoder, with SAM_ROUTE_FLAGS) or light (MLLMSeg's decoder over the model's own
 # features, no SAM; its detail pass runs the vision tower at LIGHT_DETAIL_SIZE px).
 MASK_HEAD=${MASK_HEAD:-sam}
-# The SAM route's extras: the LLM's image/depth-token states and the disparity itself reach SAM's decoder
-# (docs/RESULTS.md: +6.6 gIoU over the plain route over seeds 0-2; the depth swap then costs the depth kinds > 5).
+# The SAM route's extras: the LLM's image/depth-token states and the disparity itself reach SAM's decoder, the
+# disparity also at the 4x finer grid the mask is read from (docs/RESULTS.md, "The depth stream's detail branch").
 # SAM_ROUTE_FLAGS= (empty) trains the plain LISA-style route.
-SAM_ROUTE_FLAGS=${SAM_ROUTE_FLAGS-"--semantic_fusion --depth_stream"}
+SAM_ROUTE_FLAGS=${SAM_ROUTE_FLAGS-"--semantic_fusion --depth_stream --depth_detail"}
 LIGHT_DETAIL_SIZE=${LIGHT_DETAIL_SIZE:-336}
 # The light decoder's start: the base's pretrained one when it has it (scripts/pretrain_light_head.sh), else fresh.
 # LIGHT_PRETRAINED= (empty) starts it fresh.
