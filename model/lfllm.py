@@ -180,7 +180,7 @@ class LFLLMForCausalLM(LlavaForConditionalGeneration):
                 self.sam.mask_decoder.output_upscaling.register_forward_hook(self._add_upscale_term)
         self.post_init()
 
-    def _add_upscale_term(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def _add_upscale_term(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on SAM's ``output_upscaling``: adds the depth stream's detail term (1, C/8, 4g, 4g) of the
         image being decoded (``--depth_detail``) to its upscaled embedding (k, C/8, 4g, 4g); outside a
         :meth:`decode_masks_scored` call it adds nothing. SAM's own decoder runs unchanged around it."""
